@@ -1,0 +1,124 @@
+"""Compression methods: a frozen config dataclass plus a handler with a checked lifecycle.
+
+Lifecycle: prepare -> (on_epoch_start / after_step)* -> finalize -> deploy. Search only produces
+configs; ``recipe.apply`` is the one place that runs handlers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional
+
+from automl.errors import LifecycleError
+from automl.registry import Registry, unknown_name
+
+# Categories in the order their stages run; a space names each category at most once.
+CATEGORIES = ("pruning", "quantization")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    category: str
+    config_cls: type
+    handler_cls: type
+
+
+METHODS: Registry[MethodInfo] = Registry("compression method")
+
+
+def register_method(name: str, category: str, config_cls: type):
+    """Class decorator registering a handler for ``config_cls`` under ``name``."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category}")
+
+    def decorator(handler_cls):
+        handler_cls.method_name = name
+        METHODS.register(name)(MethodInfo(name, category, config_cls, handler_cls))
+        return handler_cls
+
+    return decorator
+
+
+def methods_in(category: str) -> Dict[str, MethodInfo]:
+    return {name: info for name, info in METHODS.items() if info.category == category}
+
+
+def get_method(name: str, *, category: str | None = None, file=None, key=None) -> MethodInfo:
+    options = methods_in(category) if category else dict(METHODS.items())
+    if name not in options:
+        kind = f"{category} method" if category else "compression method"
+        raise unknown_name(kind, name, list(options) + (["none"] if category else []), file=file, key=key)
+    return options[name]
+
+
+@dataclass
+class ApplyContext:
+    """What a handler may use: the task (data, calibration), the work dir, the run's settings."""
+
+    task: Any
+    work_dir: Any
+    epochs: int
+    seed: int = 0
+    threads: int = 1
+
+
+class Method:
+    """Base handler. Subclasses override the ``_`` hooks; the public calls enforce the order."""
+
+    method_name: ClassVar[str] = "?"
+    _ORDER = {"new": 0, "prepared": 1, "finalized": 2, "deployed": 3}
+
+    def __init__(self, config, *, start_epoch: Optional[int] = None):
+        self.config = config
+        self.start_epoch = start_epoch
+        self.state = "new"
+        self.stats: Dict[str, Any] = {}
+
+    def _require(self, call: str, allowed: tuple):
+        if self.state not in allowed:
+            raise LifecycleError(
+                f"{self.method_name}: {call}() called in state '{self.state}'; the order is "
+                "prepare -> on_epoch_start/after_step -> finalize -> deploy"
+            )
+
+    def prepare(self, model, ctx: ApplyContext):
+        self._require("prepare", ("new",))
+        model = self._prepare(model, ctx) or model
+        self.state = "prepared"
+        return model
+
+    def on_epoch_start(self, model, epoch: int, ctx: ApplyContext):
+        self._require("on_epoch_start", ("prepared",))
+        self._on_epoch_start(model, epoch, ctx)
+
+    def after_step(self, model):
+        self._require("after_step", ("prepared",))
+        self._after_step(model)
+
+    def finalize(self, model, ctx: ApplyContext):
+        self._require("finalize", ("prepared",))
+        model = self._finalize(model, ctx) or model
+        self.state = "finalized"
+        return model
+
+    def deploy(self, artifact, ctx: ApplyContext):
+        self._require("deploy", ("finalized",))
+        artifact = self._deploy(artifact, ctx) or artifact
+        self.state = "deployed"
+        return artifact
+
+    # hooks -------------------------------------------------------------------------------
+    def _prepare(self, model, ctx):
+        return model
+
+    def _on_epoch_start(self, model, epoch, ctx):
+        pass
+
+    def _after_step(self, model):
+        pass
+
+    def _finalize(self, model, ctx):
+        return model
+
+    def _deploy(self, artifact, ctx):
+        return artifact

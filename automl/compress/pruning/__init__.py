@@ -1,0 +1,1 @@
+"""Pruning methods, criteria and schedules."""

@@ -1,0 +1,128 @@
+"""Strict YAML reading and atomic writing.
+
+PyYAML's safe_load silently keeps the last of two duplicate keys and reads ``1e-3`` as a string;
+both are errors or surprises for a config file, so we use a SafeLoader subclass that fixes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automl.errors import ConfigError
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads 1e-3 / 1E+5 / .5e2 as floats."""
+
+
+# YAML 1.1's float pattern needs a dot and a signed exponent; accept the forms people write.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    mapping = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise ConfigError(
+                "a mapping key must be a scalar",
+                file=loader.name,
+                key=f"line {key_node.start_mark.line + 1}",
+                fix="use a plain string as the key",
+            ) from None
+        if key in mapping:
+            raise ConfigError(
+                f"duplicate key '{key}' (line {key_node.start_mark.line + 1})",
+                file=loader.name,
+                key=key,
+                fix="keep one of the two entries; YAML would silently keep only the last",
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text strictly; syntax errors become ConfigError naming ``source``."""
+    loader = StrictLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"invalid YAML: {problem}", file=source, key=line, fix="correct the YAML syntax"
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path) -> Any:
+    """Read and strictly parse a YAML file; a missing file is a ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=path, fix="check the path") from None
+    except IsADirectoryError:
+        raise ConfigError("expected a YAML file, got a directory", file=path) from None
+    return parse_yaml(text, str(path))
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write via a temp file in the same directory and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_yaml(path, data: Any) -> Path:
+    return atomic_write_text(path, dump_yaml(data))
+
+
+def write_json(path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

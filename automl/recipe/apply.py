@@ -1,0 +1,121 @@
+"""Replay a Recipe: build, train with compression stages on their epochs, deploy, evaluate, measure.
+
+This is the only code path that runs compression handlers; the search trial and ``automl apply``
+both call :func:`apply_recipe`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from automl.compress import ApplyContext
+from automl.errors import MeasurementError
+from automl.modelstats import count_macs, count_nonzero, count_params
+from automl.recipe.schema import Recipe
+from automl.runtime import Artifact, OrtModel, export_onnx, measure_latency
+from automl.tasks import get_task
+
+EpochCallback = Callable[[int, Dict[str, float]], None]
+
+
+@dataclass
+class ApplyResult:
+    metrics: Dict[str, float]
+    model: torch.nn.Module
+    artifact: Artifact
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model, train):
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
+def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optional[EpochCallback] = None):
+    """Train for ``recipe.train.epochs`` with every stage's hooks; returns (model, handlers)."""
+    seed_everything(recipe.train.seed)
+    model = task.build_model(recipe.family, recipe.arch)
+    handlers = [stage.handler() for stage in recipe.stages]
+    for h in handlers:
+        model = h.prepare(model, ctx)
+    optimizer = _optimizer(model, recipe.train)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.train.epochs)
+    loader = task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+    val = task.val_loader()
+
+    def after_step():
+        for h in handlers:
+            h.after_step(model)
+
+    for epoch in range(recipe.train.epochs):
+        for h in handlers:
+            h.on_epoch_start(model, epoch, ctx)
+        loss = task.train_epoch(model, optimizer, loader, after_step=after_step)
+        schedule.step()
+        if not math.isfinite(loss):
+            raise MeasurementError(f"training loss became {loss} in epoch {epoch}; lower train.lr")
+        if on_epoch is not None:
+            on_epoch(epoch, {"accuracy": task.evaluate(model, val), "train_loss": loss})
+    for h in handlers:
+        model = h.finalize(model, ctx)
+    return model.eval(), handlers
+
+
+def deployed_metrics(artifact: Artifact, task, deploy) -> Dict[str, float]:
+    """Accuracy, size and measured latency of the deployed artifact."""
+    runner = OrtModel(artifact.path, threads=deploy.threads)
+    data = artifact.path.read_bytes()
+    latency = measure_latency(runner, task.example_input(deploy.batch).numpy())
+    return {
+        "accuracy": task.evaluate(runner, task.val_loader()),
+        "test_accuracy": task.evaluate(runner, task.test_loader()),
+        "latency_ms": latency["median_ms"],
+        "latency_p10_ms": latency["p10_ms"],
+        "latency_p90_ms": latency["p90_ms"],
+        "file_kb": len(data) / 1024.0,
+        "size_kb": len(zlib.compress(data, 9)) / 1024.0,
+    }
+
+
+def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None
+                 ) -> ApplyResult:
+    """Rebuild, train, compress, export and measure. Files go to ``work_dir``."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.deploy.threads)
+    task = task if task is not None else get_task(recipe.task)
+    ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
+                       threads=recipe.deploy.threads)
+    model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
+    example = task.example_input(1)
+    artifact = export_onnx(model, example, work_dir / "model.onnx")
+    for h in handlers:
+        artifact = h.deploy(artifact, ctx)
+    metrics = {
+        **deployed_metrics(artifact, task, recipe.deploy),
+        "torch_accuracy": task.evaluate(model, task.val_loader()),
+        "params": count_params(model),
+        "nonzero_params": count_nonzero(model),
+        "macs": count_macs(model, example),
+        "precision": artifact.precision,
+    }
+    for h in handlers:
+        metrics.update(h.stats)
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise MeasurementError(f"non-finite metrics {bad}: {metrics}")
+    return ApplyResult(metrics=metrics, model=model, artifact=artifact)

@@ -1,0 +1,108 @@
+"""Recipe: everything needed to rebuild one compressed model (arch, training, ordered stages, deploy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from automl.arch import ARCHS
+from automl.compress import CATEGORIES, get_method
+from automl.configs import config_to_dict, parse_config
+from automl.io import load_yaml, parse_yaml, write_yaml
+from automl.settings import DeploySettings, TrainSettings
+from automl.validate import Where, expect_keys, expect_mapping, expect_type
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One compression method with its config; ``start_epoch`` None means it acts after training."""
+
+    method: str
+    config: Any
+    start_epoch: Optional[int] = None
+
+    @property
+    def category(self) -> str:
+        return get_method(self.method).category
+
+    def handler(self):
+        return get_method(self.method).handler_cls(self.config, start_epoch=self.start_epoch)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "start_epoch": self.start_epoch, "config": config_to_dict(self.config)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: str
+    family: str
+    arch: Dict[str, Any]
+    train: TrainSettings = field(default_factory=TrainSettings)
+    stages: Tuple[Stage, ...] = ()
+    deploy: DeploySettings = field(default_factory=DeploySettings)
+    provenance: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": RECIPE_VERSION,
+            "task": self.task,
+            "arch": {"family": self.family, **self.arch},
+            "train": config_to_dict(self.train),
+            "stages": [s.to_dict() for s in self.stages],
+            "deploy": config_to_dict(self.deploy),
+            "provenance": dict(self.provenance),
+            "metrics": dict(self.metrics),
+        }
+
+    def save(self, path):
+        return write_yaml(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data, source: str | None = None) -> "Recipe":
+        where = Where(source)
+        data = expect_mapping(data, where)
+        expect_keys(data, where, ("version", "task", "arch", "train", "stages", "deploy", "provenance",
+                                  "metrics"), required=("version", "task", "arch"))
+        if data["version"] != RECIPE_VERSION:
+            raise (where / "version").error("unsupported recipe version", data["version"],
+                                            f"use version: {RECIPE_VERSION}")
+        arch = dict(expect_mapping(data["arch"], where / "arch"))
+        family = ARCHS.get(arch.pop("family", None), file=source, key="arch.family")
+        parse_config(family.params_cls, arch, where / "arch")  # validate now, build later
+        stages, seen = [], []
+        raw_stages = expect_type(data.get("stages") or [], where / "stages", list)
+        for i, raw in enumerate(raw_stages):
+            at = where / "stages" / i
+            raw = expect_mapping(raw, at)
+            expect_keys(raw, at, ("method", "start_epoch", "config"), required=("method",))
+            info = get_method(raw["method"], file=source, key=(at / "method").key)
+            if info.category in seen:
+                raise (at / "method").error(f"a recipe has at most one {info.category} stage", raw["method"],
+                                            "merge the two stages into one")
+            seen.append(info.category)
+            start = raw.get("start_epoch")
+            if start is not None:
+                start = expect_type(start, at / "start_epoch", int)
+            stages.append(Stage(info.name, parse_config(info.config_cls, raw.get("config"), at / "config"), start))
+        order = [CATEGORIES.index(s.category) for s in stages]
+        if order != sorted(order):
+            raise (where / "stages").error("stages must follow the category order", [s.method for s in stages],
+                                           f"order them as {' -> '.join(CATEGORIES)}")
+        return cls(
+            task=expect_type(data["task"], where / "task", str), family=family.name, arch=arch,
+            train=parse_config(TrainSettings, data.get("train"), where / "train"),
+            stages=tuple(stages),
+            deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
+            provenance=dict(expect_mapping(data.get("provenance") or {}, where / "provenance")),
+            metrics=dict(expect_mapping(data.get("metrics") or {}, where / "metrics")),
+        )
+
+    @classmethod
+    def load(cls, path) -> "Recipe":
+        return cls.from_dict(load_yaml(path), str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<string>") -> "Recipe":
+        return cls.from_dict(parse_yaml(text, source), source)

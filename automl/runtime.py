@@ -1,0 +1,81 @@
+"""The deployed form: ONNX export, onnxruntime sessions and the latency protocol.
+
+Latency is always measured on the deployed artifact (ONNX model in onnxruntime with fixed
+threads): median of repeated runs after warm-up. Nothing here estimates speed from FLOPs.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+from automl.errors import MeasurementError
+
+
+@dataclass
+class Artifact:
+    """A deployable model file and what it is."""
+
+    path: Path
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path) -> Artifact:
+    """Export with the dynamo exporter and a dynamic batch dimension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                          output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+                          external_data=False)
+    return Artifact(path=path)
+
+
+class OrtModel:
+    """An onnxruntime session on the CPU provider with fixed thread counts."""
+
+    def __init__(self, path, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def measure_latency(fn: Callable, example, *, warmup: int = 30, repeats: int = 300,
+                    min_seconds: float = 0.2) -> Dict[str, float]:
+    """Median / p10 / p90 wall time in ms of ``fn(example)``; repeats at least ``min_seconds`` long."""
+    for _ in range(warmup):
+        fn(example)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 100 * repeats):
+        t0 = time.perf_counter_ns()
+        fn(example)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    median = statistics.median(times)
+    if not np.isfinite(median) or median <= 0:
+        raise MeasurementError(f"latency measurement gave {median} ms")
+    qs = np.percentile(times, [10, 90])
+    return {"median_ms": median, "p10_ms": float(qs[0]), "p90_ms": float(qs[1]), "runs": len(times)}

@@ -1,0 +1,1 @@
+"""The Ray Tune controller. Only this package imports Ray."""

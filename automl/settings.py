@@ -1,0 +1,45 @@
+"""Settings shared by search spaces and recipes: training, deployment, search budget, metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from automl.configs import option
+
+# Metric name -> the direction that is better. Objectives and constraints use these names.
+METRICS = {
+    "accuracy": "max",        # validation accuracy of the deployed model
+    "latency_ms": "min",      # measured median batch latency of the deployed model
+    "size_kb": "min",         # deflate-compressed size of the deployed file (what ships)
+    "file_kb": "min",         # raw size of the deployed file
+    "params": "min",
+    "nonzero_params": "min",
+    "macs": "min",
+}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = option(10, low=1, high=10_000, doc="total training epochs, fine-tuning included")
+    lr: float = option(3e-3, low=0.0, high=10.0, low_open=True, doc="initial learning rate (cosine decay)")
+    batch_size: int = option(32, low=1, high=65_536)
+    weight_decay: float = option(0.0, low=0.0, high=1.0)
+    optimizer: str = option("adam", choices=("adam", "sgd"))
+    momentum: float = option(0.9, low=0.0, high=1.0, high_open=True, doc="sgd only")
+    seed: int = option(0, low=0, high=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    runtime: str = option("onnxruntime", choices=("onnxruntime",), doc="where latency is measured")
+    threads: int = option(1, low=1, high=1024, doc="intra-op threads, also torch threads while training")
+    batch: int = option(1, low=1, high=65_536, doc="batch size of the latency measurement")
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int = option(30, low=1, high=1_000_000)
+    concurrency: int = option(2, low=1, high=4096, doc="trials run at once, one CPU each")
+    grace_epochs: int = option(3, low=1, high=10_000, doc="ASHA: epochs before a trial may be stopped")
+    reduction_factor: int = option(3, low=2, high=100, doc="ASHA reduction factor")
+    seed: int = option(0, low=0, high=2**31 - 1, doc="seed of the searcher")
+    time_limit_s: float = option(0.0, low=0.0, doc="stop launching trials after this long (0 = no limit)")

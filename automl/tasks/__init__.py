@@ -1,0 +1,42 @@
+"""Tasks: built-in ones by name, user ones as ``package.module:function``."""
+from __future__ import annotations
+
+import importlib
+
+from automl.errors import ConfigError
+from automl.registry import Registry
+from automl.tasks.base import TASK_METHODS, Task, TensorClassificationTask
+from automl.tasks.digits import DigitsTask
+
+TASKS: Registry = Registry("task")
+TASKS.register("digits")(DigitsTask)
+
+
+def get_task(name: str, *, file=None, key="task") -> Task:
+    """Build a task: a registered name, or ``package.module:function`` returning a Task."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError("expected a task name", file=file, key=key, value=name,
+                          fix=f"use one of {', '.join(TASKS.names())} or 'package.module:function'")
+    if ":" not in name:
+        return TASKS.get(name, file=file, key=key)()
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import task module '{module_name}': {exc}", file=file, key=key,
+                          value=name, fix="make the module importable (installed or on PYTHONPATH)") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"module '{module_name}' has no callable '{attr}'", file=file, key=key,
+                          value=name, fix="name a function that returns a Task") from None
+    task = factory()
+    missing = [m for m in TASK_METHODS if not callable(getattr(task, m, None))]
+    missing += [a for a in ("name", "input_shape", "num_classes") if not hasattr(task, a)]
+    if missing:
+        raise ConfigError(f"'{name}' returned an object that is not a Task; it lacks {', '.join(missing)}",
+                          file=file, key=key, value=type(task).__name__,
+                          fix="subclass automl.tasks.TensorClassificationTask or implement the Task protocol")
+    return task
+
+
+__all__ = ["TASKS", "Task", "TensorClassificationTask", "DigitsTask", "get_task"]

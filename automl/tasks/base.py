@@ -1,0 +1,107 @@
+"""The Task protocol and a base class for in-memory classification tasks."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+TASK_METHODS = ("build_model", "train_loader", "val_loader", "test_loader", "example_input",
+                "train_epoch", "evaluate")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the search and ``apply`` need from a task."""
+
+    name: str
+    input_shape: Tuple[int, ...]
+    num_classes: int
+
+    def build_model(self, family: str, params: Mapping) -> nn.Module: ...
+
+    def train_loader(self, batch_size: int, seed: int) -> DataLoader: ...
+
+    def val_loader(self, batch_size: int = 512) -> DataLoader: ...
+
+    def test_loader(self, batch_size: int = 512) -> DataLoader: ...
+
+    def example_input(self, batch: int = 1) -> torch.Tensor: ...
+
+    def train_epoch(self, model: nn.Module, optimizer, loader: DataLoader, *,
+                    after_step: Optional[Callable[[], None]] = None) -> float: ...
+
+    def evaluate(self, predict, loader: DataLoader) -> float: ...
+
+
+class TensorClassificationTask:
+    """Classification over tensors held in memory: subclasses fill the three splits."""
+
+    name = "tensor"
+
+    def __init__(self, x_train, y_train, x_val, y_val, x_test, y_test):
+        self.splits = {
+            "train": (torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long)),
+            "val": (torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.long)),
+            "test": (torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long)),
+        }
+        self.input_shape = tuple(self.splits["train"][0].shape[1:])
+        self.num_classes = int(max(int(y.max()) for _, y in self.splits.values()) + 1)
+
+    def build_model(self, family: str, params: Mapping) -> nn.Module:
+        from automl.arch import ARCHS
+
+        return ARCHS.get(family, key="arch.family").build(params, self.input_shape, self.num_classes)
+
+    def _loader(self, split, batch_size, shuffle, seed=0):
+        x, y = self.splits[split]
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+    def train_loader(self, batch_size: int, seed: int) -> DataLoader:
+        return self._loader("train", batch_size, True, seed)
+
+    def val_loader(self, batch_size: int = 512) -> DataLoader:
+        return self._loader("val", batch_size, False)
+
+    def test_loader(self, batch_size: int = 512) -> DataLoader:
+        return self._loader("test", batch_size, False)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return self.splits["val"][0][:batch].clone()
+
+    def loss(self, logits, target):
+        return F.cross_entropy(logits, target)
+
+    def train_epoch(self, model, optimizer, loader, *, after_step=None) -> float:
+        model.train()
+        total, count = 0.0, 0
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        return total / max(count, 1)
+
+    def evaluate(self, predict, loader) -> float:
+        """Top-1 accuracy of ``predict`` (an nn.Module or any callable batch -> logits)."""
+        if isinstance(predict, nn.Module):
+            module = predict.eval()
+
+            def predict(x):
+                with torch.no_grad():
+                    return module(x)
+        correct, count = 0, 0
+        for x, y in loader:
+            logits = predict(x)
+            pred = np.asarray(logits.detach() if isinstance(logits, torch.Tensor) else logits).argmax(axis=1)
+            correct += int((pred == y.numpy()).sum())
+            count += len(y)
+        return correct / max(count, 1)

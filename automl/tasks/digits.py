@@ -1,0 +1,29 @@
+"""scikit-learn's bundled 8x8 digits (1,797 images): the embedded default task. No download."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from automl.tasks.base import TensorClassificationTask
+
+SPLIT_SEED = 0  # the split is fixed: every trial and every `apply` sees the same samples
+
+
+class DigitsTask(TensorClassificationTask):
+    """60/20/20 stratified train/val/test split, standardised with training statistics."""
+
+    name = "digits"
+
+    def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2):
+        data = load_digits()
+        x = (data.images.astype(np.float32) / 16.0)[:, None, :, :]
+        y = data.target.astype(np.int64)
+        x_rest, x_test, y_rest, y_test = train_test_split(
+            x, y, test_size=test_fraction, stratify=y, random_state=SPLIT_SEED)
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest, y_rest, test_size=val_fraction / (1.0 - test_fraction), stratify=y_rest,
+            random_state=SPLIT_SEED)
+        mean, std = float(x_train.mean()), float(x_train.std())
+        norm = lambda a: (a - mean) / std  # noqa: E731
+        super().__init__(norm(x_train), y_train, norm(x_val), y_val, norm(x_test), y_test)
