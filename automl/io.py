@@ -25,7 +25,7 @@ class StrictLoader(yaml.SafeLoader):
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
     re.X,
@@ -38,9 +38,11 @@ StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+01
 
 
 def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
-    mapping = {}
-    for key_node, value_node in node.value:
+    merged = len(node.value) - own  # flatten_mapping puts '<<' entries first; own keys override them
+    mapping, own_keys = {}, set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
@@ -51,13 +53,15 @@ def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool 
                 key=f"line {key_node.start_mark.line + 1}",
                 fix="use a plain string as the key",
             ) from None
-        if key in mapping:
+        if index >= merged and key in own_keys:
             raise ConfigError(
                 f"duplicate key '{key}' (line {key_node.start_mark.line + 1})",
                 file=loader.name,
                 key=key,
                 fix="keep one of the two entries; YAML would silently keep only the last",
             )
+        if index >= merged:
+            own_keys.add(key)
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -94,8 +98,15 @@ def load_yaml(path) -> Any:
     return parse_yaml(text, str(path))
 
 
+class StrictDumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string StrictLoader would read as a float (e.g. '1e10')."""
+
+
+StrictDumper.yaml_implicit_resolvers = {k: list(v) for k, v in StrictLoader.yaml_implicit_resolvers.items()}
+
+
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(data, Dumper=StrictDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

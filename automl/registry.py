@@ -51,7 +51,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str, *, file=None, key=None) -> T:
-        if name not in self._items:
+        if not isinstance(name, str) or name not in self._items:
             raise unknown_name(self.kind, name, self._items, file=file, key=key)
         return self._items[name]
 

@@ -10,6 +10,10 @@ from automl.registry import did_you_mean
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                list: "a list", dict: "a mapping"}
+_TYPE_FIXES = {bool: "write true or false", int: "write a whole number without quotes, e.g. 3",
+               float: "write a number without quotes, e.g. 0.5 or 1e-3",
+               str: "write a string (quote it if it looks like a number)", list: "write a list, e.g. [a, b]",
+               dict: "write 'key: value' entries"}
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,14 @@ def expect_type(value: Any, where: Where, kind: type, fix: str | None = None):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise where.error(f"expected {_TYPE_NAMES.get(kind, kind.__name__)}", value, fix)
+        raise where.error(f"expected {_TYPE_NAMES.get(kind, kind.__name__)}", value, fix or _TYPE_FIXES.get(kind))
     return float(value) if kind is float else value
 
 
 def expect_range(value, where: Where, low=None, high=None, *, low_open=False, high_open=False):
     """Number within [low, high] (open ends when asked); NaN and inf are always rejected."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise where.error("expected a finite number", value)
+        raise where.error("expected a finite number", value, "write a finite number (not nan or inf)")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

@@ -33,7 +33,7 @@ def select_layers(model: nn.Module, patterns: Iterable[str], kinds: Tuple[type, 
             except re.error as exc:
                 raise UnknownNameError(f"invalid regular expression: {exc}", key="layers",
                                        value=pattern, fix="fix the regex after 're:'") from None
-            hits = [n for n in candidates if rx.fullmatch(n)]
+            hits = [n for n in candidates if rx.fullmatch(n) or rx.fullmatch("module." + n)]
         else:
             hits = [n for n in candidates if n == _strip(pattern)]
         if not hits:

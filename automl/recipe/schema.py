@@ -65,7 +65,7 @@ class Recipe:
         data = expect_mapping(data, where)
         expect_keys(data, where, ("version", "task", "arch", "train", "stages", "deploy", "provenance",
                                   "metrics"), required=("version", "task", "arch"))
-        if data["version"] != RECIPE_VERSION:
+        if isinstance(data["version"], bool) or data["version"] != RECIPE_VERSION:
             raise (where / "version").error("unsupported recipe version", data["version"],
                                             f"use version: {RECIPE_VERSION}")
         arch = dict(expect_mapping(data["arch"], where / "arch"))
@@ -77,6 +77,7 @@ class Recipe:
             at = where / "stages" / i
             raw = expect_mapping(raw, at)
             expect_keys(raw, at, ("method", "start_epoch", "config"), required=("method",))
+            expect_type(raw["method"], at / "method", str)
             info = get_method(raw["method"], file=source, key=(at / "method").key)
             if info.category in seen:
                 raise (at / "method").error(f"a recipe has at most one {info.category} stage", raw["method"],

@@ -36,3 +36,16 @@ def pareto_front(rows: Sequence[Mapping], objectives: Dict[str, str]) -> List[in
     points = {i: [float(r[k]) if objectives[k] == "max" else -float(r[k]) for k in keys]
               for i, r in enumerate(rows) if _finite(r, keys)}
     return [i for i, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != i)]
+
+
+def feasible(metrics: Mapping, constraints: Dict[str, Dict[str, float]]) -> bool:
+    """True when every constrained metric is within its bounds (pure; used for the front too)."""
+    for metric, bound in constraints.items():
+        value = metrics.get(metric)
+        if value is None or not math.isfinite(float(value)):
+            return False
+        if "max" in bound and value > bound["max"]:
+            return False
+        if "min" in bound and value < bound["min"]:
+            return False
+    return True

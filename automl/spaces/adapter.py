@@ -18,15 +18,23 @@ def resolve(space: SearchSpace, pick: Callable) -> Dict:
     return values
 
 
-def define_by_run(space: SearchSpace) -> Callable:
-    """The define-by-run function OptunaSearch calls; returns the fixed values (Optuna keeps the rest)."""
+class DefineByRun:
+    """The define-by-run function OptunaSearch calls; returns the fixed values (Optuna keeps the rest).
 
-    def suggest(trial) -> Dict:
-        values = resolve(space, lambda p: p.domain.suggest(trial, p.name))
-        return {p.name: values[p.name] for p in space.params
+    A class rather than a closure so Ray Tune can pickle the searcher state for resume.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> Dict:
+        values = resolve(self.space, lambda p: p.domain.suggest(trial, p.name))
+        return {p.name: values[p.name] for p in self.space.params
                 if isinstance(p.domain, Fixed) and p.name in values}
 
-    return suggest
+
+def define_by_run(space: SearchSpace) -> DefineByRun:
+    return DefineByRun(space)
 
 
 def sample_config(space: SearchSpace, seed: int = 0) -> Dict:

@@ -48,6 +48,9 @@ def parse_when(raw, where: Where, earlier: Iterable[str]) -> Tuple[Condition, ..
         if param not in earlier:
             raise at.error("condition names a parameter that is not defined before this one", param,
                            f"{did_you_mean(str(param), earlier)}conditions may use: {', '.join(earlier) or '(none)'}")
+        if isinstance(pred, list):
+            raise at.error("a bare list in a condition is ambiguous", pred,
+                           f"write {{in: {pred}}} to match any of the items")
         if not isinstance(pred, dict):
             out.append(Condition(param, "eq", pred))
             continue
@@ -60,6 +63,9 @@ def parse_when(raw, where: Where, earlier: Iterable[str]) -> Tuple[Condition, ..
         if op in ("in", "not_in") and not isinstance(operand, list):
             raise (at / op).error(f"'{op}' needs a list", operand, f"write {{{op}: [a, b]}}")
         if op in ("gt", "ge", "lt", "le") and (isinstance(operand, bool) or not isinstance(operand, (int, float))):
-            raise (at / op).error(f"'{op}' needs a number", operand)
+            raise (at / op).error(f"'{op}' needs a number", operand, f"write {{{op}: <number>}}")
+        if op in ("eq", "ne") and isinstance(operand, (list, dict)):
+            raise (at / op).error(f"'{op}' compares with one scalar value", operand,
+                                  "use 'in' / 'not_in' to compare with several values")
         out.append(Condition(param, op, tuple(operand) if isinstance(operand, list) else operand))
     return tuple(out)

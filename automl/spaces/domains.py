@@ -57,10 +57,10 @@ class FloatRange:
     def sample(self, rng):
         if self.log:
             return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-        value = float(rng.uniform(self.low, self.high))
-        if self.step:
-            value = self.low + round((value - self.low) / self.step) * self.step
-        return min(value, self.high)
+        if self.step:  # the grid low, low + step, ... <= high, as Optuna uses it
+            n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            return min(self.low + self.step * int(rng.integers(n + 1)), self.high)
+        return float(rng.uniform(self.low, self.high))
 
     def examples(self):
         return [self.low, self.high]
@@ -90,7 +90,7 @@ def _pair(raw, where: Where, kind: type, kind_name: str):
     low, high = (expect_type(v, where, kind) for v in raw)
     for v in (low, high):
         if isinstance(v, float) and not math.isfinite(v):
-            raise where.error(f"{kind_name} bounds must be finite", raw)
+            raise where.error(f"{kind_name} bounds must be finite", raw, "use finite numbers as bounds")
     return low, high
 
 
@@ -137,7 +137,7 @@ def parse_domain(raw, where: Where) -> Tuple[Domain, Any]:
     if step is not None:
         step = expect_type(step, where / "step", number)
         if step <= 0:
-            raise (where / "step").error("step must be positive", step)
+            raise (where / "step").error("step must be positive", step, "use a step > 0 or drop it")
         if log:
             raise (where / "step").error("Optuna cannot combine step with log", step, "drop one of them")
     if kind == "int":

@@ -103,8 +103,12 @@ def _compression_params(section: dict, where: Where, earlier: list) -> list:
                                                      for f in field_names(m.config_cls)}), required=["method"])
         domain, when = parse_domain(group["method"], at / "method")
         if not isinstance(domain, (Choice, Fixed)):
-            raise (at / "method").error("a method is chosen with {choice: [...]} or a fixed name", group["method"])
+            raise (at / "method").error("a method is chosen with {choice: [...]} or a fixed name", group["method"],
+                                        "write e.g. 'method: {choice: [none, ...]}' or 'method: <name>'")
         names = domain.values if isinstance(domain, Choice) else (domain.value,)
+        if not all(isinstance(n, str) for n in names):
+            raise (at / "method").error("a method name is a string", group["method"],
+                                        "write e.g. 'method: {choice: [none, ...]}' or 'method: <name>'")
         methods = []
         for i, name in enumerate(names):
             if name != "none":
@@ -156,7 +160,7 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     where = Where(source)
     data = expect_mapping(data, where)
     expect_keys(data, where, TOP_KEYS, required=("version", "task", "arch", "objectives"))
-    if data["version"] not in SUPPORTED_VERSIONS:
+    if isinstance(data["version"], bool) or data["version"] not in SUPPORTED_VERSIONS:
         raise (where / "version").error("unsupported space version", data["version"], "use version: 1")
     task = expect_type(data["task"], where / "task", str)
     if ":" not in task and task not in TASKS:

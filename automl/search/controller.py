@@ -1,0 +1,180 @@
+"""Ray Tune controller: OptunaSearch (several objectives) + ASHA on accuracy, then the run outputs."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import optuna
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from automl.errors import AutoMLError, RunDirError
+from automl.io import load_yaml, write_yaml
+from automl.search.outputs import write_outputs
+from automl.search.versions import library_versions
+from automl.spaces import SearchSpace, define_by_run, parse_space
+from automl.tasks import get_task
+
+TUNE_DIR = "tune"
+
+
+@dataclass
+class SearchOutcome:
+    run_dir: Path
+    report: Dict
+    rows: List[Dict]
+
+
+class ParetoOptunaSearch(OptunaSearch):
+    """Tells Optuna PRUNED for ASHA-stopped trials and FAIL for non-finite results.
+
+    Stock OptunaSearch passes partial or NaN multi-objective values to ``study.tell``, which
+    raises inside a logged warning and leaves the Optuna trial running forever.
+    """
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and not error:
+            values = [result.get(m) for m in self._metric]
+            if not result.get("final"):
+                result = None  # stopped early: no deployed metrics
+            elif any(v is None or not math.isfinite(float(v)) for v in values):
+                result, error = None, True
+        super().on_trial_complete(trial_id, result, error)
+
+
+def _searcher(space: SearchSpace) -> ParetoOptunaSearch:
+    sampler = optuna.samplers.TPESampler(seed=space.budget.seed, n_startup_trials=min(10, space.budget.trials))
+    return ParetoOptunaSearch(space=define_by_run(space), metric=list(space.objectives),
+                              mode=list(space.objectives.values()), sampler=sampler)
+
+
+class Progress(Callback):
+    """One line per finished trial."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        m = trial.last_result or {}
+        if m.get("final"):
+            text = (f"acc={m.get('accuracy', float('nan')):.4f} lat={m.get('latency_ms', float('nan')):.4f}ms "
+                    f"size={m.get('size_kb', float('nan')):.1f}kB {m.get('precision', '')}")
+        else:
+            text = f"stopped early at epoch {m.get('epoch', '?')} (acc={m.get('accuracy', float('nan')):.4f})"
+        print(f"[{self.done}/{self.total}] {trial.trial_id}: {text}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {trial.trial_id}: failed (see trials.csv)", flush=True)
+
+
+def _init_ray(address: Optional[str], concurrency: int):
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress callback prints one line per trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Per-epoch reports carry accuracy only (for ASHA); deployed metrics come with the final report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                  configure_logging=True)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=max(concurrency, 1), **kwargs)
+    except Exception as exc:  # connection, auth (RAY_AUTH_MODE) ...
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise AutoMLError(f"could not start or reach {where}: {exc}. If the cluster uses token "
+                          "authentication, set RAY_AUTH_TOKEN; check --address.") from None
+
+
+def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool):
+    from automl.search.trainable import run_trial
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, task=task), {"cpu": 1})
+    if restore:
+        return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable, resume_errored=True)
+    scheduler = ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration",
+                              max_t=space.epochs, grace_period=min(space.budget.grace_epochs, space.epochs),
+                              reduction_factor=space.budget.reduction_factor)
+    tune_config = tune.TuneConfig(search_alg=_searcher(space), scheduler=scheduler,
+                                  num_samples=space.budget.trials,
+                                  max_concurrent_trials=space.budget.concurrency, reuse_actors=True,
+                                  time_budget_s=space.budget.time_limit_s or None)
+    run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir), verbose=0,
+                                callbacks=[Progress(space.budget.trials)],
+                                failure_config=tune.FailureConfig(max_failures=0))
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _rows(result_grid, space: SearchSpace) -> List[Dict]:
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = {k: v for k, v in (result.config or {}).items() if k in space.names()}
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("final"):
+            status = "completed"
+        else:
+            status = "early_stopped"
+        keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                and k not in ("trial_id", "final", "feasible", "date", "hostname", "node_ip", "pid",
+                              "timestamp", "experiment_tag", "time_this_iter_s", "time_total_s", "time_since_restore",
+                              "iterations_since_restore", "checkpoint_dir_name", "done", "training_iteration")}
+        rows.append({"trial_id": trial_id, "status": status, "feasible": bool(metrics.get("feasible")),
+                     "error": str(result.error).splitlines()[0][:300] if result.error is not None else None,
+                     "metrics": keep, "config": config})
+    rows.sort(key=lambda r: r["trial_id"])
+    return rows
+
+
+def prepare_run_dir(out: Path, force: bool) -> Path:
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RunDirError(f"run directory {out} already exists and is not empty. Fix: choose another "
+                              f"--out, continue it with 'automl resume {out}', or pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool) -> SearchOutcome:
+    task = get_task(space.task, file=space.source)  # fail fast, before Ray starts
+    started = time.time()
+    _init_ray(address, space.budget.concurrency)
+    grid = _tuner(space, run_dir, task, restore=restore).fit()
+    rows = _rows(grid, space)
+    report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
+    return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
+
+
+def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force: bool = False) -> SearchOutcome:
+    """Run the joint search and write the run directory."""
+    run_dir = prepare_run_dir(Path(out), force)
+    write_yaml(run_dir / "space.yaml", space.raw)
+    return _run(space, run_dir, address=address, restore=False)
+
+
+def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
+    """Finish an interrupted search (unfinished and errored trials run again) and rewrite the outputs."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "space.yaml").is_file() or not tune.Tuner.can_restore(str(run_dir / TUNE_DIR)):
+        raise RunDirError(f"{run_dir} is not a resumable run directory (needs space.yaml and {TUNE_DIR}/). "
+                          "Fix: pass the --out directory of an earlier 'automl search'")
+    space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
+    return _run(space, run_dir, address=address, restore=True)

@@ -1,0 +1,35 @@
+"""The Ray Tune trainable: trial config -> Recipe -> ``apply_recipe`` -> ``tune.report``."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Dict
+
+import torch
+from ray import tune
+
+from automl.recipe import apply_recipe, recipe_from_config
+from automl.search.pareto import feasible
+from automl.spaces import SearchSpace
+
+
+def run_trial(config: Dict, space: SearchSpace = None, task=None):
+    """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics."""
+    torch.set_num_threads(space.deploy.threads)
+    trial_id = tune.get_context().get_trial_id()
+    recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
+    work = tempfile.mkdtemp(prefix=f"automl-{trial_id}-")
+
+    def on_epoch(epoch: int, metrics: Dict[str, float]):
+        # The last epoch is reported with the deployed metrics, so an ASHA rung at max_t sees a
+        # finished trial and never stops one that only needed deploying.
+        if epoch + 1 < recipe.train.epochs:
+            tune.report({**metrics, "epoch": epoch + 1, "final": False})
+
+    try:
+        result = apply_recipe(recipe, work, task=task, on_epoch=on_epoch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    metrics = dict(result.metrics)
+    metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))
+    tune.report(metrics)

@@ -1,0 +1,54 @@
+"""CLI behaviour on bad input: exit code 2, one paragraph naming the key, never a traceback."""
+import subprocess
+import sys
+
+import pytest
+
+BAD = {
+    "unknown_key": ("version: 1\ntask: digits\narch: {family: cnn}\nobjectives: {accuracy: max}\nbudgett: {trials: 2}\n",
+                    "budgett", "did you mean 'budget'"),
+    "misspelt_method": ("version: 1\ntask: digits\narch: {family: cnn}\nobjectives: {accuracy: max}\n"
+                        "compression:\n  pruning: {method: {choice: [none, magnitud]}}\n",
+                        "compression.pruning.method", "did you mean 'magnitude'"),
+    "float_low_gt_high": ("version: 1\ntask: digits\narch: {family: cnn}\nobjectives: {accuracy: max}\n"
+                          "train: {lr: {float: [1e-2, 1e-3]}}\n", "train.lr", "low < high"),
+}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "automl", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+@pytest.mark.parametrize("command", ["check", "search"])
+def test_bad_space_exits_2_with_one_paragraph(tmp_path, name, command):
+    text, key, hint = BAD[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    args = [command, str(path)] if command == "check" else [command, "--space", str(path), "--out", str(tmp_path / "run")]
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert "\n" not in message
+    assert str(path) in message and key in message and hint in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_refuses_existing_run_dir(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trials.csv").write_text("precious results\n")
+    proc = _run("search", "--out", str(tmp_path / "run"), "--trials", "1")
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (tmp_path / "run" / "trials.csv").read_text() == "precious results\n"
+
+
+def test_check_lists_default_parameters():
+    proc = _run("check")
+    assert proc.returncode == 0
+    assert "pruning.ratio" in proc.stdout and "when pruning.method eq 'magnitude'" in proc.stdout
+
+
+def test_bad_budget_override(tmp_path):
+    proc = _run("search", "--trials", "0", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--trials" in proc.stderr

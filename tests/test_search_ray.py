@@ -1,0 +1,107 @@
+"""A small real Ray Tune search (4 trials), its run directory, apply on a front recipe, resume."""
+import csv
+import json
+import math
+
+import optuna
+import pytest
+
+from automl.errors import RunDirError
+from automl.recipe import Recipe, apply_recipe
+from automl.spaces import parse_space
+from automl.io import parse_yaml
+
+SPACE = """
+version: 1
+task: digits
+arch:
+  family: cnn
+  width: {choice: [8, 16]}
+  depth: {int: [1, 2]}
+train:
+  epochs: 3
+  lr: {float: [3e-3, 1e-2], log: true}
+compression:
+  pruning:
+    method: {choice: [none, magnitude]}
+    ratio: {float: [0.3, 0.6], when: {pruning.method: magnitude}}
+    finetune_epochs: 1
+  quantization:
+    method: {choice: [none, int8_ptq]}
+objectives: {accuracy: max, latency_ms: min, size_kb: min}
+budget: {trials: 4, concurrency: 2, grace_epochs: 1, seed: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def space():
+    return parse_space(parse_yaml(SPACE, "tiny.yaml"), "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def finished(space, tmp_path_factory):
+    from automl.search import run_search
+
+    out = tmp_path_factory.mktemp("run") / "search"
+    outcome = run_search(space, out)
+    yield outcome
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_run_directory(finished, space):
+    out = finished.run_dir
+    for name in ("trials.csv", "front.csv", "pareto.png", "report.md", "report.json", "space.yaml"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"completed", "early_stopped", "error"}
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert completed, "at least one trial must finish"
+    report = json.loads((out / "report.json").read_text())
+    assert report["trials"] == 4 and report["space_hash"] == space.hash
+    assert set(report["best"]) == set(space.objectives)
+    front = list(csv.DictReader((out / "front.csv").open()))
+    assert 1 <= len(front) <= len(completed)
+    for row in front:
+        recipe = Recipe.load(out / "recipes" / f"{row['trial_id']}.yaml")
+        assert recipe.provenance["trial_id"] == row["trial_id"]
+        assert math.isclose(recipe.metrics["accuracy"], float(row["accuracy"]), rel_tol=1e-5)
+
+
+@pytest.mark.ray
+def test_apply_reproduces_a_front_trial(finished, tmp_path):
+    entry = finished.report["front"][0]
+    recipe = Recipe.load(finished.run_dir / entry["recipe"])
+    result = apply_recipe(recipe, tmp_path)
+    assert abs(result.metrics["accuracy"] - entry["metrics"]["accuracy"]) <= 0.02
+    assert abs(result.metrics["test_accuracy"] - entry["metrics"]["test_accuracy"]) <= 0.02
+
+
+@pytest.mark.ray
+def test_existing_run_dir_is_kept_and_resume_rewrites(finished, space):
+    from automl.search import resume_search, run_search
+
+    before = (finished.run_dir / "trials.csv").read_text()
+    with pytest.raises(RunDirError, match="--force"):
+        run_search(space, finished.run_dir)
+    assert (finished.run_dir / "trials.csv").read_text() == before
+    again = resume_search(finished.run_dir)
+    assert len(again.rows) == 4
+    assert {r["trial_id"] for r in again.rows} == {r["trial_id"] for r in finished.rows}
+
+
+def test_searcher_marks_early_stopped_and_nan_trials(space):
+    from automl.search.controller import _searcher
+
+    searcher = _searcher(space)
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c")}
+    assert all("arch.width" in c and c["train.epochs"] == 3 for c in configs.values())
+    searcher.on_trial_complete("a", {"accuracy": 0.5, "final": False})
+    searcher.on_trial_complete("b", {"accuracy": 0.9, "latency_ms": float("nan"), "size_kb": 3.0, "final": True})
+    searcher.on_trial_complete("c", {"accuracy": 0.9, "latency_ms": 0.1, "size_kb": 3.0, "final": True})
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
+                      optuna.trial.TrialState.COMPLETE]
