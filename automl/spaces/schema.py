@@ -201,8 +201,8 @@ def default_space_path() -> Path:
 
 
 def load_default_space() -> SearchSpace:
-    path = default_space_path()
-    return parse_space(parse_yaml(path.read_text(), "<embedded default: digits_cnn.yaml>"), str(path))
+    source = "embedded:digits_cnn.yaml"
+    return parse_space(parse_yaml(default_space_path().read_text(), source), source)
 
 
 __all__ = ["Param", "SearchSpace", "parse_space", "load_space", "load_default_space", "did_you_mean"]
