@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Tuple
+from typing import Any, Mapping, Tuple
 
 from automl.registry import did_you_mean
 from automl.validate import Where, expect_mapping
@@ -36,12 +36,30 @@ class Condition:
             return False
 
 
-def parse_when(raw, where: Where, earlier: Iterable[str]) -> Tuple[Condition, ...]:
-    """Parse ``{param: value | {op: operand}}``; params must be defined before this one."""
+def _check_reachable(op, operand, domain, at: Where):
+    """An equality-style operand the referenced choice can never take would silently disable the param."""
+    values = getattr(domain, "values", None)
+    if values is None and hasattr(domain, "value"):
+        values = (domain.value,)
+    if values is None or op not in ("eq", "ne", "in", "not_in"):
+        return
+    for item in operand if op in ("in", "not_in") else (operand,):
+        if item not in values:
+            raise at.error("condition compares with a value the parameter never takes", item,
+                           f"{did_you_mean(str(item), map(str, values))}its values: {', '.join(map(str, values))}")
+
+
+def parse_when(raw, where: Where, earlier: Mapping) -> Tuple[Condition, ...]:
+    """Parse ``{param: value | {op: operand}}``; params must be defined before this one.
+
+    ``earlier`` maps the names defined so far to their domains (an iterable of names also works,
+    without the operand check).
+    """
     if raw is None:
         return ()
     raw = expect_mapping(raw, where)
-    earlier = list(earlier)
+    domains = dict(earlier) if isinstance(earlier, Mapping) else dict.fromkeys(earlier)
+    earlier = list(domains)
     out = []
     for param, pred in raw.items():
         at = where / param
@@ -52,6 +70,7 @@ def parse_when(raw, where: Where, earlier: Iterable[str]) -> Tuple[Condition, ..
             raise at.error("a bare list in a condition is ambiguous", pred,
                            f"write {{in: {pred}}} to match any of the items")
         if not isinstance(pred, dict):
+            _check_reachable("eq", pred, domains[param], at)
             out.append(Condition(param, "eq", pred))
             continue
         if len(pred) != 1:
@@ -67,5 +86,6 @@ def parse_when(raw, where: Where, earlier: Iterable[str]) -> Tuple[Condition, ..
         if op in ("eq", "ne") and isinstance(operand, (list, dict)):
             raise (at / op).error(f"'{op}' compares with one scalar value", operand,
                                   "use 'in' / 'not_in' to compare with several values")
+        _check_reachable(op, operand, domains[param], at / op)
         out.append(Condition(param, op, tuple(operand) if isinstance(operand, list) else operand))
     return tuple(out)

@@ -77,7 +77,7 @@ def check_domain(cls, name: str, domain: Domain, where: Where):
         check_field(cls, name, domain.value, where)
 
 
-def _section_params(section: dict, where: Where, prefix: str, cls, earlier: list, skip=()) -> list:
+def _section_params(section: dict, where: Where, prefix: str, cls, earlier: dict, skip=()) -> list:
     out = []
     for key, raw in section.items():
         if key in skip:
@@ -88,11 +88,11 @@ def _section_params(section: dict, where: Where, prefix: str, cls, earlier: list
         domain, when = parse_domain(raw, at)
         check_domain(cls, key, domain, at)
         out.append(Param(f"{prefix}.{key}", domain, parse_when(when, at / "when", earlier)))
-        earlier.append(f"{prefix}.{key}")
+        earlier[f"{prefix}.{key}"] = domain
     return out
 
 
-def _compression_params(section: dict, where: Where, earlier: list) -> list:
+def _compression_params(section: dict, where: Where, earlier: dict) -> list:
     out = []
     for category, group in section.items():
         at = where / category
@@ -115,7 +115,7 @@ def _compression_params(section: dict, where: Where, earlier: list) -> list:
                 key = (at / "method" / "choice" / i) if isinstance(domain, Choice) else at / "method"
                 methods.append(get_method(name, category=category, file=where.file, key=key.key))
         out.append(Param(f"{category}.method", domain, parse_when(when, at / "method" / "when", earlier)))
-        earlier.append(f"{category}.method")
+        earlier[f"{category}.method"] = domain
         for key, raw in group.items():
             if key == "method":
                 continue
@@ -129,7 +129,7 @@ def _compression_params(section: dict, where: Where, earlier: list) -> list:
             for m in owners:
                 check_domain(m.config_cls, key, domain_k, at / key)
             out.append(Param(f"{category}.{key}", domain_k, parse_when(when_k, at / key / "when", earlier)))
-            earlier.append(f"{category}.{key}")
+            earlier[f"{category}.{key}"] = domain_k
     return out
 
 
@@ -170,7 +170,7 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
         raise (where / "arch" / "family").error("missing required key", no_value=True,
                                                  fix=f"add 'family:' with one of {', '.join(ARCHS.names())}")
     family = ARCHS.get(arch["family"], file=source, key="arch.family")
-    earlier: list = []
+    earlier: dict = {}  # parameter name -> domain, in sampling order
     params = _section_params(arch, where / "arch", "arch", family.params_cls, earlier, skip=("family",))
     train = expect_mapping(data.get("train") or {}, where / "train")
     train = {"epochs": TrainSettings.epochs, **train} if "epochs" not in train else train

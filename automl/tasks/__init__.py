@@ -22,14 +22,18 @@ def get_task(name: str, *, file=None, key="task") -> Task:
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, but also a SyntaxError or any error raised at import
         raise ConfigError(f"cannot import task module '{module_name}': {exc}", file=file, key=key,
                           value=name, fix="make the module importable (installed or on PYTHONPATH)") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"module '{module_name}' has no callable '{attr}'", file=file, key=key,
                           value=name, fix="name a function that returns a Task") from None
-    task = factory()
+    try:
+        task = factory()
+    except Exception as exc:
+        raise ConfigError(f"task factory '{name}' raised {type(exc).__name__}: {exc}", file=file, key=key,
+                          value=name, fix="fix the factory so that it returns a Task") from exc
     missing = [m for m in TASK_METHODS if not callable(getattr(task, m, None))]
     missing += [a for a in ("name", "input_shape", "num_classes") if not hasattr(task, a)]
     if missing:
