@@ -66,7 +66,6 @@ class Method:
     """Base handler. Subclasses override the ``_`` hooks; the public calls enforce the order."""
 
     method_name: ClassVar[str] = "?"
-    _ORDER = {"new": 0, "prepared": 1, "finalized": 2, "deployed": 3}
 
     def __init__(self, config, *, start_epoch: Optional[int] = None):
         self.config = config
