@@ -83,8 +83,8 @@ def test_cnn_rejects_bad_params(digits):
     with pytest.raises(ConfigError, match=r"arch\.widht: unknown key"):
         digits.build_model("cnn", {"widht": 4})
     with pytest.raises(UnknownNameError, match="unknown architecture family"):
-        digits.build_model("resnet", {})
-    assert ARCHS.names() == ["cnn"]
+        digits.build_model("resnett", {})
+    assert ARCHS.names() == ["cnn", "mobilenetv2", "resnet"]
 
 
 def test_train_epoch_and_evaluate(digits):

@@ -206,10 +206,10 @@ def test_bad_arch_in_recipe():
     msg = str(error_of(data))
     assert "arch.widht: unknown key" in msg and "did you mean 'width'?" in msg
     data = base_dict()
-    data["arch"]["family"] = "resnet"
+    data["arch"]["family"] = "resnett"
     err = error_of(data)
     assert isinstance(err, UnknownNameError)
-    assert "arch.family: unknown architecture family" in str(err) and "valid names: cnn" in str(err)
+    assert "arch.family: unknown architecture family" in str(err) and "valid names: cnn, mobilenetv2, resnet" in str(err)
 
 
 def test_bad_train_in_recipe():
