@@ -18,6 +18,8 @@ def option(default, *, low=None, high=None, low_open=False, high_open=False, cho
     meta = dict(low=low, high=high, low_open=low_open, high_open=high_open, choices=choices, doc=doc)
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -45,6 +47,15 @@ def check_field(cls, name: str, value: Any, where: Where) -> Any:
         for i, item in enumerate(value):
             expect_type(item, where / i, str)
         return tuple(value)
+    if origin is dict:  # {name: number}, e.g. per-layer ratios; values obey the field's range
+        value = dict(expect_mapping(value, where))
+        for key, item in value.items():
+            expect_type(key, where, str)
+            value[key] = item = expect_type(item, where / key, float)
+            if meta.get("low") is not None or meta.get("high") is not None:
+                expect_range(item, where / key, meta["low"], meta["high"],
+                             low_open=meta["low_open"], high_open=meta["high_open"])
+        return value
     if hint in (bool, int, float, str):
         value = expect_type(value, where, hint)
     if meta.get("choices") is not None:
@@ -67,5 +78,5 @@ def config_to_dict(config) -> dict:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
+        out[f.name] = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) else value
     return out

@@ -190,7 +190,7 @@ def test_finalize_prunes_when_no_epoch_started(tmp_path):
     handler.finalize(model, c)
     assert sparsity(model.fc.weight) == 0.5
     assert sparsity(model.conv.weight) == 0.0
-    assert handler.stats == {"pruned_layers": 1, "pruned_sparsity": 0.5}
+    assert handler.stats == {"pruned_layers": 1, "pruned_sparsity": 0.5, "pruning_events": 1}
 
 
 def test_start_epoch_none_prunes_at_first_epoch(tmp_path):

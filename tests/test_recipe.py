@@ -125,7 +125,7 @@ def test_unknown_stage_method():
     assert msg.startswith("bad_recipe.yaml: stages.0.method: unknown compression method")
     assert "(got 'magnitud')" in msg
     assert "did you mean 'magnitude'?" in msg
-    assert "valid names: int8_ptq, magnitude" in msg
+    assert "valid names: " in msg and "int8_ptq" in msg and "magnitude" in msg
 
 
 def test_stage_method_not_a_string():
@@ -141,7 +141,7 @@ def test_stages_out_of_category_order():
     msg = str(error_of(data))
     assert "stages: stages must follow the category order" in msg
     assert "(got ['int8_ptq', 'magnitude'])" in msg
-    assert "order them as pruning -> quantization" in msg
+    assert "order them as regularization -> pruning -> quantization" in msg
 
 
 def test_two_stages_of_one_category():

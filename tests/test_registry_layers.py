@@ -62,7 +62,7 @@ def test_closest_and_did_you_mean():
 
 
 def test_builtin_methods_registered():
-    assert METHODS.names() == ["int8_ptq", "magnitude"]
+    assert {"int8_ptq", "magnitude"} <= set(METHODS.names())
     assert get_method("magnitude").category == "pruning"
     with pytest.raises(UnknownNameError, match="unknown quantization method") as info:
         get_method("magnitude", category="quantization")

@@ -1,6 +1,6 @@
 """Compression methods: a frozen config dataclass plus a handler with a checked lifecycle.
 
-Lifecycle: prepare -> (on_epoch_start / after_step)* -> finalize -> deploy. Search only produces
+Lifecycle: prepare -> (on_epoch_start / adjust_loss / after_step)* -> finalize -> deploy. Search only produces
 configs; ``recipe.apply`` is the one place that runs handlers.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from automl.errors import LifecycleError
 from automl.registry import Registry, unknown_name
 
 # Categories in the order their stages run; a space names each category at most once.
-CATEGORIES = ("pruning", "quantization")
+CATEGORIES = ("regularization", "pruning", "quantization")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class ApplyContext:
     epochs: int
     seed: int = 0
     threads: int = 1
+    steps_per_epoch: int = 0  # optimizer steps per epoch, set by the training loop
 
 
 class Method:
@@ -94,6 +95,15 @@ class Method:
         self._require("after_step", ("prepared",))
         self._after_step(model)
 
+    def adjust_loss(self, model, x, y, output, loss):
+        """The training loss with this method's terms (regularization, distillation) added."""
+        self._require("adjust_loss", ("prepared",))
+        return self._adjust_loss(model, x, y, output, loss)
+
+    @property
+    def adjusts_loss(self) -> bool:
+        return type(self)._adjust_loss is not Method._adjust_loss
+
     def finalize(self, model, ctx: ApplyContext):
         self._require("finalize", ("prepared",))
         model = self._finalize(model, ctx) or model
@@ -115,6 +125,9 @@ class Method:
 
     def _after_step(self, model):
         pass
+
+    def _adjust_loss(self, model, x, y, output, loss):
+        return loss
 
     def _finalize(self, model, ctx):
         return model

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from automl.compress import ApplyContext
+from automl.compress.schedule import build_scheduler
 from automl.errors import MeasurementError
 from automl.modelstats import count_macs, count_nonzero, count_params
 from automl.recipe.schema import Recipe
 from automl.runtime import Artifact, OrtModel, export_onnx, measure_latency
 from automl.tasks import get_task
+from automl.validate import Where
 
 EpochCallback = Callable[[int, Dict[str, float]], None]
 
@@ -46,26 +48,45 @@ def _optimizer(model, train):
 
 
 def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optional[EpochCallback] = None):
-    """Train for ``recipe.train.epochs`` with every stage's hooks; returns (model, handlers)."""
+    """Train for ``recipe.train.epochs`` with every stage's hooks and the recipe's schedule policies;
+    returns (model, handlers)."""
     seed_everything(recipe.train.seed)
     model = task.build_model(recipe.family, recipe.arch)
+    loader = task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+    ctx.steps_per_epoch = len(loader)
     handlers = [stage.handler() for stage in recipe.stages]
     for h in handlers:
         model = h.prepare(model, ctx)
     optimizer = _optimizer(model, recipe.train)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.train.epochs)
-    loader = task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+    scheduler = build_scheduler(recipe.schedule, model, optimizer, epochs=recipe.train.epochs,
+                                where=Where(key="schedule"))
+    # a schedule with its own lr policy owns the learning rate; otherwise cosine over the whole run
+    cosine = None if any(s.policy == "lr" for s in recipe.schedule) else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.train.epochs)
     val = task.val_loader()
+    epoch = 0
 
     def after_step():
+        scheduler.on_minibatch_end(epoch, 0)
         for h in handlers:
             h.after_step(model)
 
+    def loss_hook(x, y, output, loss):
+        loss = scheduler.before_backward(epoch, 0, loss)
+        for h in handlers:
+            loss = h.adjust_loss(model, x, y, output, loss)
+        return loss
+
+    # only pass the hook when something uses it, so tasks written before it existed keep working
+    hooks = {"loss_hook": loss_hook} if recipe.schedule or any(h.adjusts_loss for h in handlers) else {}
     for epoch in range(recipe.train.epochs):
         for h in handlers:
             h.on_epoch_start(model, epoch, ctx)
-        loss = task.train_epoch(model, optimizer, loader, after_step=after_step)
-        schedule.step()
+        scheduler.on_epoch_begin(epoch)
+        loss = task.train_epoch(model, optimizer, loader, after_step=after_step, **hooks)
+        scheduler.on_epoch_end(epoch)
+        if cosine is not None:
+            cosine.step()
         if not math.isfinite(loss):
             raise MeasurementError(f"training loss became {loss} in epoch {epoch}; lower train.lr")
         if on_epoch is not None:

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
 from automl.compress import CATEGORIES, get_method
+from automl.compress.schedule import PolicySpec, check_schedule_epochs, parse_schedule, schedule_to_dict
 from automl.configs import config_to_dict, parse_config
 from automl.io import load_yaml, parse_yaml, write_yaml
 from automl.settings import DeploySettings, TrainSettings
@@ -40,6 +41,7 @@ class Recipe:
     arch: Dict[str, Any]
     train: TrainSettings = field(default_factory=TrainSettings)
     stages: Tuple[Stage, ...] = ()
+    schedule: Tuple[PolicySpec, ...] = ()  # regularization / lr policies on epoch windows
     deploy: DeploySettings = field(default_factory=DeploySettings)
     provenance: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
@@ -51,6 +53,7 @@ class Recipe:
             "arch": {"family": self.family, **self.arch},
             "train": config_to_dict(self.train),
             "stages": [s.to_dict() for s in self.stages],
+            "schedule": schedule_to_dict(self.schedule),
             "deploy": config_to_dict(self.deploy),
             "provenance": dict(self.provenance),
             "metrics": dict(self.metrics),
@@ -63,8 +66,8 @@ class Recipe:
     def from_dict(cls, data, source: str | None = None) -> "Recipe":
         where = Where(source)
         data = expect_mapping(data, where)
-        expect_keys(data, where, ("version", "task", "arch", "train", "stages", "deploy", "provenance",
-                                  "metrics"), required=("version", "task", "arch"))
+        expect_keys(data, where, ("version", "task", "arch", "train", "stages", "schedule", "deploy",
+                                  "provenance", "metrics"), required=("version", "task", "arch"))
         if isinstance(data["version"], bool) or data["version"] != RECIPE_VERSION:
             raise (where / "version").error("unsupported recipe version", data["version"],
                                             f"use version: {RECIPE_VERSION}")
@@ -91,10 +94,12 @@ class Recipe:
         if order != sorted(order):
             raise (where / "stages").error("stages must follow the category order", [s.method for s in stages],
                                            f"order them as {' -> '.join(CATEGORIES)}")
+        train = parse_config(TrainSettings, data.get("train"), where / "train")
+        schedule = parse_schedule(data.get("schedule"), where / "schedule")
+        check_schedule_epochs(schedule, train.epochs, where / "schedule")
         return cls(
             task=expect_type(data["task"], where / "task", str), family=family.name, arch=arch,
-            train=parse_config(TrainSettings, data.get("train"), where / "train"),
-            stages=tuple(stages),
+            train=train, stages=tuple(stages), schedule=tuple(schedule),
             deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
             provenance=dict(expect_mapping(data.get("provenance") or {}, where / "provenance")),
             metrics=dict(expect_mapping(data.get("metrics") or {}, where / "metrics")),

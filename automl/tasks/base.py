@@ -9,6 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+# (inputs, targets, model output, task loss) -> the loss to minimise (penalties, distillation ...)
+LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 TASK_METHODS = ("build_model", "train_loader", "val_loader", "test_loader", "example_input",
                 "train_epoch", "evaluate")
 
@@ -32,7 +35,8 @@ class Task(Protocol):
     def example_input(self, batch: int = 1) -> torch.Tensor: ...
 
     def train_epoch(self, model: nn.Module, optimizer, loader: DataLoader, *,
-                    after_step: Optional[Callable[[], None]] = None) -> float: ...
+                    after_step: Optional[Callable[[], None]] = None,
+                    loss_hook: Optional[LossHook] = None) -> float: ...
 
     def evaluate(self, predict, loader: DataLoader) -> float: ...
 
@@ -76,13 +80,16 @@ class TensorClassificationTask:
     def loss(self, logits, target):
         return F.cross_entropy(logits, target)
 
-    def train_epoch(self, model, optimizer, loader, *, after_step=None) -> float:
+    def train_epoch(self, model, optimizer, loader, *, after_step=None, loss_hook=None) -> float:
+        """One epoch; returns the mean task loss (without what ``loss_hook`` adds)."""
         model.train()
         total, count = 0.0, 0
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(model(x), y)
-            loss.backward()
+            output = model(x)
+            loss = self.loss(output, y)
+            objective = loss if loss_hook is None else loss_hook(x, y, output, loss)
+            objective.backward()
             optimizer.step()
             if after_step is not None:
                 after_step()

@@ -1,13 +1,14 @@
-"""Magnitude pruning: zero the smallest-|w| weights once (one-shot), keep them zero while fine-tuning."""
+"""Target-sparsity pruning by magnitude (per layer or one global threshold), and AGP, which is the
+same ranking on Zhu & Gupta's gradual schedule."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
-from automl.compress.base import Method, register_method
-from automl.compress.layers import select_layers
+from automl.compress.base import register_method
+from automl.compress.pruning.base import PruningConfig, PruningMethod
 from automl.configs import option
 
 
@@ -35,44 +36,31 @@ def magnitude_masks(weights: Dict[str, torch.Tensor], ratio: float, scope: str =
 
 
 @dataclass(frozen=True)
-class MagnitudePruningConfig:
+class MagnitudePruningConfig(PruningConfig):
     ratio: float = option(0.5, low=0.0, high=1.0, high_open=True, doc="share of weights set to zero")
-    finetune_epochs: int = option(2, low=0, high=10_000, doc="epochs trained after pruning")
     scope: str = option("global", choices=("global", "layer"), doc="one threshold or one per layer")
-    layers: Tuple[str, ...] = option(("re:.*",), doc="layer names or 're:' patterns (Conv/Linear)")
 
 
 @register_method("magnitude", "pruning", MagnitudePruningConfig)
-class MagnitudePruning(Method):
-    """One-shot at ``start_epoch`` (or at finalize when no epoch is left), hard masks afterwards."""
+class MagnitudePruning(PruningMethod):
+    """Smallest |w| first. Layers named in ``per_layer`` are pruned to their own ratio, the rest by ``scope``."""
 
-    def _prepare(self, model, ctx):
-        self.layers = select_layers(model, self.config.layers)
-        self.masks = None
+    def _masks(self, weights, levels, model):
+        own = set(self.overrides) | (set(weights) if self.config.scope == "layer" else set())
+        masks = {n: magnitude_masks({n: weights[n]}, levels[n])[n] for n in own}
+        shared = {n: w for n, w in weights.items() if n not in own}
+        if shared:  # the layers without an override share one level and one threshold
+            masks.update(magnitude_masks(shared, levels[next(iter(shared))], "global"))
+        return masks
 
-    def _prune(self, model):
-        weights = {n: m.weight for n, m in self.layers.items()}
-        self.masks = magnitude_masks(weights, self.config.ratio, self.config.scope)
-        self._apply()
 
-    def _apply(self):
-        with torch.no_grad():
-            for name, module in self.layers.items():
-                module.weight.mul_(self.masks[name])
+@dataclass(frozen=True)
+class AGPConfig(MagnitudePruningConfig):
+    schedule: str = option("agp", choices=("agp",), doc="automated gradual pruning (cubic ramp)")
+    ramp_epochs: int = option(3, low=1, high=10_000, doc="epochs over which the sparsity ramps up")
+    finetune_epochs: int = option(5, low=0, high=10_000, doc="epochs trained from the first pruning event on")
 
-    def _on_epoch_start(self, model, epoch, ctx):
-        if self.masks is None and epoch >= (self.start_epoch or 0):
-            self._prune(model)
 
-    def _after_step(self, model):
-        if self.masks is not None:
-            self._apply()
-
-    def _finalize(self, model, ctx):
-        if self.masks is None:
-            self._prune(model)
-        self._apply()
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        self.stats = {"pruned_layers": len(self.masks), "pruned_sparsity": 1.0 - kept / max(total, 1)}
-        return model
+@register_method("agp", "pruning", AGPConfig)
+class AGPPruning(MagnitudePruning):
+    """Magnitude ranking on the cubic schedule s_t = s_f (1 - (1 - t/T)^3) (Zhu & Gupta 2017)."""
