@@ -3,6 +3,7 @@ from automl.compress.base import CATEGORIES, METHODS, ApplyContext, Method, get_
 from automl.compress.pruning import elementwise as _elementwise, magnitude as _magnitude  # noqa: F401
 from automl.compress import regularization as _regularization  # noqa: F401
 from automl.compress.pruning import layerwise as _layerwise  # noqa: F401  (registers)
+from automl.compress.pruning import structured as _structured  # noqa: F401  (registers)
 from automl.compress.quantization import ptq as _ptq  # noqa: F401  (registers)
 
 __all__ = ["CATEGORIES", "METHODS", "ApplyContext", "Method", "get_method", "methods_in"]

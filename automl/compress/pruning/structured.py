@@ -1,0 +1,470 @@
+"""Structured pruning: filters/channels thinned for a real speed-up, or kernel/row/column/block masks.
+
+Thinned path (granularity filter/row or channel/column, ``thin: true``). Decisions are made per
+structure group (``thinning.coupled_groups``): every layer coupled by a residual add, concat,
+depthwise/grouped conv, BN or SE gating loses the same channels. A group is pruned when one of its
+producers (filter/row) or consumers (channel/column) is selected; its coupled layers follow. The
+granularity picks the side that is scored: filter = the producing filters, channel = the
+consuming input columns. While fine-tuning, a pruned channel is zeroed in every producer --
+filter, bias, BN gamma and beta -- so it emits exactly 0 and the masked model computes what the
+thinned one will. At finalize the channels are cut and the smaller model is returned.
+
+Masks-only path (kernel, block, or ``thin: false``): each selected layer is masked on its own; no
+speed-up, and the stats say so. Either way the classifier's outputs are never pruned.
+
+Criteria per channel: l1/l2/fpgm on the concatenated slices of the side's dense weights (for l1 the
+sum that thinning.group_channel_scores gives; l2 is the group's L2 norm); taylor = |sum(w * grad)|
+over what the side's masks zero (filter: producers' weights, biases and BN; channel: the columns),
+gradients summed over ``calib_batches`` in eval mode; apoz/mean_activation on the rectified BN output
+of each producer, pooled over the group's producers; bn_scale = sum of |gamma| (groups without BN
+are left alone); random, seeded by the run's seed. ``allocation``, ``round_to`` and ``mac_reduction``:
+see allocation.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from automl.compress.base import register_method
+from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs, ratio_for_mac_target
+from automl.compress.pruning.base import PruningConfig, PruningMethod
+from automl.compress.pruning.criteria import CRITERIA, ActivationStats
+from automl.compress.pruning.granularity import _check_block, expand_mask, group_view
+from automl.compress.pruning.masks import MaskSet, _StraightThroughMask
+from automl.compress.pruning.thinning import NORMS, PRUNABLE, coupled_groups, thin_from_masks
+from automl.configs import option
+from automl.errors import ConfigError
+from automl.modelstats import count_macs, count_params
+
+GRANULARITIES = ("filter", "channel", "kernel", "row", "column", "block")
+CHANNEL_WISE = ("filter", "row", "channel", "column")
+SAME_CUT = {"row": "filter", "column": "channel"}  # one cut, named for Linear or for conv
+
+
+@dataclass(frozen=True)
+class StructuredPruningConfig(PruningConfig):
+    ratio: float = option(0.5, low=0.0, high=1.0, high_open=True,
+                          doc="share of structures removed (energy: cost-weighted share; see allocation)")
+    granularity: str = option("filter", choices=GRANULARITIES, doc="what one structure is")
+    criterion: str = option("l1", choices=tuple(CRITERIA.names()), doc="importance score per structure")
+    block: str = option("1x4", doc="block shape 'HxW' of the 2-D weight view, for granularity block")
+    allocation: str = option("uniform", choices=ALLOCATIONS, doc="how the level is shared among groups/layers")
+    mac_reduction: float = option(0.0, low=0.0, high=1000.0,
+                                  doc="if > 0: divide MACs by this (e.g. 2.0) instead of using ratio")
+    thin: bool = option(True, doc="filter/channel: physically remove the pruned channels at finalize")
+    round_to: int = option(16, low=1, high=1024, doc="thinned: kept channels per group are a multiple of this "
+                           "(onnxruntime's CPU kernels use blocks of 8/16 channels; 1 = no rounding)")
+    calib_batches: int = option(4, low=1, high=10_000, doc="training batches for taylor/apoz/mean_activation")
+
+
+class ChannelMaskSet(MaskSet):
+    """A MaskSet whose layers also lose the bias (conv/linear bias, BN beta) of every fully masked
+    output channel, with the weight's mode rules, so a masked channel outputs exactly zero."""
+
+    def __init__(self, layers, *, mode: str = "hard"):
+        super().__init__(layers, mode=mode)
+        self.biases = {n: m for n, m in layers.items() if isinstance(getattr(m, "bias", None), torch.Tensor)}
+        if mode == "dual":
+            for m in self.biases.values():
+                parametrize.register_parametrization(m, "bias", _StraightThroughMask(torch.ones_like(
+                    m.bias, dtype=torch.bool)))
+        self._apply_biases()
+
+    @torch.no_grad()
+    def _apply_biases(self):
+        for name, m in self.biases.items():
+            mask = self.layers[name].mask
+            keep = mask.reshape(mask.shape[0], -1).any(1)
+            if self.mode == "dual":
+                m.parametrizations.bias[0].mask.copy_(keep)
+            else:
+                m.bias.mul_(keep.to(m.bias.device))
+
+    def apply(self):
+        super().apply()
+        self._apply_biases()
+
+    def update(self, new_masks):
+        super().update(new_masks)
+        self._apply_biases()
+
+    def _remove_all(self, make_permanent: bool):
+        for m in getattr(self, "biases", {}).values():
+            if self.mode == "dual":
+                parametrize.remove_parametrizations(m, "bias", leave_parametrized=make_permanent)
+        if make_permanent and self.mode != "dual" and hasattr(self, "biases"):
+            self._apply_biases()
+        super()._remove_all(make_permanent)
+
+
+def parse_block(text: str):
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(text))
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise ConfigError("block must be written HxW with positive integers", key="block", value=text,
+                          fix="write e.g. '1x4' or '4x4'")
+    return int(match[1]), int(match[2])
+
+
+def _param(module: nn.Module, name: str):
+    """The trainable tensor behind ``module.<name>`` (the dense copy when it is parametrized)."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name, None)
+
+
+def _slices(module, side: str, idxs, t: torch.Tensor) -> torch.Tensor:
+    """(len(idxs), features) rows of ``t`` (weight, grad or bias) belonging to each channel."""
+    idx = torch.tensor(idxs, dtype=torch.long)
+    if side == "out" or t.dim() == 1:
+        return t.index_select(0, idx).reshape(len(idxs), -1)
+    groups = getattr(module, "groups", 1)
+    if groups > 1 and module.groups != module.out_channels:  # grouped conv: columns of own group's filters
+        per, out_per = module.in_channels // groups, module.out_channels // groups
+        return torch.stack([t[(i // per) * out_per:(i // per + 1) * out_per, i % per].flatten() for i in idxs])
+    return t.index_select(1, idx).transpose(0, 1).reshape(len(idxs), -1)
+
+
+def _norm_after(model: nn.Module, name: str):
+    """The norm registered right after layer ``name`` in the same parent, or None."""
+    parent_name, _, child = name.rpartition(".")
+    siblings = list((model.get_submodule(parent_name) if parent_name else model).named_children())
+    index = [n for n, _ in siblings].index(child)
+    follower = siblings[index + 1][1] if index + 1 < len(siblings) else None
+    return follower if isinstance(follower, NORMS) else None
+
+
+@register_method("structured", "pruning", StructuredPruningConfig)
+class StructuredPruning(PruningMethod):
+    """Units are structure groups (thinned path) or layers (masks only); see the module docstring."""
+
+    # setup -------------------------------------------------------------------------------------------
+    def _prepare(self, model, ctx):
+        cfg = self.config
+        self.block = parse_block(cfg.block)
+        self.grouped = cfg.thin and cfg.granularity in CHANNEL_WISE
+        self.cut = SAME_CUT.get(cfg.granularity, cfg.granularity)
+        self.side = "in" if self.cut == "channel" else "out"
+        if 0 < cfg.mac_reduction <= 1:
+            raise ConfigError("mac_reduction is a factor above 1 (or 0 to use ratio)", key="mac_reduction",
+                              value=cfg.mac_reduction, fix="use e.g. 2.0 for half the MACs")
+        if cfg.mac_reduction and not self.grouped:
+            raise ConfigError("mac_reduction needs thinned channels", key="mac_reduction", value=cfg.mac_reduction,
+                              fix="use granularity filter/channel with thin: true, or set ratio instead")
+        needs = CRITERIA.get(cfg.criterion, key="criterion").needs
+        if needs in ("activations", "bn_weight") and not self.grouped and cfg.granularity not in ("filter", "row"):
+            raise ConfigError(f"criterion {cfg.criterion} scores output channels", key="granularity",
+                              value=cfg.granularity, fix="use granularity filter/row, or channel with thin: true")
+        self.batches, self.skipped, self.last_keep = None, [], {}
+        return super()._prepare(model, ctx)
+
+    def _example(self):
+        task = getattr(self.ctx, "task", None)
+        if task is None:
+            raise ConfigError("structured pruning needs the task's example input to trace the model",
+                              key="method", value="structured", fix="run it through a task (automl apply/search)")
+        return task.example_input(1)
+
+    def _mask_set(self, model):
+        names = {m: n for n, m in model.named_modules()}
+        example = self._example() if (self.grouped or self.config.granularity in ("filter", "row")
+                                      or self.config.allocation == "energy") else None
+        groups = coupled_groups(model, example) if example is not None else []
+        self._all_layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+        self.example, self.layer_macs = example, layer_macs(model, example) if example is not None else {}
+        if self.grouped:
+            self.units = self._select_groups(model, groups, names)
+            masked = {n: m for u in self.units.values() for n, m, *_ in u["producers"]}
+            return ChannelMaskSet(masked, mode=self.config.mode)
+        producers = {n for g in groups for n in g.outputs}
+        heads = {n for n in self.layers if n not in producers} if groups else set()
+        self.units = {}
+        for name, module in self.layers.items():
+            why = self._inapplicable(model, name, module, heads)
+            if why:
+                if name in self.config.layers:  # named exactly, not by a pattern: a mistake
+                    raise ConfigError(f"layer cannot be pruned at granularity {self.config.granularity}: {why}",
+                                      key="layers", value=name, fix="choose another granularity or layer")
+                self.skipped.append(name)
+            else:
+                self.units[name] = module
+        if not self.units:
+            raise ConfigError("no selected layer can be pruned at this granularity", key="layers",
+                              value=list(self.layers), fix=f"skipped: {', '.join(self.skipped)}")
+        return MaskSet(self.units, mode=self.config.mode)
+
+    def _inapplicable(self, model, name, module, heads) -> str:
+        g = self.config.granularity
+        if g == "kernel" and isinstance(module, nn.Linear):
+            return "kernels exist only in convolutions"
+        if g in ("filter", "row") and name in heads:
+            return "its outputs are the model's outputs"
+        if g == "block":
+            try:
+                _check_block(self.block, tuple(module.weight.shape))
+            except ConfigError as exc:
+                return exc.message
+        if self.config.criterion == "bn_scale" and _norm_after(model, name) is None:
+            return "no BatchNorm follows it"
+        return ""
+
+    def _select_groups(self, model, groups, names) -> Dict[str, dict]:
+        units = {}
+        for g in groups:
+            layers = [names[m] for m, side, *_ in g.members if isinstance(m, PRUNABLE) and (
+                side == self.side or (self.side == "in" and m.groups == m.out_channels > 1))]
+            hit = sorted({n for n in layers if n in self.layers})
+            producers = [(names[m], m, idxs, root) for m, side, idxs, root in g.members
+                         if side == "out" and isinstance(_param(m, "weight"), torch.Tensor)]
+            if not hit:
+                continue
+            if self.config.criterion == "bn_scale" and not any(isinstance(m, NORMS) for _, m, *_ in producers):
+                self.skipped.append(g.root)
+                continue
+            units[g.root] = {"group": g, "layers": hit, "producers": producers}
+        if not units:
+            raise ConfigError("no structure group to prune among the selected layers", key="layers",
+                              value=list(self.layers), fix="select layers whose outputs feed other layers "
+                              "(the classifier's outputs are never pruned; bn_scale needs a BatchNorm)")
+        return units
+
+    # scoring -----------------------------------------------------------------------------------------
+    def _calibration(self):
+        if self.batches is None:
+            loader = self.ctx.task.train_loader(batch_size=128, seed=self.ctx.seed)
+            self.batches = [b for _, b in zip(range(self.config.calib_batches), loader)]
+        return self.batches
+
+    def _run(self, model, grads: bool):
+        """Forward (and backward when ``grads``) over the calibration batches in eval mode."""
+        self._example()
+        was_training = model.training
+        model.eval()
+        loss_fn = getattr(self.ctx.task, "loss", F.cross_entropy)
+        try:
+            with torch.set_grad_enabled(grads):
+                for x, y in self._calibration():
+                    out = model(x)
+                    if grads:
+                        loss_fn(out, y).backward()
+        finally:
+            model.train(was_training)
+
+    def _activation_scores(self, model, units: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        """units: {unit: [(layer name, module, idxs, root idxs, channels)]} -> pooled keep-scores."""
+        stats = {(u, n): ActivationStats() for u, members in units.items() for n, *_ in members}
+        handles = [stats[(u, n)].attach(_norm_after(model, n) or m, relu=True)
+                   for u, members in units.items() for n, m, *_ in members]
+        try:
+            self._run(model, grads=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for u, members in units.items():
+            zeros, total, count = (torch.zeros(members[0][4], dtype=torch.float64) for _ in range(3))
+            for n, _, idxs, root, _ in members:
+                s, src, dst = stats[(u, n)], torch.tensor(idxs), torch.tensor(root)
+                zeros.index_add_(0, dst, s.zeros[src])
+                total.index_add_(0, dst, s.total[src])
+                count.index_add_(0, dst, s.count[src])
+            count = count.clamp(min=1)
+            out[u] = (1 - zeros / count if self.config.criterion == "apoz" else total / count).float()
+        return out
+
+    def _group_scores(self, model) -> Dict[str, torch.Tensor]:
+        crit, scores = self.config.criterion, {}
+        if crit in ("apoz", "mean_activation"):
+            units = {}
+            for u, unit in self.units.items():
+                convs = [(n, m, i, r, unit["group"].channels) for n, m, i, r in unit["producers"]
+                         if isinstance(m, PRUNABLE)]
+                normed = [c for c in convs if _norm_after(model, c[0]) is not None]
+                units[u] = normed or convs
+            return self._activation_scores(model, units)
+        if crit == "taylor":
+            self._run(model, grads=True)
+        for i, (u, unit) in enumerate(self.units.items()):
+            g = unit["group"]
+            side = [(m, s, idx, r) for m, s, idx, r in g.members if s == self.side and isinstance(m, PRUNABLE)]
+            if crit == "bn_scale":
+                scores[u] = torch.zeros(g.channels)
+                for _, m, idx, r in unit["producers"]:
+                    if isinstance(m, NORMS):
+                        scores[u].index_add_(0, torch.tensor(r), _param(m, "weight").detach()[list(idx)].abs())
+            elif crit == "random":
+                scores[u] = CRITERIA.get("random")(g.channels, seed=self.ctx.seed * 7919 + i)
+            elif crit == "taylor":  # over what the side's masks zero: producers' weights, biases, BN
+                members = side if self.side == "in" else [(m, "out", idx, r) for _, m, idx, r in unit["producers"]]
+                scores[u] = CRITERIA.get(crit)(*self._channel_matrix(g.channels, members, ("weight", "bias"), True))
+            else:  # l1 / l2 / fpgm on the concatenated slices of the dense weights
+                scores[u] = CRITERIA.get(crit)(self._channel_matrix(g.channels, side, ("weight",), False)[0])
+        if crit == "taylor":
+            model.zero_grad(set_to_none=True)
+        return scores
+
+    @staticmethod
+    def _channel_matrix(channels, members, attrs, grad: bool):
+        """(channels, features) matrices of the members' slices (weights, and gradients if ``grad``)."""
+        ws, gs = [], []
+
+        def add(acc, m, side, idxs, root, t):
+            rows = _slices(m, side, idxs, t)
+            acc.append(torch.zeros(channels, rows.shape[1], dtype=rows.dtype).index_copy(0, torch.tensor(root), rows))
+
+        for m, side, idxs, root in members:
+            for attr in attrs:
+                p = _param(m, attr)
+                if not isinstance(p, torch.Tensor) or (attr == "bias" and side != "out"):
+                    continue
+                add(ws, m, side, idxs, root, p.detach())
+                if grad:
+                    add(gs, m, side, idxs, root, p.grad if p.grad is not None else torch.zeros_like(p))
+        return torch.cat(ws, 1), (torch.cat(gs, 1) if grad else None)
+
+    def _layer_scores(self, model, weights) -> Dict[str, torch.Tensor]:
+        crit, scores = self.config.criterion, {}
+        if crit in ("apoz", "mean_activation"):
+            units = {n: [(n, m, list(range(weights[n].shape[0])), list(range(weights[n].shape[0])),
+                          weights[n].shape[0])] for n, m in self.units.items()}
+            return self._activation_scores(model, units)
+        if crit == "taylor":
+            self._run(model, grads=True)
+        for i, (n, m) in enumerate(self.units.items()):
+            view = group_view(weights[n], self.cut, self.block)
+            if crit == "taylor":
+                grad = _param(m, "weight").grad
+                scores[n] = CRITERIA.get(crit)(view, group_view(
+                    grad if grad is not None else torch.zeros_like(weights[n]), self.cut, self.block))
+            elif crit == "bn_scale":
+                scores[n] = CRITERIA.get(crit)(_param(_norm_after(model, n), "weight"))
+            elif crit == "random":
+                scores[n] = CRITERIA.get(crit)(view.shape[0], seed=self.ctx.seed * 7919 + i)
+            else:
+                scores[n] = CRITERIA.get(crit)(view)
+        if crit == "taylor":
+            model.zero_grad(set_to_none=True)
+        return scores
+
+    # events ------------------------------------------------------------------------------------------
+    def _event(self, model, progress: float):
+        self._progress = progress
+        super()._event(model, progress)
+        self.last_keep = self._structure_keep()  # what the masks now hold (hard mode intersects)
+
+    def _structure_keep(self) -> Dict[str, torch.Tensor]:
+        masks = self.masks.masks()
+        if self.grouped:
+            return {u: self._unit_keep(unit, masks) for u, unit in self.units.items()}
+        return {n: group_view(masks[n], self.cut, self.block).any(1) for n in self.units}
+
+    def _masks(self, weights, levels, model):
+        scores = self._group_scores(model) if self.grouped else self._layer_scores(model, weights)
+        hard = self.config.mode == "hard"
+        previous = self._structure_keep()
+        if hard:  # what is pruned goes first: rankings stay nested across events
+            scores = {u: s.float().masked_fill(~previous[u], float("-inf")) for u, s in scores.items()}
+        fixed, shared = self._levels(levels)
+        costs = self._costs() if self.config.allocation == "energy" else None
+        round_to = self.config.round_to if self.grouped else 1
+
+        def keep_at(level):
+            keep = allocate(scores, level, self.config.allocation, costs=costs, fixed=fixed, round_to=round_to)
+            return {u: k & previous[u] for u, k in keep.items()} if hard else keep
+        if self.config.mac_reduction:
+            try:
+                final, _ = ratio_for_mac_target(model, self.example, self.config.mac_reduction,
+                                                lambda lv: self._predicted_macs(keep_at(lv)),
+                                                base_macs=sum(self.layer_macs.values()))
+            except ConfigError as exc:
+                if round_to == 1:
+                    raise
+                raise ConfigError(exc.message, key=exc.key, value=exc.value, fix=f"{exc.fix}; or lower round_to "
+                                  f"({round_to}): a group keeps a multiple of it") from None
+            shared = self.level(final, self._progress)
+        keep = keep_at(shared)
+        if self.grouped:
+            return self._producer_masks(keep)
+        return {n: expand_mask(k, weights[n].shape, self.cut, self.block) for n, k in keep.items()}
+
+    def _levels(self, levels):
+        """({unit: level} for units with a per_layer override, the shared level of the rest)."""
+        layers = {u: (unit["layers"] if self.grouped else [u]) for u, unit in self.units.items()}
+        fixed = {u: max(levels[n] for n in ls) for u, ls in layers.items() if any(n in self.overrides for n in ls)}
+        rest = [n for n in levels if n not in self.overrides]
+        return fixed, (levels[rest[0]] if rest else 0.0)
+
+    def _costs(self):
+        if not self.grouped:
+            return {n: self.layer_macs.get(n, 0) for n in self.units}
+        return {u: sum(self.layer_macs.get(n, 0) for n in {**dict.fromkeys(unit["group"].outputs),
+                                                             **dict.fromkeys(unit["group"].inputs)})
+                for u, unit in self.units.items()}
+
+    def _unit_keep(self, unit, masks) -> torch.Tensor:
+        keep = torch.ones(unit["group"].channels, dtype=torch.bool)
+        for n, _, idxs, root in unit["producers"]:
+            mask = masks[n]
+            keep[list(root)] &= mask.reshape(mask.shape[0], -1).any(1)[list(idxs)]
+        return keep
+
+    def _producer_masks(self, keep) -> Dict[str, torch.Tensor]:
+        """Weight-shaped masks for every producer (conv/linear filters, BN gamma) from channel keeps."""
+        local, shapes = {}, {}
+        for u, unit in self.units.items():
+            for n, m, idxs, root in unit["producers"]:
+                shapes[n] = tuple(_param(m, "weight").shape)
+                mask = local.setdefault(n, torch.ones(shapes[n][0], dtype=torch.bool))
+                mask[list(idxs)] &= keep[u][list(root)]
+        return {n: expand_mask(k, shapes[n], "filter") if len(shapes[n]) > 1 else k for n, k in local.items()}
+
+    def _predicted_macs(self, keep) -> int:
+        """MACs after thinning with ``keep`` (exact: conv/linear MACs scale with kept in x out channels)."""
+        removed = {}
+        for u, unit in self.units.items():
+            drop = ~keep[u]
+            for m, side, idxs, root in dict.fromkeys(unit["group"].members):
+                if isinstance(m, PRUNABLE):
+                    removed[(m, side)] = removed.get((m, side), 0) + int(drop[list(root)].sum())
+        modules, total = self._all_layers, 0.0
+        for n, macs in self.layer_macs.items():
+            m = modules[n]
+            n_out, n_in = (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.out_channels,
+                                                                                             m.in_channels)
+            frac = 1 - removed.get((m, "out"), 0) / n_out
+            if not (getattr(m, "groups", 1) == n_out > 1):  # depthwise: inputs shrink with outputs
+                frac *= 1 - removed.get((m, "in"), 0) / n_in
+            total += macs * frac
+        return round(total)
+
+    # finalize ----------------------------------------------------------------------------------------
+    def _after_masks(self, model, ctx):
+        cfg = self.config
+        self.stats.update({"structured_granularity": cfg.granularity, "structured_criterion": cfg.criterion,
+                           "structured_allocation": cfg.allocation, "structured_units": len(self.units)})
+        if self.skipped:
+            self.stats["structured_skipped"] = ", ".join(self.skipped)
+        if not self.grouped:
+            pruned = sum(int((~k).sum()) for k in self.last_keep.values())
+            self.stats.update({"pruned_layers": len(self.units), "structures_pruned": pruned,
+                               "structured_speedup": "none (masks only)"})
+            return model
+        layers = {n for u in self.units.values() for n in u["group"].outputs + u["group"].inputs}
+        self.stats["pruned_layers"] = len(layers & set(self._all_layers))
+        self.stats["channels_kept"] = {u: f"{int(k.sum())}/{k.numel()}" for u, k in self.last_keep.items()}
+        conv_masks = {n: k.reshape(k.shape[0], -1).any(1) for n, k in self._producer_masks(self.last_keep).items()
+                      if isinstance(self._all_layers.get(n), PRUNABLE)}
+        dense_params, dense_macs = count_params(model), count_macs(model, self.example)
+        thinned = thin_from_masks(model, self.example, conv_masks)
+        macs = count_macs(thinned, self.example)
+        self.stats.update({"dense_params": dense_params, "thinned_params": count_params(thinned),
+                           "dense_macs": dense_macs, "thinned_macs": macs, "mac_reduction": dense_macs / max(macs, 1),
+                           "structured_speedup": "thinned (channels removed)"})
+        if cfg.mac_reduction:
+            self.stats["mac_reduction_target"] = cfg.mac_reduction
+        return thinned
