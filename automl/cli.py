@@ -188,6 +188,57 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_profile_measure(args) -> int:
+    from automl.hardware.candidates import check_runtime
+    from automl.hardware.measure import profile_space
+
+    if args.device != "cpu":
+        raise ConfigError("only CPU profiles can be measured on this machine", key="--device", value=args.device,
+                          fix="use --device cpu")
+    check_runtime(args.runtime)
+    for key in ("threads", "batch", "samples", "calibration_models"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError("must be at least 1", key="--" + key.replace("_", "-"), value=value)
+    space = _space(args.space)
+    threads = args.threads or space.deploy.threads
+    print(f"automl profile measure: {space.source} on {args.device}, {args.runtime}, {threads} thread(s) -> "
+          f"{args.out}", flush=True)
+    try:
+        profile_space(space, args.out, runtime=args.runtime, threads=threads, batch=args.batch,
+                      samples=args.samples, calibration_models=args.calibration_models)
+    except KeyboardInterrupt:
+        print(f"automl profile measure: interrupted; the entries measured so far are in {args.out}. Run the same "
+              "command again to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_profile_validate(args) -> int:
+    from automl.hardware.profile import HardwareProfile
+    from automl.hardware.validate import validate_profile
+
+    if args.samples < 1:
+        raise ConfigError("must be at least 1", key="--samples", value=args.samples)
+    profile = HardwareProfile.load(args.profile)
+    space = _space(args.space)
+    out = Path(args.out or Path(args.profile).with_suffix("").as_posix() + "-validation")
+    print(f"automl profile validate: {args.samples} random candidates of {space.source} against {args.profile}",
+          flush=True)
+    figures = validate_profile(profile, space, out, samples=args.samples)
+    tau = figures["kendall_tau"]
+    print(f"within +-10%: {100 * figures['within_10pct']:.1f}%, within +-5%: {100 * figures['within_5pct']:.1f}%, "
+          f"Kendall tau {'n/a' if tau is None else format(tau, '.3f')}, RMSPE {100 * figures['rmspe']:.1f}%, "
+          f"mean error {100 * figures['mean_error']:+.1f}%")
+    for w in figures["worst"][:3]:
+        print(f"  worst: {100 * w['error']:+.1f}% ({w['precision']}, predicted {w['predicted_ms'] * 1e3:.1f} us, "
+              f"measured {w['measured_ms'] * 1e3:.1f} us) {w['config']}")
+    met = figures["within_10pct"] >= 0.95 and tau is not None and tau >= 0.9
+    print(f"bar (>= 95% within +-10%, tau >= 0.9): {'met' if met else 'not met'}; wrote {out / 'validation.json'}, "
+          f"{out / 'validation.png'}; figures stored in {args.profile}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl", description="Joint architecture + compression search "
                                      "scored on measured deployed cost.")
@@ -222,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-drop", type=float, default=0.01, help="tolerated accuracy drop per layer (default 0.01)")
     v.add_argument("--write-recipe", help="write a copy of the recipe whose pruning stage has per_layer = the ratios")
     v.set_defaults(fn=cmd_sensitivity)
+    pr = sub.add_parser("profile", help="measure or validate a hardware latency profile")
+    psub = pr.add_subparsers(dest="profile_command", required=True)
+    pm = psub.add_parser("measure", help="measure every distinct layer of a space on this device (resumable)")
+    pm.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
+    pm.add_argument("--device", default="cpu", help="device kind (cpu)")
+    pm.add_argument("--threads", type=int, help="intra-op threads (default: the space's deploy.threads)")
+    pm.add_argument("--runtime", default="onnxruntime", help="onnxruntime, onnxruntime_int8 or torch")
+    pm.add_argument("--batch", type=int, help="batch size (default: the space's deploy.batch)")
+    pm.add_argument("--samples", type=int, default=200, help="random configs sampled to find layers (default 200)")
+    pm.add_argument("--calibration-models", type=int, default=20,
+                    help="whole models per precision the correction is fitted on (default 20)")
+    pm.add_argument("--out", required=True, help="profile YAML; an existing partial one is resumed")
+    pm.set_defaults(fn=cmd_profile_measure)
+    pv = psub.add_parser("validate", help="predict and measure random whole candidates; store the figures")
+    pv.add_argument("--profile", required=True, help="profile YAML from 'automl profile measure'")
+    pv.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
+    pv.add_argument("--samples", type=int, default=100, help="random candidates (default 100)")
+    pv.add_argument("--out", help="directory for validation.json and validation.png (default: <profile>-validation)")
+    pv.set_defaults(fn=cmd_profile_validate)
     return parser
 
 
