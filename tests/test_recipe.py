@@ -141,7 +141,7 @@ def test_stages_out_of_category_order():
     msg = str(error_of(data))
     assert "stages: stages must follow the category order" in msg
     assert "(got ['int8_ptq', 'magnitude'])" in msg
-    assert "order them as regularization -> pruning -> quantization" in msg
+    assert "order them as regularization -> distillation -> factorization -> pruning -> early_exit -> quantization" in msg
 
 
 def test_two_stages_of_one_category():

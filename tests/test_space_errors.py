@@ -71,7 +71,7 @@ CASES = [
     ("category_typo",
      space_text(compression=COMPRESSION.replace("  pruning:", "  prunning:")),
      UnknownNameError, ["compression.prunning: unknown compression category", "(got 'prunning')",
-                        "did you mean 'pruning'?", "valid names: pruning, quantization"]),
+                        "did you mean 'pruning'?", "valid names: distillation, early_exit, factorization, pruning, quantization, regularization"]),
     ("float_low_above_high",
      space_text(compression=COMPRESSION.replace("[0.3, 0.9]", "[0.9, 0.3]")),
      ConfigError, ["compression.pruning.ratio.float", "float range needs low < high", "(got [0.9, 0.3])",

@@ -12,7 +12,7 @@ from automl.errors import LifecycleError
 from automl.registry import Registry, unknown_name
 
 # Categories in the order their stages run; a space names each category at most once.
-CATEGORIES = ("regularization", "pruning", "quantization")
+CATEGORIES = ("regularization", "distillation", "factorization", "pruning", "early_exit", "quantization")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,11 @@ class Method:
         """The training loss with this method's terms (regularization, distillation) added."""
         self._require("adjust_loss", ("prepared",))
         return self._adjust_loss(model, x, y, output, loss)
+
+    def trainable_parameters(self) -> list:
+        """Parameters the method adds outside the model (e.g. distillation adapters); the training
+        loop gives them to the optimizer."""
+        return []
 
     @property
     def adjusts_loss(self) -> bool:

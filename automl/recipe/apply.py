@@ -40,11 +40,11 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def _optimizer(model, train):
+def _optimizer(model, train, extra=()):
+    params = list(model.parameters()) + list(extra)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optional[EpochCallback] = None):
@@ -57,7 +57,8 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
     handlers = [stage.handler() for stage in recipe.stages]
     for h in handlers:
         model = h.prepare(model, ctx)
-    optimizer = _optimizer(model, recipe.train)
+    extra = [p for h in handlers for p in h.trainable_parameters()]
+    optimizer = _optimizer(model, recipe.train, extra)
     scheduler = build_scheduler(recipe.schedule, model, optimizer, epochs=recipe.train.epochs,
                                 where=Where(key="schedule"))
     # a schedule with its own lr policy owns the learning rate; otherwise cosine over the whole run
