@@ -126,9 +126,14 @@ def _compression_params(section: dict, where: Where, earlier: dict) -> list:
                     f"options of {', '.join(m.name for m in methods) or 'none'}: "
                     f"{', '.join(sorted({f for m in methods for f in field_names(m.config_cls)})) or '(none)'}")
             domain_k, when_k = parse_domain(raw, at / key)
-            for m in owners:
+            conditions = parse_when(when_k, at / key / "when", earlier)
+            # an option shared by several methods (e.g. criterion) is checked against the methods its
+            # `when` leaves possible, so each method's own choices apply
+            possible = [m for m in owners if all(c.holds({c.param: m.name}) for c in conditions
+                                                 if c.param == f"{category}.method")]
+            for m in possible or owners:
                 check_domain(m.config_cls, key, domain_k, at / key)
-            out.append(Param(f"{category}.{key}", domain_k, parse_when(when_k, at / key / "when", earlier)))
+            out.append(Param(f"{category}.{key}", domain_k, conditions))
             earlier[f"{category}.{key}"] = domain_k
     return out
 
