@@ -39,3 +39,15 @@ def test_space_methods_run(overrides, tmp_path):
         # the nearest point of the 16-channel grid at or beyond the target
         assert dense_macs / 2.6 < m["macs"] <= dense_macs / 2 * 1.02
     assert m["accuracy"] > 0.5
+
+
+def test_shared_option_checked_against_the_methods_its_condition_allows(tmp_path):
+    from automl.errors import ConfigError
+
+    text = SPACE.read_text()
+    load_space(SPACE)  # criterion values of `structured` pass although `layer` has other choices
+    bad = text.replace("criterion: {choice: [l1, fpgm, taylor, bn_scale]", "criterion: {choice: [l1, contribution]")
+    path = tmp_path / "s.yaml"
+    path.write_text(bad)
+    with pytest.raises(ConfigError, match=r"compression\.pruning\.criterion\.choice\.1: not one of the allowed values"):
+        load_space(path)
