@@ -1,8 +1,21 @@
 """Static model statistics: parameters, non-zeros and dense multiply-accumulates (MACs)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run in eval mode (BN statistics frozen) and restore the model's train/eval flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_params(model: nn.Module) -> int:
@@ -13,34 +26,37 @@ def count_nonzero(model: nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Dense MACs of one forward pass over ``example`` (Conv and Linear layers)."""
-    total = 0
+def _macs_per_output(module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    per_out = module.in_channels // module.groups
+    for k in module.kernel_size:
+        per_out *= k
+    return per_out
 
-    def conv_hook(module, inputs, output):
-        nonlocal total
-        per_out = module.in_channels // module.groups
-        for k in module.kernel_size:
-            per_out *= k
-        total += output.numel() * per_out
 
-    def linear_hook(module, inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_features
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict:
+    """Dense MACs per sample of every named Conv/Linear layer for one forward pass over ``example``
+    (a layer called twice counts twice)."""
+    macs: dict = {}
+    batch = max(example.shape[0], 1)
 
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
+    def hook(name):
+        def record(module, inputs, output):
+            macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(module) // batch
+        return record
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    return total // max(example.shape[0], 1)
+    return macs
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Dense MACs of one forward pass over ``example`` (Conv and Linear layers), per sample."""
+    return sum(layer_macs(model, example).values())

@@ -11,14 +11,6 @@ from automl.errors import ConfigError, UnknownNameError
 from automl.tasks import get_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task():
     return get_task("digits")

@@ -14,14 +14,6 @@ from automl.errors import ConfigError
 from automl.tasks import get_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_allocator_meets_the_target_exactly_and_lowers_the_robust_layer():
     sens = {"a": {2: 10.0, 4: 1.0, 8: 0.0}, "b": {2: 5.0, 4: 0.5, 8: 0.0}}
     params = {"a": 100, "b": 100}

@@ -7,14 +7,6 @@ from automl.compress.quantization.observers import OBSERVERS, SampleObserver, ma
 from automl.errors import ConfigError, LifecycleError, UnknownNameError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the sample-based searches are many small ops: threads only contend
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def outliers():
     """50k standard normal values plus ten outliers at +-40 (0.02%)."""

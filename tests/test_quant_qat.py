@@ -12,14 +12,6 @@ from automl.errors import ConfigError, LifecycleError, UnknownNameError
 from automl.tasks import get_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def task():
     return get_task("digits")

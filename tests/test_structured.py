@@ -24,14 +24,6 @@ def task():
     return get_task("digits")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as apply does; tiny models only lose to thread overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(task, family, params):
     torch.manual_seed(0)
     model = task.build_model(family, params)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from automl.arch import register_arch
+from automl.arch.common import StemStagesNet
 from automl.configs import option
 
 BASE_CHANNELS = 16  # stage s has BASE_CHANNELS * 2**s * width_mult channels
@@ -50,17 +51,8 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
-class MobileNetV2(nn.Module):
-    def __init__(self, stem: nn.Module, stages: nn.Sequential, channels: int, num_classes: int):
-        super().__init__()
-        self.stem = stem
-        self.stages = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.head(self.flatten(self.pool(self.stages(self.stem(x)))))
+class MobileNetV2(StemStagesNet):
+    pass
 
 
 @register_arch("mobilenetv2", MobileNetV2Params)

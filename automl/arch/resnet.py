@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from automl.arch import register_arch
+from automl.arch.common import StemStagesNet
 from automl.configs import option
 
 
@@ -63,17 +64,8 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    def __init__(self, stem: nn.Module, stages: nn.Sequential, channels: int, num_classes: int):
-        super().__init__()
-        self.stem = stem
-        self.stages = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.head(self.flatten(self.pool(self.stages(self.stem(x)))))
+class ResNet(StemStagesNet):
+    pass
 
 
 @register_arch("resnet", ResNetParams)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from automl.compress.layers import select_layers
 from automl.errors import ConfigError
+from automl.modelstats import eval_mode
 
 RULES = ("energy", "macs", "rank")
 CONV_SCHEMES = ("spatial", "tucker2")
@@ -165,15 +166,12 @@ def _shapes(model, layers, example):
 
     for name, module in layers.items():
         hooks.append(module.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return seen
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from automl.compress.pruning.criteria import rank_to_keep
 from automl.errors import ConfigError
-from automl.modelstats import count_macs
+from automl.modelstats import count_macs, layer_macs  # noqa: F401  (layer_macs re-exported)
 from automl.registry import unknown_name
 
 ALLOCATIONS = ("uniform", "global", "energy")
@@ -167,34 +167,6 @@ def allocate(scores: Mapping[str, torch.Tensor], level: float, allocation: str =
         ratios = uniform_ratios(list(shared), level)
     keep.update({u: rank_to_keep(shared[u], ratios[u]) for u in shared})
     return keep
-
-
-@torch.no_grad()
-def layer_macs(model: nn.Module, example: torch.Tensor) -> Dict[str, int]:
-    """Dense MACs per sample of every named Conv/Linear layer (the formula of ``modelstats.count_macs``)."""
-    macs: Dict[str, int] = {}
-
-    def hook(name):
-        def record(module, inputs, output):
-            if isinstance(module, nn.Linear):
-                per_out = module.in_features
-            else:
-                per_out = module.in_channels // module.groups
-                for k in module.kernel_size:
-                    per_out *= k
-            macs[name] = macs.get(name, 0) + output.numel() * per_out // max(example.shape[0], 1)
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return macs
 
 
 def ratio_for_mac_target(model: nn.Module, example: torch.Tensor, target_factor: float,

@@ -14,6 +14,7 @@ from automl.compress.pruning.criteria import ActivationStats
 from automl.compress.pruning.magnitude import magnitude_masks
 from automl.configs import option
 from automl.errors import ConfigError
+from automl.modelstats import eval_mode
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -77,15 +78,13 @@ def unit_activity(model: nn.Module, layers: Dict[str, nn.Module], batches) -> Di
     following BN/activation), measured in eval mode so BN statistics do not move."""
     stats = {n: ActivationStats() for n in layers}
     handles = [stats[n].attach(activation_site(model, n), relu=True) for n in layers]
-    was_training = model.training
-    model.eval()
     try:
-        for x, _ in batches:
-            model(x)
+        with eval_mode(model):
+            for x, _ in batches:
+                model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {n: 1.0 - s.apoz() for n, s in stats.items()}
 
 

@@ -1,0 +1,13 @@
+"""Suite-wide settings."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one torch thread than on two contended ones (and
+    search trials and `automl apply` use one thread as well)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
