@@ -196,3 +196,25 @@ def test_activation_pruning_drops_weights_into_dead_units():
     h.finalize(model, ctx)
     assert (model[0].weight[1] == 0).all()  # 4 of 12 pruned: exactly the dead unit's, the largest |w|
     assert int((model[0].weight == 0).sum()) == 4
+
+
+def test_energy_allocation_spares_the_sensitive_layer():
+    from automl.tasks import get_task
+
+    task = get_task("digits")
+
+    def kept(sensitivity):
+        model = task.build_model("cnn", {"width": 32, "depth": 3, "pooling": "stride"})
+        info = get_method("structured")
+        config = parse_config(info.config_cls, {"ratio": 0.4, "allocation": "energy", "round_to": 1, "thin": False,
+                                                "layer_sensitivity": sensitivity}, Where())
+        h = info.handler_cls(config, start_epoch=0)
+        ctx = ApplyContext(task=task, work_dir=".", epochs=1, steps_per_epoch=1)
+        model = h.prepare(model, ctx)
+        h.finalize(model, ctx)
+        w = model.features[3].weight.detach()
+        return int((w.flatten(1).abs().sum(1) > 0).sum())
+
+    assert kept({"features.3": 10.0, "features.6": 0.1}) > kept({"features.3": 0.1, "features.6": 10.0})
+    with pytest.raises(UnknownNameError, match="layer_sensitivity"):
+        kept({"features.33": 1.0})

@@ -40,6 +40,7 @@ from automl.compress.pruning.masks import MaskSet, _StraightThroughMask
 from automl.compress.pruning.thinning import NORMS, PRUNABLE, coupled_groups, thin_from_masks
 from automl.configs import option
 from automl.errors import ConfigError
+from automl.registry import unknown_name
 from automl.modelstats import count_macs, count_params
 
 GRANULARITIES = ("filter", "channel", "kernel", "row", "column", "block")
@@ -60,6 +61,8 @@ class StructuredPruningConfig(PruningConfig):
     thin: bool = option(True, doc="filter/channel: physically remove the pruned channels at finalize")
     round_to: int = option(16, low=1, high=1024, doc="thinned: kept channels per group are a multiple of this "
                            "(onnxruntime's CPU kernels use blocks of 8/16 channels; 1 = no rounding)")
+    layer_sensitivity: Dict[str, float] = option({}, low=0.0, doc="energy allocation: per-layer sensitivity, e.g. "
+                                                 "the accuracy drop at a probe level; sensitive layers lose less")
     calib_batches: int = option(4, low=1, high=10_000, doc="training batches for taylor/apoz/mean_activation")
 
 
@@ -371,10 +374,12 @@ class StructuredPruning(PruningMethod):
             scores = {u: s.float().masked_fill(~previous[u], float("-inf")) for u, s in scores.items()}
         fixed, shared = self._levels(levels)
         costs = self._costs() if self.config.allocation == "energy" else None
+        sensitivity = self._sensitivity() if self.config.allocation == "energy" else None
         round_to = self.config.round_to if self.grouped else 1
 
         def keep_at(level):
-            keep = allocate(scores, level, self.config.allocation, costs=costs, fixed=fixed, round_to=round_to)
+            keep = allocate(scores, level, self.config.allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
+                            round_to=round_to)
             return {u: k & previous[u] for u, k in keep.items()} if hard else keep
         if self.config.mac_reduction:
             try:
@@ -398,6 +403,20 @@ class StructuredPruning(PruningMethod):
         fixed = {u: max(levels[n] for n in ls) for u, ls in layers.items() if any(n in self.overrides for n in ls)}
         rest = [n for n in levels if n not in self.overrides]
         return fixed, (levels[rest[0]] if rest else 0.0)
+
+    def _sensitivity(self):
+        """{unit: the largest layer_sensitivity among its layers}, for the units that have one."""
+        given = self.config.layer_sensitivity
+        known = {n for unit in self.units for n in self._unit_layers(unit)}
+        unknown = [n for n in given if n not in known]
+        if unknown:
+            raise unknown_name("layer in layer_sensitivity", unknown[0], sorted(known), key="layer_sensitivity")
+        out = {u: max(given[n] for n in self._unit_layers(u) if n in given) for u in self.units
+               if any(n in given for n in self._unit_layers(u))}
+        return out or None
+
+    def _unit_layers(self, unit):
+        return self.units[unit]["layers"] if self.grouped else [unit]
 
     def _costs(self):
         if not self.grouped:
