@@ -1,0 +1,373 @@
+"""Measuring a profile: the timing protocol, runners for single layers and whole models, RAPL energy,
+and the resumable profile builder.
+
+Protocol (see :class:`automl.hardware.profile.Protocol`): fixed intra-op threads; ``chunk`` runners
+at a time (plus an empty model and a fixed reference layer) are warmed up, then timed round-robin in a shuffled order,
+``block`` consecutive calls each per round, until each runner's median moved by less than
+``rel_tol`` (or ``abs_tol_ms``) for ``stable_rounds`` rounds after ``min_repeats`` calls, or
+``max_repeats`` is reached. Interleaving spreads the machine's drift over all runners of a chunk;
+the empty model timed in the same rounds gives the per-call overhead subtracted from each entry.
+A fixed reference layer timed in every chunk (of layers and of whole models) shows when the shared
+machine was busier than usual: such a chunk is measured again (see ``Protocol.max_drift``). Times
+are not rescaled by the reference: measured here, a busy neighbour slowed the reference layer by 26%
+and the whole models beside it by less, so rescaling over-corrected.
+
+The profile file is rewritten atomically after every chunk, so an interrupted run resumes where it
+stopped: entries already in the file are not measured again.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+
+from automl.errors import MeasurementError, ProfileError
+from automl.hardware.layer_models import identity_onnx, input_array, layer_module, layer_onnx, quantize_onnx
+from automl.hardware.layers import LayerKey, modelled_energy_mj
+from automl.hardware.profile import DeviceInfo, Entry, HardwareProfile, Protocol
+
+OVERHEAD = "__overhead__"
+REFERENCE = "__reference__"
+REFERENCE_KEY = LayerKey.make("conv", in_ch=16, out_ch=16, h=8, w=8, kernel=3, stride=1, padding=1, groups=1,
+                              bn=True, act="relu")
+RAPL_ROOT = Path("/sys/class/powercap")
+
+
+@dataclass(frozen=True)
+class Stats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    energy_uj: Optional[float] = None   # package energy over all timed runs, when RAPL is readable
+    drift: float = 1.0                  # reference time in this chunk / its usual time
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str, unit: str = "entries", stream=None, enabled: bool = True):
+        self.total, self.label, self.unit, self.done = max(total, 1), label, unit, 0
+        self.stream = stream or sys.stderr
+        self.enabled, self.start, self.last_decile = enabled and total > 0, time.perf_counter(), -1
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, n: int = 1):
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = elapsed / self.done if self.done else 0.0
+        eta = rate * (self.total - self.done)
+        filled = int(30 * self.done / self.total)
+        line = (f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.unit}, "
+                f"{rate:.2f} s each, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        decile = 10 * self.done // self.total
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        elif decile != self.last_decile:
+            self.stream.write(line + "\n")
+        self.last_decile = decile
+        self.stream.flush()
+
+
+class RaplMeter:
+    """Package energy from Linux powercap (intel-rapl / amd energy), summed over packages."""
+
+    def __init__(self, root=RAPL_ROOT):
+        self.domains = []
+        for d in sorted(Path(root).glob("*rapl:[0-9]*")) if Path(root).exists() else []:
+            if d.name.count(":") != 1:          # sub-domains (core, dram) are inside the package
+                continue
+            try:
+                int((d / "energy_uj").read_text())
+                wrap = int((d / "max_energy_range_uj").read_text()) if (d / "max_energy_range_uj").exists() else 0
+            except (OSError, ValueError):
+                continue
+            self.domains.append((d / "energy_uj", wrap))
+
+    @property
+    def available(self) -> bool:
+        return bool(self.domains)
+
+    def read(self) -> List[int]:
+        return [int(path.read_text()) for path, _ in self.domains]
+
+    def since(self, start: List[int]) -> float:
+        """Microjoules since ``start``, across a counter wrap-around."""
+        total = 0.0
+        for (_, wrap), a, b in zip(self.domains, start, self.read()):
+            total += b - a if b >= a else b + wrap - a
+        return total
+
+
+def time_interleaved(runners: Dict[str, Callable[[], object]], protocol: Protocol, *, meter: Optional[RaplMeter] = None,
+                     seed: int = 0) -> Dict[str, Stats]:
+    """Per-call wall times of every runner under the protocol (see the module docstring)."""
+    rng = random.Random(seed)
+    names = list(runners)
+    for name in names:
+        try:
+            for _ in range(protocol.warmup):
+                runners[name]()
+        except Exception as exc:
+            raise MeasurementError(f"running {name} failed: {type(exc).__name__}: {exc}") from exc
+    samples = {n: [] for n in names}
+    energy = {n: 0.0 for n in names}
+    prev, stable, done = {n: None for n in names}, {n: 0 for n in names}, set()
+    clock = time.perf_counter_ns
+    while len(done) < len(names):
+        order = [n for n in names if n not in done]
+        rng.shuffle(order)
+        for name in order:
+            fn, times = runners[name], samples[name]
+            start = meter.read() if meter else None
+            for _ in range(protocol.block):
+                t0 = clock()
+                fn()
+                times.append((clock() - t0) / 1e6)
+            if meter:
+                energy[name] += meter.since(start)
+        for name in order:
+            median = float(np.median(samples[name]))
+            if prev[name] is not None and abs(median - prev[name]) <= max(protocol.rel_tol * median,
+                                                                           protocol.abs_tol_ms):
+                stable[name] += 1
+            else:
+                stable[name] = 0
+            prev[name] = median
+            n = len(samples[name])
+            if (n >= protocol.min_repeats and stable[name] >= protocol.stable_rounds) or n >= protocol.max_repeats:
+                done.add(name)
+    out = {}
+    for name, times in samples.items():
+        p10, median, p90 = np.percentile(times, [10, 50, 90])
+        if not np.isfinite(median) or median <= 0:
+            raise MeasurementError(f"{name}: latency measurement gave {median} ms")
+        out[name] = Stats(float(median), float(p10), float(p90), len(times), energy[name] if meter else None)
+    return out
+
+
+# runners -------------------------------------------------------------------------------------------
+def _ort_runner(path, x: np.ndarray, threads: int) -> Callable[[], object]:
+    from automl.runtime import OrtModel
+
+    model = OrtModel(path, threads=threads)   # the deployed session options
+    return lambda: model(x)
+
+
+def _torch_runner(module: torch.nn.Module, x: np.ndarray) -> Callable[[], object]:
+    tensor = torch.from_numpy(x)
+
+    def run():
+        with torch.inference_mode():
+            return module(tensor)
+    return run
+
+
+def layer_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path) -> Callable[[], object]:
+    """One layer alone on ``runtime`` at its precision."""
+    x = input_array(key)
+    if runtime == "torch":
+        if key.precision != "fp32":
+            raise ProfileError("the torch runtime runs fp32 layers only", key="--runtime", value=key.id,
+                               fix="profile int8 layers with --runtime onnxruntime")
+        torch.set_num_threads(threads)
+        return _torch_runner(layer_module(key), x)
+    path = Path(work_dir) / f"layer_{abs(hash(key))}.onnx"
+    onnx.save(layer_onnx(key), path)
+    if key.precision != "fp32":
+        path = quantize_onnx(path, path.with_name(path.stem + f".{key.precision}.onnx"), key.precision,
+                             [input_array(key, seed=s) for s in range(1, 5)], alone=True)
+    return _ort_runner(path, x, threads)
+
+
+def overhead_runner(runtime: str, threads: int, work_dir: Path) -> Callable[[], object]:
+    x = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    if runtime == "torch":
+        return _torch_runner(torch.nn.Identity(), x)
+    path = Path(work_dir) / "identity.onnx"
+    onnx.save(identity_onnx(x.shape), path)
+    return _ort_runner(path, x, threads)
+
+
+def model_runner(candidate, runtime: str, threads: int, work_dir: Path, name: str) -> Callable[[], object]:
+    """A whole candidate in its deployed form: exported ONNX (quantized at its precision) or torch eager."""
+    x = candidate.example.numpy().astype(np.float32)
+    if runtime == "torch":
+        torch.set_num_threads(threads)
+        return _torch_runner(candidate.model.eval(), x)
+    from automl.runtime import export_onnx
+
+    path = export_onnx(candidate.model, candidate.example[:1], Path(work_dir) / f"{name}.onnx").path
+    if candidate.precision != "fp32":
+        rng = np.random.default_rng(0)
+        calib = [rng.standard_normal(x.shape).astype(np.float32) for _ in range(4)]
+        path = quantize_onnx(path, path.with_name(f"{name}.{candidate.precision}.onnx"), candidate.precision, calib)
+    return _ort_runner(path, x, threads)
+
+
+def measure_layers(keys: Sequence[LayerKey], *, runtime: str, threads: int, protocol: Protocol,
+                   meter: Optional[RaplMeter] = None) -> Tuple[Dict[LayerKey, Stats], Stats, Stats]:
+    """One chunk: every key alone, interleaved with the empty model and the reference layer;
+    returns (stats per key, empty model, reference layer)."""
+    with tempfile.TemporaryDirectory(prefix="automl-profile-") as tmp:
+        runners = {OVERHEAD: overhead_runner(runtime, threads, Path(tmp)),
+                   REFERENCE: layer_runner(REFERENCE_KEY, runtime, threads, Path(tmp))}
+        runners.update({k.id: layer_runner(k, runtime, threads, Path(tmp)) for k in keys})
+        stats = time_interleaved(runners, protocol, meter=meter)
+    return {k: stats[k.id] for k in keys}, stats[OVERHEAD], stats[REFERENCE]
+
+
+def measure_candidates(candidates: Sequence, *, runtime: str, threads: int, protocol: Protocol,
+                       progress: Optional[Progress] = None) -> List[Stats]:
+    """Whole candidates, ``protocol.chunk`` at a time interleaved; one Stats per candidate. With
+    ``protocol.reference_ms`` set, a chunk measured while the machine drifted is measured again."""
+    out: List[Stats] = []
+    for start in range(0, len(candidates), protocol.chunk):
+        chunk = candidates[start:start + protocol.chunk]
+        with tempfile.TemporaryDirectory(prefix="automl-models-") as tmp:
+            runners = {f"model_{start + i}": model_runner(c, runtime, threads, Path(tmp), f"model_{start + i}")
+                       for i, c in enumerate(chunk)}
+            if protocol.reference_ms > 0:
+                runners[REFERENCE] = layer_runner(REFERENCE_KEY, runtime, threads, Path(tmp))
+
+            def attempt():
+                stats = time_interleaved(runners, protocol)
+                return stats, stats[REFERENCE].median_ms if REFERENCE in stats else None
+            stats, drift = with_retries(attempt, protocol, protocol.reference_ms)
+        out += [replace(stats[f"model_{start + i}"], drift=drift) for i in range(len(chunk))]
+        if progress:
+            progress.update(len(chunk))
+    return out
+
+
+# the resumable builder -----------------------------------------------------------------------------
+def with_retries(attempt: Callable[[], tuple], protocol: Protocol, usual_ms: float) -> tuple:
+    """Run ``attempt() -> (result, reference ms)``; while the reference is off the usual time by more
+    than ``max_drift``, pause and try again (``retries`` times). Returns (result closest to usual, drift)."""
+    best = None
+    for i in range(protocol.retries + 1):
+        if i:
+            time.sleep(protocol.retry_pause_s)
+        result, ref = attempt()
+        drift = ref / usual_ms if ref and usual_ms > 0 else 1.0
+        if best is None or abs(drift - 1) < abs(best[1] - 1):
+            best = (result, drift)
+        if abs(drift - 1) <= protocol.max_drift:
+            break
+    return best
+
+
+def make_entry(key: LayerKey, stats: Stats, overhead_ms: float, drift: float = 1.0) -> Entry:
+    if stats.energy_uj is not None:
+        energy, source = stats.energy_uj / stats.runs * 1e-3, "measured"
+    else:
+        energy, source = modelled_energy_mj(key), "modelled"
+    ns = lambda ms: round(float(ms), 6)  # noqa: E731  (1 ns resolution keeps the file readable)
+    return Entry(key=key, latency_ms=ns(max(stats.median_ms - overhead_ms, 0.0)), raw_ms=ns(stats.median_ms),
+                 p10_ms=ns(stats.p10_ms), p90_ms=ns(stats.p90_ms), runs=stats.runs,
+                 energy_mj=float(f"{energy:.6g}"), energy_source=source, drift=round(float(drift), 6))
+
+
+def _same_setup(old: DeviceInfo, new: DeviceInfo) -> List[str]:
+    return [f"{f}: {getattr(old, f)!r} in the file, {getattr(new, f)!r} now"
+            for f in ("kind", "cpu_model", "threads", "runtime", "runtime_version", "batch")
+            if getattr(old, f) != getattr(new, f)]
+
+
+# chunk -> (stats per key, empty model[, reference layer])
+MeasureChunk = Callable[[Sequence[LayerKey]], tuple]
+
+
+def build_profile(keys: Sequence[LayerKey], out, *, device: DeviceInfo, protocol: Protocol = Protocol(),
+                  space: Optional[Dict[str, str]] = None, measure_chunk: Optional[MeasureChunk] = None,
+                  progress: bool = True) -> HardwareProfile:
+    """Measure every key not yet in the profile at ``out`` (created, or resumed when it exists with the
+    same device and runtime), saving atomically after each chunk. Returns the profile (status partial:
+    the caller fits the correction and marks it complete)."""
+    out = Path(out)
+    if measure_chunk is None:
+        meter = RaplMeter()
+        meter = meter if meter.available else None
+        measure_chunk = lambda chunk: measure_layers(chunk, runtime=device.runtime, threads=device.threads,  # noqa
+                                                     protocol=protocol, meter=meter)
+    if out.exists():
+        profile = HardwareProfile.load(out)
+        clash = _same_setup(profile.device, device)
+        if clash:
+            raise ProfileError(f"{out} exists and was measured on another setup ({'; '.join(clash)})", file=out,
+                               fix="choose another --out, or delete the file to measure it again")
+        protocol = replace(protocol, overhead_ms=profile.protocol.overhead_ms,
+                           reference_ms=profile.protocol.reference_ms)
+    else:
+        profile = HardwareProfile(device=device, protocol=protocol)
+    precisions = sorted(set(profile.device.precisions) | {k.precision for k in keys} | set(device.precisions),
+                        key=lambda p: ("fp32", "int8_static", "int8_dynamic").index(p))
+    profile.device = replace(device, precisions=tuple(precisions))
+    profile.space = dict(space or profile.space)
+    profile.status = "partial"
+    todo = [k for k in dict.fromkeys(keys) if k not in profile.entries]
+    overheads = [protocol.overhead_ms] if profile.entries and protocol.overhead_ms > 0 else []
+    bar = Progress(len(todo), "profiling layers", enabled=progress)
+    refs = [e.drift * protocol.reference_ms for e in profile.entries.values()] if protocol.reference_ms > 0 else []
+    for start in range(0, len(todo), protocol.chunk):
+        chunk = todo[start:start + protocol.chunk]
+
+        def attempt(chunk=chunk):
+            result = measure_chunk(chunk)
+            return result, (result[2].median_ms if len(result) > 2 and result[2] is not None else None)
+        (results, empty, *ref), _ = with_retries(attempt, protocol, float(np.median(refs)) if refs else 0.0)
+        overheads.append(empty.median_ms)
+        if ref and ref[0] is not None:
+            refs += [ref[0].median_ms] * len(chunk)
+            protocol = replace(protocol, reference_ms=float(np.median(refs)))
+        for key in chunk:
+            drift = ref[0].median_ms / protocol.reference_ms if ref and ref[0] is not None else 1.0
+            profile.entries[key] = make_entry(key, results[key], empty.median_ms, drift)
+        profile.protocol = protocol = replace(protocol, overhead_ms=float(np.median(overheads)))
+        profile.save(out)
+        bar.update(len(chunk))
+    if not todo:
+        profile.save(out)
+    return profile
+
+
+def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1, batch: Optional[int] = None,
+                  samples: int = 200, calibration_models: int = 20, protocol: Protocol = Protocol(),
+                  task=None, progress: bool = True, log=print) -> HardwareProfile:
+    """``automl profile measure``: enumerate the space's layers, measure them (resumable), fit the
+    whole-model correction per precision, and save the profile as complete."""
+    from automl.hardware.candidates import space_layer_keys
+    from automl.hardware.profile import detect_device
+    from automl.hardware.validate import calibrate
+    from automl.tasks import get_task
+
+    task = task if task is not None else get_task(space.task)
+    batch = batch or space.deploy.batch
+    started = time.perf_counter()
+    keys, counts = space_layer_keys(space, runtime=runtime, batch=batch, samples=samples, task=task)
+    log(f"{counts['keys']} distinct layers from {counts['models']} distinct models ({counts['configs']} configs"
+        + (f"; {counts['skipped']} skipped: {runtime} does not deploy their precision" if counts["skipped"] else "")
+        + f") in {time.perf_counter() - started:.0f} s")
+    device = detect_device(threads=threads, runtime=runtime, precisions=sorted({k.precision for k in keys}),
+                           batch=batch)
+    profile = build_profile(keys, out, device=device, protocol=protocol, progress=progress,
+                            space={"source": str(space.source), "hash": space.hash})
+    calibrate(profile, space, per_precision=calibration_models, task=task, progress=progress)
+    profile.status = "complete"
+    profile.save(out)
+    for p, c in profile.corrections.items():
+        spill = f" + {c.d * 1e3:.1f} us x MB beyond {c.cache_kb} KB of L2" if c.d else ""
+        log(f"correction {p}: latency = {c.a:.3f} x sum + {c.b * 1e3:.2f} us x layers + {c.c * 1e3:.2f} us{spill} "
+            f"({c.models} models, fit RMSPE {100 * c.rmspe:.1f}%)")
+    log(f"profiled in {time.perf_counter() - started:.0f} s -> {out}")
+    return profile

@@ -1,0 +1,244 @@
+"""Latency and energy of a candidate from a profile, without running it.
+
+latency = a * sum(entries) + b * n_layers + c + d * spilled weight MB, fitted per precision on whole
+models measured by ``automl profile measure`` (weighted least squares on relative error). The spill
+term prices what isolated measurements cannot see: a layer timed alone keeps its weights in L2, but
+in a model whose weights exceed L2 together they stream from L3 on every inference (measured here:
+a 5.7 MB fp32 CNN ran 1.5x its summed layers, a 1.4 MB one matched them). A layer whose
+channel counts were not measured is interpolated linearly in each channel count between the
+nearest measured ones of the same op, geometry and precision (extrapolated linearly beyond them);
+one with no entry of the same op, geometry and precision is a ProfileError naming the op and the
+command that re-profiles. Modelled energy is additive by construction and summed as is.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from automl.errors import ConfigError
+from automl.hardware.layers import LayerKey, trace_layers, weight_bytes
+from automl.hardware.profile import Correction, HardwareProfile
+
+Point = Tuple[Tuple[float, ...], float]
+_RANK = {"exact": 0, "interpolated": 1, "extrapolated": 2}
+
+
+def _worst(*hows: str) -> str:
+    return max(hows, key=_RANK.__getitem__)
+
+
+def _line(points: Sequence[Tuple[float, Tuple[float, str]]], q: float) -> Tuple[float, str]:
+    """1-D: exact, linear between the bracketing neighbours, or linear from the two nearest beyond
+    the range (proportional to the nearest when that would go below zero or only one point exists)."""
+    xs = sorted(points)
+    for x, (y, how) in xs:
+        if x == q:
+            return y, how
+    below = [p for p in xs if p[0] < q]
+    above = [p for p in xs if p[0] > q]
+    if below and above:
+        (x0, (y0, h0)), (x1, (y1, h1)) = below[-1], above[0]
+        return y0 + (y1 - y0) * (q - x0) / (x1 - x0), _worst("interpolated", h0, h1)
+    side = above[:2] if not below else below[-2:]
+    nearest = side[0] if not below else side[-1]
+    if len(side) == 2:
+        (x0, (y0, h0)), (x1, (y1, h1)) = side
+        value = y0 + (y1 - y0) * (q - x0) / (x1 - x0)
+        if value >= 0:
+            return value, "extrapolated"
+    x, (y, _) = nearest
+    return y * q / x, "extrapolated"
+
+
+def interpolate(points: Sequence[Point], query: Tuple[float, ...]) -> Tuple[float, str]:
+    """Multilinear interpolation over scattered points: the first coordinate's neighbours are each
+    resolved recursively over the remaining coordinates. Returns (value, exact|interpolated|extrapolated)."""
+    if not points:
+        raise ValueError("interpolate needs at least one point")
+    if not query:
+        return points[0][1], "exact"
+    by_first: Dict[float, List[Point]] = defaultdict(list)
+    for coords, value in points:
+        by_first[coords[0]].append((coords[1:], value))
+    resolved = [(x, interpolate(rest, query[1:])) for x, rest in by_first.items()]
+    return _line(resolved, query[0])
+
+
+@dataclass(frozen=True)
+class LayerPrice:
+    key: LayerKey
+    latency_ms: float
+    energy_mj: float
+    how: str              # exact | interpolated | extrapolated
+    energy_source: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    latency_ms: float
+    energy_mj: float
+    sum_ms: float
+    n_layers: int
+    spill_mb: float
+    precision: str
+    layers: Tuple[LayerPrice, ...]
+
+    def count(self, how: str) -> int:
+        return sum(1 for p in self.layers if p.how == how)
+
+
+def _same_signature(profile: HardwareProfile, key: LayerKey) -> list:
+    """The entries sharing ``key``'s signature (an index cached on the profile, rebuilt when the set of
+    keys changes; entries are read from the profile, so a re-measured entry is never stale)."""
+    cached = getattr(profile, "_signature_index", None)
+    if cached is None or cached[0] != len(profile.entries) or any(k not in profile.entries for k in cached[2]):
+        index: Dict[tuple, list] = defaultdict(list)
+        for k in profile.entries:
+            index[k.signature].append(k)
+        cached = (len(profile.entries), dict(index), list(profile.entries)[:1])
+        profile._signature_index = cached
+    return [profile.entries[k] for k in cached[1].get(key.signature, ()) if k in profile.entries]
+
+
+def price_layer(profile: HardwareProfile, key: LayerKey, *, space: Optional[str] = None) -> LayerPrice:
+    """One layer's latency and energy: the entry, or interpolated over channel counts."""
+    entry = profile.entries.get(key)
+    if entry is not None:
+        return LayerPrice(key, entry.latency_ms, entry.energy_mj, "exact", entry.energy_source)
+    same = _same_signature(profile, key)
+    if not same:
+        why = "" if key.precision in profile.device.precisions else \
+            f" (the profile covers {', '.join(profile.device.precisions)} only)"
+        raise profile.missing(key, space, why)
+    latency, how = interpolate([(e.key.channels, e.latency_ms) for e in same], key.channels)
+    energy, _ = interpolate([(e.key.channels, e.energy_mj) for e in same], key.channels)
+    sources = {e.energy_source for e in same}
+    return LayerPrice(key, max(latency, 0.0), max(energy, 0.0), how, "measured" if sources == {"measured"}
+                      else "modelled")
+
+
+def spill_mb(layer_bytes: Sequence[int], cache_kb: float) -> float:
+    """MB of weights that stay in L2 when their layer runs alone but not in the whole model: zero
+    when all weights fit in ``cache_kb`` together (or it is 0), else the weights of the layers that
+    fit alone (a layer too big for L2 already paid for L3 when it was measured)."""
+    cache = cache_kb * 1024
+    if cache <= 0 or sum(layer_bytes) <= cache:
+        return 0.0
+    return sum(b for b in layer_bytes if b <= cache) / 1e6
+
+
+def spilled_weight_mb(keys: Sequence[LayerKey], cache_kb: float) -> float:
+    return spill_mb([weight_bytes(k) for k in keys], cache_kb)
+
+
+def predict_keys(profile: HardwareProfile, keys: Sequence[LayerKey], *, space: Optional[str] = None) -> Prediction:
+    """Whole-candidate latency (corrected) and energy from its layer keys."""
+    if not keys:
+        raise ConfigError("a candidate needs at least one costed layer", key="layers", value=[])
+    prices = tuple(price_layer(profile, k, space=space) for k in keys)
+    precisions = [k.precision for k in keys]
+    precision = max(set(precisions), key=precisions.count)
+    total = sum(p.latency_ms for p in prices)
+    correction = profile.correction(precision)
+    spill = spilled_weight_mb(keys, correction.cache_kb)
+    latency = correction.apply(total, len(keys), spill)
+    modelled = sum(p.energy_mj for p in prices if p.energy_source == "modelled")
+    measured = sum(p.energy_mj for p in prices if p.energy_source == "measured")
+    # measured energy of isolated layers carries the same whole-model effects as their latency
+    scale = latency / total if total > 0 else 1.0
+    return Prediction(latency_ms=latency, energy_mj=modelled + measured * scale, sum_ms=total, n_layers=len(keys),
+                      spill_mb=spill, precision=precision, layers=prices)
+
+
+def predict_model(profile: HardwareProfile, model, example, precision: str = "fp32", *,
+                  space: Optional[str] = None) -> Prediction:
+    """Trace ``model`` on ``example`` (its batch) and predict it at ``precision``."""
+    return predict_keys(profile, [t.key for t in trace_layers(model, example, precision)], space=space)
+
+
+# Effective shares of L2 the spill fit tries: activations, the input and the runtime's buffers share
+# L2 with the weights (measured here: a CNN with 1.2 MB of weights ran at its summed layers' speed, one
+# with 2.07 MB, just under the 2 MB L2, 1.4x slower), so the full size is not among them.
+CACHE_SHARES = (0.5, 0.625, 0.75, 0.875)
+
+
+def _fit(s, n, m, spill) -> np.ndarray:
+    """(a, b, c, d) by weighted least squares, dropping terms the data cannot support."""
+    w = 1.0 / m
+    coef = np.array([1.0, 0.0, float(np.sum(w * w * (m - s)) / np.sum(w * w)), 0.0])
+    columns = [s, n, np.ones_like(s)] + ([spill] if np.any(spill > 0) else [])
+    while len(columns) >= 3 and len(m) >= len(columns):
+        fit, *_ = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], m * w, rcond=None)
+        if len(columns) == 4 and fit[3] < 0:
+            columns = columns[:3]
+            continue
+        if fit[0] > 0:
+            coef = np.concatenate([fit, np.zeros(4 - len(fit))])
+        break
+    return coef
+
+
+def fit_correction(sums: Sequence[float], n_layers: Sequence[int], measured: Sequence[float],
+                   layer_bytes: Optional[Sequence[Sequence[int]]] = None, l2_cache_kb: int = 0) -> Correction:
+    """Least squares of measured ~ a*sum + b*n + c + d*spill, each row weighted by 1/measured so the
+    fit minimises relative error (what the +-10% bar counts).
+
+    ``layer_bytes`` (weight bytes of each model's layers) and ``l2_cache_kb`` enable the spill term;
+    the effective capacity is the share of L2 (CACHE_SHARES) that fits best, since activations and
+    the runtime's buffers share the cache. Degenerate cases drop terms: a negative d drops the spill
+    term; fewer models than terms, or a non-positive slope a, leave a=1, b=0 and fit c only."""
+    s, n, m = (np.asarray(v, dtype=float) for v in (sums, n_layers, measured))
+    if not (len(s) == len(n) == len(m)) or len(m) == 0 or (layer_bytes is not None and len(layer_bytes) != len(m)):
+        raise ConfigError("fit_correction needs equal-length, non-empty sums, layer counts and measurements",
+                          value=(len(s), len(n), len(m)))
+    if np.any(m <= 0) or not np.all(np.isfinite(np.concatenate([s, n, m]))):
+        raise ConfigError("whole-model latencies must be positive and finite", value=m.tolist())
+    best = None
+    # the nominal size first: a smaller capacity must fit strictly better to be chosen
+    caches = [int(l2_cache_kb * share) for share in reversed(CACHE_SHARES)] if layer_bytes is not None and \
+        l2_cache_kb else [0]
+    for cache in caches:
+        spill = np.array([spill_mb(b, cache) for b in layer_bytes]) if cache else np.zeros_like(s)
+        a, b, c, d = _fit(s, n, m, spill)
+        rmspe = float(np.sqrt(np.mean(((a * s + b * n + c + d * spill - m) / m) ** 2)))
+        if best is None or rmspe < best.rmspe * 0.99 - 1e-12:
+            best = Correction(a=float(a), b=float(b), c=float(c), d=float(d), cache_kb=cache if d > 0 else 0,
+                              models=len(m), rmspe=rmspe)
+    return best
+
+
+def expected_cost(segment_costs: Sequence[float], reach: Sequence[float]) -> float:
+    """An early-exit model's expected cost: sum over segments of P(reach segment) x segment cost.
+
+    Segment i runs from exit i-1 to exit i (segment 0 from the input); ``reach[0]`` is normally 1."""
+    if len(segment_costs) != len(reach) or not segment_costs:
+        raise ConfigError("one reach probability per segment is needed", key="reach",
+                          value=(len(segment_costs), len(reach)), fix="give as many probabilities as segments")
+    for i, p in enumerate(reach):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError("a reach probability is in [0, 1]", key=f"reach[{i}]", value=p)
+        if i and p > reach[i - 1] + 1e-12:
+            raise ConfigError("reach probabilities cannot grow along the network", key=f"reach[{i}]", value=p,
+                              fix="P(reach segment i) <= P(reach segment i-1)")
+    return float(sum(c * p for c, p in zip(segment_costs, reach)))
+
+
+def reach_probabilities(exit_shares: Sequence[float]) -> List[float]:
+    """P(reach segment i) from the share of inputs that leave at each early exit (in order):
+    segment 0 is always reached, segment i by what no earlier exit took."""
+    if any(s < 0 for s in exit_shares) or sum(exit_shares) > 1 + 1e-9:
+        raise ConfigError("exit shares are non-negative and sum to at most 1", key="exit_shares",
+                          value=list(exit_shares))
+    out, left = [1.0], 1.0
+    for s in exit_shares:
+        left = max(0.0, left - s)
+        out.append(left)
+    return out
+
+
+def entry_table(profile: HardwareProfile) -> Mapping[str, float]:
+    """{key id: latency_ms}, for reports."""
+    return {k.id: e.latency_ms for k, e in sorted(profile.entries.items())}

@@ -1,0 +1,167 @@
+"""The predictor: interpolation, the whole-model correction on a synthetic device, validation figures,
+early-exit expected cost."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from automl.errors import ConfigError
+from automl.hardware.candidates import space_layer_keys
+from automl.hardware.layers import LayerKey, layer_cost, modelled_energy_mj
+from automl.hardware.measure import Stats, make_entry
+from automl.hardware.predict import (expected_cost, fit_correction, interpolate, predict_keys, price_layer,
+                                     reach_probabilities, spilled_weight_mb)
+from automl.hardware.profile import DeviceInfo, HardwareProfile, Protocol
+from automl.hardware.validate import calibrate, validate_profile, validation_figures
+from automl.spaces import parse_space
+
+# a small L2 so that the larger candidates' weights spill out of it
+DEVICE = DeviceInfo(cpu_model="Synthetic", threads=1, runtime="onnxruntime", precisions=("fp32",), batch=1,
+                    l2_cache_kb=128)
+OVERHEAD = 0.004   # per-call time of an empty model on the synthetic device (ms)
+EFFECTIVE_L2_KB = 96   # what the weights may fill of the 128 KB L2 (one of the shares the fit tries)
+
+
+def synthetic_ms(key: LayerKey) -> float:
+    """The synthetic device: a layer costs 2 ns per MAC plus 1 us."""
+    return 2e-6 * layer_cost(key).macs + 1e-3
+
+
+def profile_of(keys, fn=synthetic_ms) -> HardwareProfile:
+    prof = HardwareProfile(device=DEVICE, protocol=Protocol(overhead_ms=OVERHEAD))
+    for k in keys:   # measured alone = the layer + the empty-model overhead, which make_entry subtracts
+        t = fn(k) + OVERHEAD
+        prof.entries[k] = make_entry(k, Stats(t, t, t, 100), OVERHEAD)
+    return prof
+
+
+def conv(in_ch, out_ch):
+    return LayerKey.make("conv", in_ch=in_ch, out_ch=out_ch, h=4, w=4, kernel=3, stride=1, padding=1, groups=1,
+                         bn=True, act="relu")
+
+
+def test_interpolate_1d_and_extrapolate():
+    pts = [((8,), 1.0), ((16,), 2.0), ((32,), 3.0)]
+    assert interpolate(pts, (16,)) == (2.0, "exact")
+    assert interpolate(pts, (12,)) == (1.5, "interpolated")
+    assert interpolate(pts, (24,)) == (2.5, "interpolated")
+    assert interpolate(pts, (4,)) == (0.5, "extrapolated")        # linear from 8 and 16
+    assert interpolate(pts, (48,)) == (4.0, "extrapolated")       # linear from 16 and 32
+    assert interpolate([((8,), 2.0)], (4,)) == (1.0, "extrapolated")   # one point: proportional
+    # a line through (8, 1) and (16, 10) would go negative at 2: proportional to the nearest instead
+    assert interpolate([((8,), 1.0), ((16,), 10.0)], (2,)) == (0.25, "extrapolated")
+
+
+def test_interpolate_bilinear_is_exact_for_bilinear_costs():
+    f = lambda i, o: 1e-4 * i * o + 1e-3 * i + 2e-3 * o + 0.01  # noqa: E731  (conv time ~ in x out)
+    pts = [((i, o), f(i, o)) for i in (8, 16, 32) for o in (16, 32, 64)]
+    for q in [(12, 20), (8, 40), (30, 17), (16, 64)]:
+        value, how = interpolate(pts, q)
+        assert value == pytest.approx(f(*q)) and how in ("exact", "interpolated")
+
+
+def test_price_layer_interpolates_between_measured_channel_counts():
+    cost = lambda k: 1e-3 * k["in_ch"] * k["out_ch"]  # noqa: E731
+    prof = profile_of([conv(i, o) for i in (8, 16) for o in (16, 32)], fn=cost)
+    price = price_layer(prof, conv(12, 24))
+    assert price.how == "interpolated" and price.latency_ms == pytest.approx(1e-3 * 12 * 24)
+    assert price.energy_mj == pytest.approx(modelled_energy_mj(conv(12, 24)), rel=0.05)
+    assert price_layer(prof, conv(16, 32)).how == "exact"
+    assert price_layer(prof, conv(4, 32)).how == "extrapolated"
+
+
+def test_fit_correction_recovers_known_effects():
+    rng = np.random.default_rng(0)
+    sums, n = rng.uniform(0.01, 0.5, 20), rng.integers(3, 12, 20)
+    corr = fit_correction(sums, n, 0.8 * sums + 0.003 * n + 0.05)
+    assert (corr.a, corr.b, corr.c) == pytest.approx((0.8, 0.003, 0.05), abs=1e-9)
+    assert corr.models == 20 and corr.rmspe == pytest.approx(0.0, abs=1e-9)
+    few = fit_correction([0.1, 0.2], [3, 4], [0.15, 0.25])   # < 3 models: the constant only
+    assert (few.a, few.b, few.c) == pytest.approx((1.0, 0.0, 0.05))
+    with pytest.raises(ConfigError, match="positive and finite"):
+        fit_correction([0.1], [1], [0.0])
+
+
+def small_space():
+    raw = {"version": 1, "task": "digits",
+           "arch": {"family": "cnn", "width": {"choice": [8, 32]}, "depth": {"int": [1, 3]},
+                    "kernel": {"choice": [3, 5]}, "pooling": {"choice": ["max", "stride"]}},
+           "train": {"epochs": 2}, "objectives": {"accuracy": "max", "latency_ms": "min"}}
+    return parse_space(raw, "small.yaml")
+
+
+@pytest.fixture(scope="module")
+def space_and_keys():
+    torch.manual_seed(0)
+    space = small_space()
+    return space, space_layer_keys(space, samples=4)[0]
+
+
+@pytest.mark.parametrize("whole", [
+    lambda s, n, mb: s + 0.05,                                # the layers plus a constant per-model overhead
+    lambda s, n, mb: 0.8 * s + 0.003 * n + 0.05,              # plus effects per layer and on the sum
+    lambda s, n, mb: 0.9 * s + 0.002 * n + 0.05 + 0.04 * mb,  # plus weights streamed from L3
+])
+def test_synthetic_device_correction_and_validation(whole, space_and_keys, tmp_path):
+    space, keys = space_and_keys
+    prof = profile_of(keys)
+    prof.source = str(tmp_path / "synthetic.yaml")
+
+    def measure(cands):   # whole models on the synthetic device
+        out = []
+        for c in cands:
+            ks = [t.key for t in c.layers]
+            out.append(whole(sum(synthetic_ms(k) for k in ks), len(ks), spilled_weight_mb(ks, EFFECTIVE_L2_KB)))
+        return out
+    calibrate(prof, space, per_precision=8, measure=measure, progress=False)
+    corr = prof.corrections["fp32"]
+    base = whole(0.0, 0, 0.0)
+    expect = whole(1.0, 0, 0.0) - base, whole(0.0, 1, 0.0) - base, base, whole(0.0, 0, 1.0) - base
+    assert (corr.a, corr.b, corr.c, corr.d) == pytest.approx(expect, abs=1e-6)
+    # any capacity that spills the same calibration models fits exactly; the truth is among them
+    assert corr.cache_kb == 0 if not corr.d else EFFECTIVE_L2_KB <= corr.cache_kb < DEVICE.l2_cache_kb
+    figures = validate_profile(prof, space, tmp_path / "val", samples=12, measure=measure, progress=False)
+    report = json.loads((tmp_path / "val" / "validation.json").read_text())
+    errors = [abs(r["error"]) for r in report["candidates"]]
+    assert max(errors) < 0.01 and figures["within_5pct"] == 1.0 and figures["kendall_tau"] == pytest.approx(1.0)
+    assert (tmp_path / "val" / "validation.png").stat().st_size > 0
+    stored = HardwareProfile.load(tmp_path / "synthetic.yaml")
+    assert stored.validation["within_10pct"] == 1.0 and stored.corrections["fp32"] == corr
+
+
+def test_spilled_weights():
+    small, big = conv(8, 16), conv(64, 64)            # 4.7 KB and 148 KB of fp32 weights
+    assert spilled_weight_mb([small, small], 128) == 0.0                           # all fit in L2
+    assert spilled_weight_mb([small, big], 128) == pytest.approx(16 * 8 * 9 * 4e-6 + 16 * 4e-6)  # big never fit
+    assert spilled_weight_mb([small, big], 0) == 0.0                               # L2 size unknown
+    assert spilled_weight_mb([big.replace(precision="int8_static")] * 2, 256) == 0.0   # 1-byte weights fit
+
+
+def test_prediction_energy_is_sum_of_modelled_entries():
+    ks = [conv(8, 16), conv(16, 16), LayerKey.make("gap", channels=16, h=4, w=4)]
+    pred = predict_keys(profile_of(ks), ks)
+    assert pred.n_layers == 3 and pred.sum_ms == pytest.approx(sum(synthetic_ms(k) for k in ks))
+    assert pred.latency_ms == pytest.approx(pred.sum_ms)   # no correction fitted yet: identity
+    assert pred.energy_mj == pytest.approx(sum(modelled_energy_mj(k) for k in ks), rel=1e-5)
+
+
+def test_validation_figures_by_hand():
+    f = validation_figures([1.0, 2.15, 2.9, 4.5], [1.0, 2.0, 3.0, 4.0])
+    assert f["within_10pct"] == 0.75 and f["within_5pct"] == 0.5
+    assert f["kendall_tau"] == pytest.approx(1.0)
+    assert f["rmspe"] == pytest.approx(np.sqrt((0 + 0.075 ** 2 + (0.1 / 3) ** 2 + 0.125 ** 2) / 4))
+    assert f["max_abs_error"] == pytest.approx(0.125)
+    assert validation_figures([2.0, 1.0], [1.0, 2.0])["kendall_tau"] == pytest.approx(-1.0)
+
+
+def test_early_exit_expected_cost():
+    assert expected_cost([1.0, 2.0, 3.0], [1.0, 0.5, 0.25]) == pytest.approx(1 + 1 + 0.75)
+    assert reach_probabilities([0.5, 0.25]) == [1.0, 0.5, 0.25]
+    assert expected_cost([1.0, 2.0, 3.0], reach_probabilities([0.5, 0.25])) == pytest.approx(2.75)
+    with pytest.raises(ConfigError, match="one reach probability per segment"):
+        expected_cost([1.0, 2.0], [1.0])
+    with pytest.raises(ConfigError, match="cannot grow"):
+        expected_cost([1.0, 2.0], [0.5, 0.8])
+    with pytest.raises(ConfigError, match="sum to at most 1"):
+        reach_probabilities([0.7, 0.6])
