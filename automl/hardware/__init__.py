@@ -1,1 +1,2 @@
-"""Hardware cost: energy models now; measured latency/energy profiles and the predictor build on them."""
+"""Hardware cost: per-layer latency profiles measured on a device (layers, measure, profile), the
+predictor fitted on whole models (predict), its validation (validate) and the modelled energy (energy)."""
