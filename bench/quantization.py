@@ -19,7 +19,7 @@ onnxruntime fp32 model within the run. ``resnet_32px`` is the same ResNet on gen
 (latency only: its accuracy is meaningless). Writes JSON (default bench/results/quantization.json) and
 prints Markdown tables.
 
-    python bench/quantization.py            # the README tables (about 8 minutes on 2 shared cores)
+    python bench/quantization.py            # the README tables (about 3 minutes on 2 shared cores)
     python bench/quantization.py --quick    # smoke run
 """
 from __future__ import annotations
@@ -232,7 +232,8 @@ def deep_compression(args, tmp):
     return {"model": "mlp_64_300_100_10", "fp32_val": b["accuracy"], "fp32_test": b["test_accuracy"],
             "val": m["accuracy"], "test": m["test_accuracy"], "sparsity": m["pruned_sparsity"],
             "fp32_onnx_kb": b["file_kb"], "dense_state_dict_kb": m["deepc_kb"] * m["deepc_ratio"],
-            "deepc_kb": m["deepc_kb"], "ratio_vs_onnx": b["file_kb"] / m["deepc_kb"], "ratio_vs_state_dict": m["deepc_ratio"],
+            "deepc_kb": m["deepc_kb"], "ratio_vs_onnx": b["file_kb"] / m["deepc_kb"],
+            "ratio_vs_state_dict": m["deepc_ratio"],
             "han_et_al_lenet_300_100": "40x (1070 KB -> 27 KB, MNIST, 98.36% -> 98.42%), reported"}
 
 
@@ -256,11 +257,13 @@ def tables(rows, extra, deepc) -> str:
         d = deepc
         out += ["", "| Deep Compression | val % | test % | sparsity | file | × vs fp32 ONNX | × vs fp32 weights |",
                 "|---|---|---|---|---|---|---|",
-                f"| fp32 {d['model']} | {pct(d['fp32_val'])} | {pct(d['fp32_test'])} | 0 | {d['fp32_onnx_kb']:.1f} KB "
-                "(ONNX) | 1 | - |",
-                f"| pruned + 5-bit shared + Huffman | {pct(d['val'])} | {pct(d['test'])} | {100 * d['sparsity']:.1f}% | "
-                f"{d['deepc_kb']:.2f} KB | {d['ratio_vs_onnx']:.1f} | {d['ratio_vs_state_dict']:.1f} |",
-                "| Han et al. 2016, LeNet-300-100 on MNIST (reported) | - | 98.42 (from 98.36) | 92% | 27 KB | - | 40 |"]
+                f"| fp32 {d['model']} | {pct(d['fp32_val'])} | {pct(d['fp32_test'])} | 0 | "
+                f"{d['fp32_onnx_kb']:.1f} KB (ONNX) | 1 | - |",
+                f"| pruned + 5-bit shared + Huffman | {pct(d['val'])} | {pct(d['test'])} | "
+                f"{100 * d['sparsity']:.1f}% | {d['deepc_kb']:.2f} KB | {d['ratio_vs_onnx']:.1f} | "
+                f"{d['ratio_vs_state_dict']:.1f} |",
+                "| Han et al. 2016, LeNet-300-100 on MNIST (reported) | - | 98.42 (from 98.36) | 92% | 27 KB | - "
+                "| 40 |"]
     return "\n".join(out)
 
 
