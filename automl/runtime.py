@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ class Artifact:
     runtime: str = "onnxruntime"
     precision: str = "fp32"
     notes: Dict[str, str] = field(default_factory=dict)
+    # The file a user ships when it is not the ONNX model that is run and timed (e.g. a Deep
+    # Compression file that decodes into the same weights); sizes are measured on it.
+    shipped: Optional[Path] = None
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path) -> Artifact:

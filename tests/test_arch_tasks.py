@@ -84,7 +84,7 @@ def test_cnn_rejects_bad_params(digits):
         digits.build_model("cnn", {"widht": 4})
     with pytest.raises(UnknownNameError, match="unknown architecture family"):
         digits.build_model("resnett", {})
-    assert ARCHS.names() == ["cnn", "mobilenetv2", "resnet"]
+    assert ARCHS.names() == ["cnn", "mlp", "mobilenetv2", "resnet"]
 
 
 def test_train_epoch_and_evaluate(digits):

@@ -209,7 +209,8 @@ def test_bad_arch_in_recipe():
     data["arch"]["family"] = "resnett"
     err = error_of(data)
     assert isinstance(err, UnknownNameError)
-    assert "arch.family: unknown architecture family" in str(err) and "valid names: cnn, mobilenetv2, resnet" in str(err)
+    assert "arch.family: unknown architecture family" in str(err)
+    assert "valid names: cnn, mlp, mobilenetv2, resnet" in str(err)
 
 
 def test_bad_train_in_recipe():

@@ -38,3 +38,4 @@ def register_arch(name: str, params_cls: type):
 
 from automl.arch import cnn as _cnn  # noqa: E402,F401  (registers)
 from automl.arch import mobilenet as _mobilenet, resnet as _resnet  # noqa: E402,F401  (registers)
+from automl.arch import mlp as _mlp  # noqa: E402,F401  (registers)

@@ -100,7 +100,7 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
 def deployed_metrics(artifact: Artifact, task, deploy) -> Dict[str, float]:
     """Accuracy, size and measured latency of the deployed artifact."""
     runner = OrtModel(artifact.path, threads=deploy.threads)
-    data = artifact.path.read_bytes()
+    data = (artifact.shipped or artifact.path).read_bytes()  # size what ships; run the ONNX
     latency = measure_latency(runner, task.example_input(deploy.batch).numpy())
     return {
         "accuracy": task.evaluate(runner, task.val_loader()),

@@ -1,0 +1,114 @@
+"""Low-rank factorization as a compression stage (``lowrank``, category ``factorization``).
+
+At the start epoch each selected layer is replaced by its factors (Linear: two Linears from a
+truncated SVD; Conv2d: spatial SVD (k x 1 then 1 x k) or Tucker-2 (1x1, core, 1x1)), with ranks
+from ``rank_rule`` (energy share, MAC ratio or fixed rank), and the model fine-tunes from there.
+A layer whose factors would not reduce MACs is kept. The factors' weights are reserved at
+``prepare`` so the optimizer trains them (``automl.compress.late_params``); a bias moves to the last
+factor as the same Parameter.
+
+Names change: layer ``fc1`` becomes ``fc1.0`` and ``fc1.1`` (Tucker-2: ``.0 .1 .2``). Factorization
+runs before pruning and quantization (category order), and the quantization methods resolve their
+layer patterns when they start, so they see the new names. Stages that select layers at prepare
+(pruning, early exit) see the factors only when lowrank starts at epoch 0 (``finetune_epochs >=
+train.epochs``, or ``start_epoch: 0`` in a recipe): lowrank then factorizes at prepare. A later
+start leaves such stages holding the replaced layers; they are told so by a LifecycleError on
+first use, instead of silently pruning a layer that no longer computes anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from automl.compress.base import Method, register_method
+from automl.compress.late_params import LateParameters
+from automl.compress.layers import select_layers
+from automl.compress.lowrank import CONV_SCHEMES, RULES, factorize
+from automl.compress.quantization.simulated import replace_module
+from automl.configs import option
+from automl.errors import LifecycleError
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    rank_rule: str = option("energy", choices=RULES, doc="energy share kept, MAC ratio, or a fixed rank")
+    energy: float = option(0.9, low=0.0, low_open=True, high=1.0, doc="rank_rule energy: share of sum(s^2) kept")
+    mac_ratio: float = option(0.5, low=0.0, high=1.0, low_open=True, high_open=True,
+                              doc="rank_rule macs: largest rank with at most this share of the layer's MACs")
+    rank: int = option(8, low=1, high=1_000_000, doc="rank_rule rank: the rank of every layer")
+    conv: str = option("spatial", choices=CONV_SCHEMES, doc="Conv2d scheme: spatial SVD or Tucker-2")
+    layers: Tuple[str, ...] = option(("re:.*",), doc="layer names or 're:' patterns (Conv/Linear)")
+    finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained after factorizing")
+
+
+def _retire(module, name: str, epoch):
+    """Make any later use of a replaced layer's weight fail loudly (see the module docstring)."""
+    message = (f"layer '{name}' was replaced by low-rank factors ('{name}.0', ...) at epoch {epoch}, but a stage "
+               "prepared before that still uses the old layer. Fix: start lowrank at epoch 0 (finetune_epochs >= "
+               "train.epochs) so later stages select the factors, or leave this layer out of one of the stages")
+
+    def weight(self):
+        raise LifecycleError(message)
+
+    module._parameters.pop("weight", None)
+    module.__class__ = type(f"Replaced{type(module).__name__}", (type(module),), {"weight": property(weight)})
+
+
+@register_method("lowrank", "factorization", LowRankConfig)
+class LowRank(Method):
+    """Replace layers by low-rank factors at the start epoch, then fine-tune."""
+
+    def _prepare(self, model, ctx):
+        self.done = False
+        chosen = select_layers(model, self.config.layers)
+        self.slots = LateParameters(3 * len(chosen), "lowrank")  # up to three factors per layer
+        if not self.start_epoch:  # start 0 (or none): factorize before training; later stages see the factors
+            self._factorize(model, ctx, epoch=0, reserved=False)
+        return model
+
+    def trainable_parameters(self):
+        return self.slots.parameters()
+
+    def _on_epoch_start(self, model, epoch, ctx):
+        if not self.done and epoch >= (self.start_epoch or 0):
+            self._factorize(model, ctx, epoch, reserved=True)
+
+    def _rule(self) -> str:
+        cfg = self.config
+        value = {"energy": cfg.energy, "macs": cfg.mac_ratio, "rank": cfg.rank}[cfg.rank_rule]
+        return f"{cfg.rank_rule}:{value}"
+
+    def _factorize(self, model, ctx, epoch, reserved: bool):
+        from automl.compress.quantization.qat import qat_layers
+
+        if qat_layers(model) or any(hasattr(m, "weight_shared") for m in model.modules()):
+            raise LifecycleError("lowrank: a quantization stage started before the factorization (epoch "
+                                 f"{epoch}). Fix: give the quantization stage fewer finetune_epochs than lowrank, so "
+                                 "it starts on the factorized model")
+        new, report = factorize(model, self.config.layers, self._rule(), conv=self.config.conv,
+                                example=ctx.task.example_input(2))
+        for entry in report:
+            if not entry.factorized:
+                continue
+            old = select_layers(model, [entry.layer])[entry.layer]
+            factors = new.get_submodule(entry.layer if entry.layer in dict(new.named_modules())
+                                        else "module." + entry.layer)
+            keep = []
+            if old.bias is not None:  # the same Parameter object, so its optimizer state carries over
+                factors[-1].bias = old.bias
+                keep.append(old.bias)
+            if reserved:
+                self.slots.adopt_module(factors, keep=keep)
+            replace_module(model, entry.layer, factors)
+            _retire(old, entry.layer, epoch)
+        before = sum(e.macs_before for e in report)
+        self.stats = {"lowrank_layers": sum(e.factorized for e in report),
+                      "lowrank_mac_ratio": sum(e.macs_after for e in report) / max(before, 1),
+                      "lowrank_param_ratio": sum(e.params_after for e in report)
+                      / max(sum(e.params_before for e in report), 1)}
+        self.report, self.done = report, True
+
+    def _finalize(self, model, ctx):
+        if not self.done:  # starts at or after the end of training: factorize without fine-tuning
+            self._factorize(model, ctx, ctx.epochs, reserved=False)
+        return model
