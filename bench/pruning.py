@@ -44,8 +44,8 @@ from automl.runtime import OrtModel, export_onnx, measure_latency
 from automl.search.versions import library_versions
 from automl.settings import TrainSettings
 from automl.tasks import get_task
-from automl.tasks.base import TensorClassificationTask
 from automl.validate import Where
+from common import GeneratedTask
 
 # our best structured pipeline (chosen on the digits validation split; see the README)
 # automl: any channel count (the accuracy comparison at equal MACs); automl_fast: multiples of 16 where
@@ -59,17 +59,6 @@ MODELS = {
     "digits_resnet": ("resnet", {"width": 32, "stages": 2, "blocks": 2}, "digits"),
     "mobilenetv2_32px": ("mobilenetv2", {"width_mult": 1.0, "stages": 3, "blocks": 2}, "generated"),
 }
-
-
-class GeneratedTask(TensorClassificationTask):
-    """Random 3x32x32 inputs with random labels: for latency only (accuracy is meaningless)."""
-
-    name = "generated32"
-
-    def __init__(self, n=256):
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-        super().__init__(x, y, x[:64], y[:64], x[:64], y[:64])
 
 
 def pretrain(task, family, arch, epochs, seed, lr):

@@ -43,8 +43,8 @@ from automl.recipe.apply import train_with_stages
 from automl.runtime import OrtModel, export_onnx, measure_latency
 from automl.search.versions import library_versions
 from automl.tasks import get_task
-from automl.tasks.base import TensorClassificationTask
 from automl.validate import Where
+from common import GeneratedTask
 
 MODELS = {
     "digits_cnn": ("cnn", {"width": 32, "depth": 3, "kernel": 3, "pooling": "stride"}, "digits"),
@@ -57,17 +57,6 @@ QAT_ROWS = {  # name -> stage (finetune epochs set from --qat-epochs)
     "qat_w4a4": {"method": "qat", "config": {"w_bits": 4, "a_bits": 4}},
 }
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class GeneratedTask(TensorClassificationTask):
-    """Random 3x32x32 inputs with random labels: for latency only."""
-
-    name = "generated32"
-
-    def __init__(self, n=256):
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-        super().__init__(x, y, x[:64], y[:64], x[:64], y[:64])
 
 
 def recipe_for(task, family, arch, epochs, lr, stages=()):
