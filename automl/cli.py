@@ -32,8 +32,10 @@ def cmd_search(args) -> int:
 
     space = _override_budget(_space(args.space), args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"automl search: {space.budget.trials} trials of '{space.source}' -> {out}", flush=True)
-    outcome = run_search(space, out, address=args.address, force=args.force)
+    cost = f", costs predicted from {args.profile}" if args.profile else ""
+    print(f"automl search: {space.budget.trials} trials of '{space.source}'{cost} -> {out}", flush=True)
+    outcome = run_search(space, out, address=args.address, force=args.force, profile=args.profile,
+                         measure_trials=args.measure_trials, measure_front=args.measure_front)
     _summary(outcome)
     return 0
 
@@ -51,6 +53,10 @@ def _summary(outcome):
           f"{len(report['front'])} on the Pareto front")
     for metric, best in report["best"].items():
         print(f"  best {metric}: {best['value']:.6g} (trial {best['trial_id']})")
+    check = report.get("front_check")
+    if check and check["points"]:
+        print(f"  predicted vs measured latency over the front: {100 * check['within_10pct']:.0f}% of "
+              f"{check['points']} points within +-10% (mean error {100 * check['mean_error']:+.1f}%)")
     print(f"results: {outcome.run_dir}/report.md, front.csv, pareto.png, recipes/")
 
 
@@ -250,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--force", action="store_true", help="replace an existing run directory")
+    s.add_argument("--profile", help="hardware profile YAML: latency_ms and energy_mj are predicted from it "
+                   "(default: latency measured inside each trial)")
+    s.add_argument("--measure-trials", action="store_true",
+                   help="with --profile: also keep each trial's measured latency as measured_latency_ms")
+    s.add_argument("--measure-front", action="store_true",
+                   help="with --profile: after the search, apply and measure every Pareto point and report "
+                        "predicted vs measured latency")
     s.set_defaults(fn=cmd_search)
     r = sub.add_parser("resume", help="finish an interrupted search")
     r.add_argument("run_dir")

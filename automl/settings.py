@@ -8,7 +8,10 @@ from automl.configs import option
 # Metric name -> the direction that is better. Objectives and constraints use these names.
 METRICS = {
     "accuracy": "max",        # validation accuracy of the deployed model
-    "latency_ms": "min",      # measured median batch latency of the deployed model
+    "latency_ms": "min",      # median batch latency of the deployed model: measured, or predicted from
+                              # the hardware profile when the search runs with one (--profile)
+    "energy_mj": "min",       # energy per batch predicted from the profile (its entries say measured/modelled)
+    "measured_latency_ms": "min",  # with a profile and --measure-trials: latency measured inside the trial
     "size_kb": "min",         # deflate-compressed size of the deployed file (what ships)
     "file_kb": "min",         # raw size of the deployed file
     "params": "min",

@@ -139,7 +139,8 @@ def test_single_layer_models_match_shapes(key, tmp_path):
 
 def test_space_keys_include_thinned_channels_and_precisions():
     torch.manual_seed(0)
-    space = tiny_space(pruning={"method": {"choice": ["none", "structured"]}, "ratio": {"float": [0.3, 0.6]}},
+    space = tiny_space(pruning={"method": {"choice": ["none", "structured"]}, "ratio": {"float": [0.3, 0.6]},
+                                "round_to": 1},
                        quantization={"method": {"choice": ["none", "int8_ptq"]}, "mode": "static"})
     keys, counts = space_layer_keys(space, samples=6)
     assert len(keys) == len(set(keys)) == counts["keys"]
@@ -151,12 +152,21 @@ def test_space_keys_include_thinned_channels_and_precisions():
 
 
 def test_candidate_structure_and_precision():
-    space = tiny_space(pruning={"method": "structured", "ratio": 0.5},
+    space = tiny_space(pruning={"method": "structured", "ratio": 0.5, "round_to": 1},
                        quantization={"method": "int8_ptq", "mode": "dynamic"})
     config = {"arch.width": 16, "arch.depth": 2, "pruning.method": "structured", "pruning.ratio": 0.5,
+              "pruning.round_to": 1,
               "quantization.method": "int8_ptq", "quantization.mode": "dynamic"}
     cand = build_candidate(space, config)
     assert cand.precision == "int8_dynamic" and cand.notes["thinned_ratio"] == 0.5
     convs = [t.key for t in cand.layers if t.key.op == "conv"]
     assert [(k["in_ch"], k["out_ch"]) for k in convs] == [(1, 8), (8, 16)]
     assert build_candidate(space, config, runtime="onnxruntime_int8").precision == "int8_static"
+
+
+def test_candidate_keeps_multiples_of_round_to():
+    space = tiny_space(pruning={"method": "structured", "ratio": 0.5, "round_to": 8})
+    config = {"arch.width": 16, "arch.depth": 2, "pruning.method": "structured", "pruning.ratio": 0.3,
+              "pruning.round_to": 8}
+    convs = [t.key for t in build_candidate(space, config).layers if t.key.op == "conv"]
+    assert [(k["in_ch"], k["out_ch"]) for k in convs] == [(1, 8), (8, 24)]

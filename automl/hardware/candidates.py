@@ -3,10 +3,11 @@
 Latency does not depend on weight values, so a candidate is built from its flat config with random
 weights and the structural effect of its compression: channel pruning that thins (``structured``
 with a channel-wise granularity and ``thin: true``) removes the same share of channels in every
-coupled group (the ``uniform`` allocation), layer pruning bypasses the first removable blocks, and
-masks-only pruning (magnitude, AGP, threshold ...) changes nothing a dense kernel sees. The
-quantization stage gives the deployed precision. Other allocations and criteria pick *which*
-channels go; the channel counts, and so the latency, are what uniform gives.
+coupled group (the ``uniform`` allocation), rounded to a multiple of ``round_to`` as the method
+rounds; layer pruning bypasses the first removable blocks, and masks-only pruning (magnitude, AGP,
+threshold ...) changes nothing a dense kernel sees. The quantization stage gives the deployed
+precision. Other allocations and criteria pick *which* channels go; the channel counts, and so the
+latency, are what uniform gives.
 """
 from __future__ import annotations
 
@@ -71,7 +72,17 @@ def deployed_precision(recipe, runtime: str = "onnxruntime") -> str:
     return precision
 
 
-def _thin_uniform(model: nn.Module, example, ratio: float, patterns) -> nn.Module:
+def thinned_count(channels: int, ratio: float, round_to: int = 1) -> int:
+    """Channels a group keeps under uniform structured pruning: ``round(ratio * channels)`` go (at
+    least one stays), then the count moves to a multiple of ``round_to`` as the method does
+    (``allocation.rounded_count``), so the candidate has the shapes the method produces."""
+    from automl.compress.pruning.allocation import rounded_count
+
+    kept = channels - min(int(round(ratio * channels)), channels - 1)
+    return rounded_count(kept, channels, round_to)
+
+
+def _thin_uniform(model: nn.Module, example, ratio: float, patterns, round_to: int = 1) -> nn.Module:
     from automl.compress.layers import select_layers
     from automl.compress.pruning.thinning import coupled_groups, thin
 
@@ -79,23 +90,23 @@ def _thin_uniform(model: nn.Module, example, ratio: float, patterns) -> nn.Modul
     keep = {}
     for g in coupled_groups(model, example):
         if chosen.intersection(g.outputs) or chosen.intersection(g.inputs):
-            n_drop = min(int(round(ratio * g.channels)), g.channels - 1)
-            if n_drop:
-                keep[g.root] = list(range(g.channels - n_drop))
+            kept = thinned_count(g.channels, ratio, round_to)
+            if kept < g.channels:
+                keep[g.root] = list(range(kept))
     return thin(model, example, keep) if keep else model
 
 
 def _apply_structure(model: nn.Module, example, stage, notes: Dict) -> nn.Module:
     cfg = stage.config
     if stage.method == "structured" and cfg.thin and cfg.granularity in ("filter", "row", "channel", "column"):
-        ratio = cfg.ratio
+        ratio, round_to = cfg.ratio, cfg.round_to
         if cfg.mac_reduction:
             from automl.compress.pruning.allocation import ratio_for_mac_target
 
             ratio, _ = ratio_for_mac_target(model, example, cfg.mac_reduction,
-                                            lambda level: _thin_uniform(model, example, level, cfg.layers))
+                                            lambda level: _thin_uniform(model, example, level, cfg.layers, round_to))
         notes["thinned_ratio"] = float(ratio)
-        return _thin_uniform(model, example, ratio, cfg.layers)
+        return _thin_uniform(model, example, ratio, cfg.layers, round_to)
     if stage.method == "layer":
         from automl.compress.pruning import layerwise as lw
 

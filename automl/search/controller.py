@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, RunDirError
 from automl.io import load_yaml, write_yaml
-from automl.search.outputs import write_outputs
+from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
+from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
 from automl.tasks import get_task
@@ -67,8 +69,9 @@ class Progress(Callback):
         self.done += 1
         m = trial.last_result or {}
         if m.get("final"):
+            energy = f" energy={m['energy_mj']:.4g}mJ" if "energy_mj" in m else ""
             text = (f"acc={m.get('accuracy', float('nan')):.4f} lat={m.get('latency_ms', float('nan')):.4f}ms "
-                    f"size={m.get('size_kb', float('nan')):.1f}kB {m.get('precision', '')}")
+                    f"size={m.get('size_kb', float('nan')):.1f}kB{energy} {m.get('precision', '')}")
         else:
             text = f"stopped early at epoch {m.get('epoch', '?')} (acc={m.get('accuracy', float('nan')):.4f})"
         print(f"[{self.done}/{self.total}] {trial.trial_id}: {text}", flush=True)
@@ -100,10 +103,11 @@ def _init_ray(address: Optional[str], concurrency: int):
                           "authentication, set RAY_AUTH_TOKEN; check --address.") from None
 
 
-def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool):
+def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None):
     from automl.search.trainable import run_trial
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, task=task), {"cpu": 1})
+    params = {"space": space, "task": task, **({"costing": costing} if costing is not None else {})}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
     if restore:
         return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable, resume_errored=True)
     scheduler = ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration",
@@ -136,10 +140,25 @@ def _rows(result_grid, space: SearchSpace) -> List[Dict]:
                               "timestamp", "experiment_tag", "time_this_iter_s", "time_total_s", "time_since_restore",
                               "iterations_since_restore", "checkpoint_dir_name", "done", "training_iteration")}
         rows.append({"trial_id": trial_id, "status": status, "feasible": bool(metrics.get("feasible")),
-                     "error": str(result.error).splitlines()[0][:300] if result.error is not None else None,
+                     "error": error_text(result.error) if result.error is not None else None,
                      "metrics": keep, "config": config})
     rows.sort(key=lambda r: r["trial_id"])
     return rows
+
+
+def error_text(error, limit: int = 600) -> str:
+    """One line for trials.csv: the original exception's message (Ray wraps it in a RayTaskError
+    whose text starts with the worker's process title and a traceback)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        text = str(cause) if isinstance(cause, AutoMLError) else f"{type(cause).__name__}: {cause}"
+    else:
+        text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(cause, BaseException):
+        return lines[0][:limit] if lines else ""
+    # an automl error re-created from its text (pickled across processes) gains a '.' per round trip
+    return re.sub(r"\.{2,}$", ".", " ".join(lines))[:limit]
 
 
 def prepare_run_dir(out: Path, force: bool) -> Path:
@@ -153,21 +172,40 @@ def prepare_run_dir(out: Path, force: bool) -> Path:
     return out
 
 
-def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool) -> SearchOutcome:
+def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool,
+         costing: Optional[Costing] = None) -> SearchOutcome:
     task = get_task(space.task, file=space.source)  # fail fast, before Ray starts
     started = time.time()
     _init_ray(address, space.budget.concurrency)
-    grid = _tuner(space, run_dir, task, restore=restore).fit()
+    grid = _tuner(space, run_dir, task, restore=restore, costing=costing).fit()
     rows = _rows(grid, space)
-    report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
+    versions = library_versions()
+    profile = profile_report(costing, space) if costing is not None else None
+    report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
+                           profile=profile)
+    if costing is not None and costing.measure_front:
+        from automl.search.frontcheck import measure_front
+
+        check = measure_front(run_dir, space, front_rows(rows, space), costing, task=task,
+                              log=lambda m: print(m, flush=True))
+        report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
+                               profile=profile, front_check=check)
     return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
 
 
-def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force: bool = False) -> SearchOutcome:
-    """Run the joint search and write the run directory."""
+def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force: bool = False, profile=None,
+               measure_trials: bool = False, measure_front: bool = False) -> SearchOutcome:
+    """Run the joint search and write the run directory.
+
+    ``profile`` (a profile file or a loaded HardwareProfile) makes the search hardware-aware: each
+    trial's latency_ms and energy_mj are predicted from it (see ``automl.search.costing``);
+    ``measure_trials`` keeps the latency measured in each trial as measured_latency_ms, and
+    ``measure_front`` re-applies and measures every Pareto point after the search."""
+    costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     run_dir = prepare_run_dir(Path(out), force)
     write_yaml(run_dir / "space.yaml", space.raw)
-    return _run(space, run_dir, address=address, restore=False)
+    save_costing(run_dir, costing)
+    return _run(space, run_dir, address=address, restore=False, costing=costing)
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
@@ -177,4 +215,4 @@ def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
         raise RunDirError(f"{run_dir} is not a resumable run directory (needs space.yaml and {TUNE_DIR}/). "
                           "Fix: pass the --out directory of an earlier 'automl search'")
     space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
-    return _run(space, run_dir, address=address, restore=True)
+    return _run(space, run_dir, address=address, restore=True, costing=restore_costing(run_dir))

@@ -6,7 +6,7 @@ import dataclasses
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from automl.io import atomic_write_bytes, atomic_write_text, write_json
 from automl.recipe import recipe_from_config
@@ -46,7 +46,8 @@ def front_rows(rows: Sequence[Dict], space: SearchSpace) -> List[Dict]:
     return [eligible[i] for i in pareto_front([r["metrics"] for r in eligible], space.objectives)]
 
 
-def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: SearchSpace):
+def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: SearchSpace,
+               x_source: str = "measured, deployed model"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +63,7 @@ def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: S
     if pts:
         ax.scatter(*zip(*pts), s=40, c="#d62728", zorder=3, label=f"Pareto front ({len(pts)})")
     ax.set_xscale("log")
-    ax.set_xlabel(f"{x_key} (measured, deployed model; log scale)")
+    ax.set_xlabel(f"{x_key} ({x_source}; log scale)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("accuracy vs cost; front over all objectives: " + ", ".join(space.objectives), fontsize=8)
     ax.grid(alpha=0.3)
@@ -84,16 +85,72 @@ def _best(front: Sequence[Dict], space: SearchSpace) -> Dict[str, Dict]:
     return best
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def _profile_markdown(info: Dict) -> List[str]:
+    dev, val = info["device"], info["validation"]
+    lines = ["## Hardware profile", "",
+             f"- file: `{info['path']}` ({info['entries']} entries, {info['status']}, created {info['created']})",
+             f"- device: {dev['cpu_model']}, {dev['threads']} thread(s), batch {dev['batch']}, {dev['runtime']} "
+             f"{dev['runtime_version']}, precisions {', '.join(dev['precisions'])}",
+             f"- measured for space `{info['measured_for_space'].get('source', '?')}`"
+             + ("" if info["same_space"] else " (not this space: layers it lacks are interpolated or fail)"),
+             f"- energy: {info['energy_source']}"]
+    if val:
+        tau = val.get("kendall_tau")
+        lines.append(f"- validation ({val.get('samples', '?')} whole models, {val.get('date', '?')}): "
+                     f"{_pct(val.get('within_10pct'))} within +-10%, Kendall tau "
+                     f"{'n/a' if tau is None else format(tau, '.3f')}, RMSPE {_pct(val.get('rmspe'))}")
+    else:
+        lines.append("- validation: none recorded (run `automl profile validate`)")
+    lines += ["", "Where each metric comes from:", ""]
+    lines += [f"- {k}: {v}" for k, v in info["metric_sources"].items()]
+    return lines + [""]
+
+
+def _front_check_markdown(check: Dict) -> List[str]:
+    lines = ["## Predicted vs measured (Pareto front)", "",
+             f"Every front recipe applied again and its deployed model timed on {check['measured_on']} "
+             f"with {check['protocol']}.",
+             ""]
+    if not check["same_cpu"]:
+        lines += ["**The profile describes another CPU than the one measured here: the errors below compare "
+                  "two devices.**", ""]
+    lines += ["| trial | precision | predicted ms | measured ms | error | apply ms | accuracy (search / re-applied) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in check["rows"]:
+        lines.append(f"| {r['trial_id']} | {r['precision']} | {r['predicted_ms']:.6g} | {r['measured_ms']:.6g} | "
+                     f"{100 * r['error']:+.1f}% | {_fmt(r['apply_latency_ms'])} | "
+                     f"{_fmt(r['search_accuracy'])} / {_fmt(r['measured_accuracy'])} |")
+    lines += ["", f"Within +-{100 * check['tolerance']:.0f}%: {_pct(check['within_10pct'])} of {check['points']} "
+                  f"points; mean error {_signed(check['mean_error'])}, largest |error| "
+                  f"{_pct(check['max_abs_error'])}.", ""]
+    return lines
+
+
 def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
     keys = list(space.objectives) + ["test_accuracy", "precision", "nonzero_params"]
+    if "profile" in report:
+        keys += [k for k in ("latency_ms", "energy_mj", "measured_latency_ms") if k not in keys and any(
+            k in r["metrics"] for r in front)]
+        cost = ("- latency_ms and energy_mj: PREDICTED from the hardware profile below; accuracy and size_kb: "
+                "measured on the deployed model")
+    else:
+        cost = ("- latency: median of batch-"
+                f"{space.deploy.batch} runs of the deployed ONNX model in onnxruntime, {space.deploy.threads} "
+                "thread(s); size_kb: deflate-compressed size of that file")
     lines = [
         "# automl search report", "",
         f"- space: `{report['space_source']}` (hash `{report['space_hash']}`), task `{space.task}`",
         f"- trials: {report['trials']} ({', '.join(f'{k} {v}' for k, v in report['status_counts'].items())})",
         f"- wall time: {report['wall_time_s']:.1f} s",
-        "- latency: median of batch-"
-        f"{space.deploy.batch} runs of the deployed ONNX model in onnxruntime, {space.deploy.threads} thread(s); "
-        "size_kb: deflate-compressed size of that file", "",
+        cost, "",
         "## Pareto front", "",
         "| trial | " + " | ".join(keys) + " | recipe |",
         "|---" * (len(keys) + 2) + "|",
@@ -104,22 +161,32 @@ def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
     lines += ["", "## Best per objective", ""]
     lines += [f"- {m} ({space.objectives[m]}): {b['value']:.6g} (trial {b['trial_id']})"
               for m, b in report["best"].items()]
+    if "profile" in report:
+        lines += [""] + _profile_markdown(report["profile"])
+    if report.get("front_check"):
+        lines += _front_check_markdown(report["front_check"])
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: float, versions: Dict
-                  ) -> Dict:
-    """trials.csv, front.csv, pareto.png, recipes/*.yaml, report.json, report.md. Returns the report."""
+def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: float, versions: Dict,
+                  profile: Optional[Dict] = None, front_check: Optional[Dict] = None) -> Dict:
+    """trials.csv, front.csv, pareto.png, recipes/*.yaml, report.json, report.md. Returns the report.
+
+    ``profile`` (``costing.profile_report``) marks a profiled search: the report names the profile and
+    says which metrics are predicted; ``front_check`` (``frontcheck.measure_front``) adds the table of
+    predicted vs measured latency over the front."""
     out = Path(out)
     columns = columns_for(rows, space)
     atomic_write_text(out / "trials.csv", _csv([flatten(r) for r in rows], columns))
     front = front_rows(rows, space)
     atomic_write_text(out / "front.csv", _csv([flatten(r) for r in front], columns))
-    plot_front(out / "pareto.png", rows, front, space)
+    plot_front(out / "pareto.png", rows, front, space,
+               **({"x_source": f"predicted from the profile of {profile['device']['cpu_model']}"} if profile else {}))
     for r in front:
+        extra = {"profile": profile["path"], "profile_device": profile["device"]["cpu_model"]} if profile else {}
         recipe = recipe_from_config(space, r["config"], provenance={
-            "trial_id": r["trial_id"], "space_source": space.source, "versions": versions})
+            "trial_id": r["trial_id"], "space_source": space.source, "versions": versions, **extra})
         metrics = {k: v for k, v in r["metrics"].items() if not (isinstance(v, float) and not math.isfinite(v))}
         dataclasses.replace(recipe, metrics=metrics).save(out / "recipes" / f"{r['trial_id']}.yaml")
     counts: Dict[str, int] = {}
@@ -136,6 +203,14 @@ def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_
                                    f"onnxruntime CPU, {space.deploy.threads} thread(s)",
                         "size_kb": "deflate-compressed size of the deployed ONNX file"},
     }
+    if profile:
+        report["profile"] = profile
+        report["measurement"]["latency"] = profile["metric_sources"]["latency_ms"]
+        report["measurement"]["energy"] = profile["metric_sources"]["energy_mj"]
+        if "measured_latency_ms" in profile["metric_sources"]:
+            report["measurement"]["measured_latency_ms"] = profile["metric_sources"]["measured_latency_ms"]
+    if front_check is not None:
+        report["front_check"] = front_check
     write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _markdown(report, front, space))
     return report

@@ -9,12 +9,16 @@ import torch
 from ray import tune
 
 from automl.recipe import apply_recipe, recipe_from_config
+from automl.search.costing import example_batch
 from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
-def run_trial(config: Dict, space: SearchSpace = None, task=None):
-    """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics."""
+def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None):
+    """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
+
+    With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
+    compressed model; a profile that cannot price it fails the trial with its ProfileError."""
     torch.set_num_threads(space.deploy.threads)
     trial_id = tune.get_context().get_trial_id()
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
@@ -31,5 +35,8 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics = dict(result.metrics)
+    if costing is not None:
+        metrics = costing.trial_metrics(metrics, result.model, result.artifact.precision,
+                                        example_batch(task, space.deploy.batch), space.source)
     metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))
     tune.report(metrics)
