@@ -39,6 +39,17 @@ class ConfigError(AutoMLError):
             parts.append(f" Fix: {fix}")
         super().__init__("".join(parts))
 
+    def __reduce__(self):
+        # rebuild from the parts, not the formatted text (which would be formatted again: Ray pickles errors)
+        kwargs = {"file": self.file, "key": self.key, "fix": self.fix}
+        if self.value is not _UNSET:
+            kwargs["value"] = self.value
+        return _rebuild, (type(self), self.message, kwargs)
+
+
+def _rebuild(cls, message, kwargs):
+    return cls(message, **kwargs)
+
 
 class UnknownNameError(ConfigError):
     """A name (method, architecture, task, layer, metric ...) is not registered or not present."""

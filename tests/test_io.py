@@ -205,3 +205,16 @@ def test_dump_yaml_quotes_strings_that_read_as_floats():
 def test_write_json(tmp_path):
     path = write_json(tmp_path / "m.json", {"a": 1, "b": [1.5]})
     assert path.read_text() == '{\n  "a": 1,\n  "b": [\n    1.5\n  ]\n}\n'
+
+
+def test_config_errors_survive_pickling_unchanged():
+    import pickle
+
+    from automl.errors import ConfigError, ProfileError, UnknownNameError
+
+    for err in (ProfileError("missing op", file="p.yaml", key="entries", value="conv", fix="re-profile"),
+                UnknownNameError("unknown method", key="method", value="x", fix="use y"),
+                ConfigError("no value here", key="k")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+        assert (again.file, again.key, again.fix) == (err.file, err.key, err.fix)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -157,8 +156,7 @@ def error_text(error, limit: int = 600) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(cause, BaseException):
         return lines[0][:limit] if lines else ""
-    # an automl error re-created from its text (pickled across processes) gains a '.' per round trip
-    return re.sub(r"\.{2,}$", ".", " ".join(lines))[:limit]
+    return " ".join(lines)[:limit]
 
 
 def prepare_run_dir(out: Path, force: bool) -> Path:
