@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,12 @@ class Artifact:
     # The file a user ships when it is not the ONNX model that is run and timed (e.g. a Deep
     # Compression file that decodes into the same weights); sizes are measured on it.
     shipped: Optional[Path] = None
+    # Further files the deployed model consists of (early exit: one graph per segment; ``path`` is
+    # then the manifest that names them). Sizes count them all.
+    files: Tuple[Path, ...] = ()
+
+    def deployed_files(self) -> List[Path]:
+        return [self.shipped] if self.shipped is not None else [self.path, *self.files]
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path) -> Artifact:

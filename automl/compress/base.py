@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
 
-from automl.errors import LifecycleError
+from automl.errors import ConfigError, LifecycleError
 from automl.registry import Registry, unknown_name
 
 # Categories in the order their stages run; a space names each category at most once.
@@ -51,6 +51,23 @@ def get_method(name: str, *, category: str | None = None, file=None, key=None) -
     return options[name]
 
 
+# Category pairs one recipe cannot hold, with the reason: early exit deploys float per-segment
+# graphs, which no quantization stage here converts.
+INCOMPATIBLE = {
+    ("early_exit", "quantization"): "early exit deploys float per-segment graphs; quantized segments are not supported",
+}
+
+
+def check_stage_combination(categories, *, file=None, key: str = "stages"):
+    """Refuse a set of stage categories that cannot be deployed together."""
+    present = set(categories)
+    for (a, b), why in INCOMPATIBLE.items():
+        if a in present and b in present:
+            raise ConfigError(f"a {a} stage and a {b} stage cannot be combined: {why}", file=file, key=key,
+                              value=[a, b], fix=f"drop one of them (in a search space, add "
+                                                f"'when: {{{a}.method: none}}' to {b}.method)")
+
+
 @dataclass
 class ApplyContext:
     """What a handler may use: the task (data, calibration), the work dir, the run's settings."""
@@ -61,6 +78,8 @@ class ApplyContext:
     seed: int = 0
     threads: int = 1
     steps_per_epoch: int = 0  # optimizer steps per epoch, set by the training loop
+    recipe: Any = None  # the recipe being applied (a distillation teacher is built from it)
+    cache_dir: Any = None  # where trained teachers are kept between trials (default: work_dir/cache)
 
 
 class Method:

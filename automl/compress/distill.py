@@ -207,8 +207,17 @@ class Distiller:
     def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor,
              task_loss: Optional[Callable] = None) -> torch.Tensor:
         """Total loss for one batch; ``student_logits`` must come from ``student(x)`` just before."""
-        total = distillation_loss(student_logits, self.teacher_logits(x), y, temperature=self.temperature,
-                                  alpha=self.alpha, hard_loss=task_loss)
+        hard = (task_loss or F.cross_entropy)(student_logits, y)
+        return self.combine(x, student_logits, hard)
+
+    def combine(self, x: torch.Tensor, student_logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha) * ``hard`` (the task loss already computed for this batch) + alpha * KD + hints."""
+        total = hard
+        if self.alpha:
+            soft = kd_loss(student_logits, self.teacher_logits(x), self.temperature)
+            total = (1.0 - self.alpha) * hard + self.alpha * soft
+        elif self.pairs and self.hint_weight:
+            self.teacher_logits(x)  # hints still need the teacher's features
         if self.pairs and self.hint_weight:
             missing = [s for s, _ in self.pairs if s not in self._student_feats]
             if missing:

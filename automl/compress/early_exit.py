@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,9 @@ class EarlyExitConfig:
     head_pool: int = option(1, low=1, high=16, doc="exit heads average-pool to this grid (1: global pool)")
     criterion: str = option("max_softmax", choices=CRITERIA, doc="confidence used for exit decisions")
     max_accuracy_drop: float = option(0.005, low=0.0, high=1.0, doc="calibration target vs the final exit")
+    exit_weight: float = option(1.0, low=0.0, high=100.0, doc="training loss weight of each early exit (final: 1)")
+    exit_weights: Dict[str, float] = option({}, low=0.0, high=100.0,
+                                            doc="per-exit loss weights by block index, e.g. {'0': 0.3}")
 
 
 # -- backbones --------------------------------------------------------------------------------------
@@ -176,7 +179,11 @@ def early_exit_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor,
 class EarlyExitModel(nn.Module):
     """Blocks cut into segments, with an exit head after each chosen block and the final head last.
 
-    ``forward`` returns every exit's logits (for joint training); ``infer`` takes exits.
+    ``all_exits`` returns every exit's logits (for joint training); ``infer`` takes exits.
+    ``forward`` returns ``all_exits`` while ``joint_output`` is true (the default); a training loop
+    that expects one logits tensor sets it false: forward then returns the final exit's logits and,
+    in training mode, keeps every exit's logits in ``exit_logits`` for the loss (in eval mode it runs
+    the backbone alone: the same model without exits).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, *, exits: Sequence[int],
@@ -211,6 +218,8 @@ class EarlyExitModel(nn.Module):
         self.num_classes = num_classes
         self.train(was_training)
         self.blocks_executed = 0
+        self.joint_output = True
+        self.exit_logits: List[torch.Tensor] = []
 
     @classmethod
     def from_model(cls, model: nn.Module, *, exits: Sequence[int], example: torch.Tensor,
@@ -218,6 +227,12 @@ class EarlyExitModel(nn.Module):
         """Attach exits to a cnn / resnet / mobilenetv2 model (its modules are shared, not copied)."""
         blocks, head = segments_of(model)
         return cls(blocks, head, exits=exits, example=example, head_size=head_size, head_pool=head_pool)
+
+    def __getstate__(self):
+        # the last training batch's exit logits hold autograd graphs: never copied or pickled
+        state = self.__dict__.copy()
+        state["exit_logits"] = []
+        return state
 
     @property
     def num_exits(self) -> int:
@@ -230,12 +245,22 @@ class EarlyExitModel(nn.Module):
         self.blocks_executed += self.blocks_per_segment[i] * h.shape[0]
         return self.segments[i](h)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def all_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         outputs, h = [], x
-        for i, head in enumerate(self.exit_heads):
-            h = self._run_segment(i, h)
+        for segment, head in zip(self.segments, self.exit_heads):
+            h = segment(h)
             outputs.append(head(h))
         return outputs
+
+    def forward(self, x: torch.Tensor):
+        if self.joint_output:
+            return self.all_exits(x)
+        if self.training:
+            self.exit_logits = self.all_exits(x)
+            return self.exit_logits[-1]
+        for segment in self.segments:  # evaluation: the model without its exits
+            x = segment(x)
+        return self.exit_heads[-1](x)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor, thresholds, criterion: str = "max_softmax"
@@ -287,7 +312,8 @@ def segment_macs(model: EarlyExitModel, example: torch.Tensor) -> List[int]:
     costs, h, was_training = [], example, model.training
     model.eval()
     for segment, head in zip(model.segments, model.exit_heads):
-        costs.append(count_macs(nn.Sequential(segment, head), h))
+        # a new Sequential starts in training mode: eval it, or counting would update BN statistics
+        costs.append(count_macs(nn.Sequential(segment, head).eval(), h))
         with torch.no_grad():
             h = segment(h)
     model.train(was_training)
@@ -318,7 +344,7 @@ def exit_outputs(model: EarlyExitModel, loader) -> Tuple[torch.Tensor, torch.Ten
     model.eval()
     logits, targets = [], []
     for x, y in loader:
-        logits.append(torch.stack(model(x)))
+        logits.append(torch.stack(model.all_exits(x)))
         targets.append(y)
     model.train(was_training)
     return torch.cat(logits, dim=1), torch.cat(targets)
@@ -350,8 +376,12 @@ def calibrate_thresholds(model: EarlyExitModel, val_loader, max_accuracy_drop: f
         values = torch.unique(conf[i])
         if len(values) > grid:  # quantiles keep calibration linear in the validation size
             values = torch.quantile(values.double(), torch.linspace(0, 1, grid, dtype=torch.double)).float()
-        # "conf > t" at t = v - eps admits v itself; scanning ascending finds the most permissive t.
-        for t in [max(0.0, float(v) - 1e-7) for v in values.sort().values]:
+        # A threshold halfway below each candidate admits it (conf > t) with a margin, so a deployed
+        # runtime whose confidences differ in the last bits makes the same decision; scanning
+        # ascending finds the most permissive threshold that meets the target.
+        values = values.sort().values.double()
+        below = torch.cat([values.new_zeros(1), values[:-1]])
+        for t in ((values + below) / 2).tolist():
             trial = chosen[:i] + [t] + chosen[i + 1:]
             if accuracy(trial) >= target_acc - 1e-12:
                 chosen[i] = t

@@ -157,25 +157,27 @@ class EarlyExitRunner:
         return out, taken
 
 
-def mean_batch1_latency(fn, samples, *, rounds: int = 5, warmup: int = 1) -> dict:
-    """Mean batch-1 latency (ms) of ``fn`` over ``samples``: an early-exit model's cost depends on
-    which exit each input takes, so one fixed example (as in ``runtime.measure_latency``) would not
-    represent it. Each sample is timed ``rounds`` times; ``mean_ms`` averages over samples the
-    median of each round's mean, ``mean_of_min_ms`` each sample's fastest run (robust to a busy
-    machine)."""
+def mean_latency(fn, samples, *, batch: int = 1, rounds: int = 5, warmup: int = 1) -> dict:
+    """Mean latency (ms) of ``fn`` per call over ``samples`` cut into batches of ``batch``: an early-exit
+    model's cost depends on which exit each input takes, so one fixed example (as in
+    ``runtime.measure_latency``) would not represent it. Each batch is timed ``rounds`` times;
+    ``mean_ms`` is the median over rounds of the round's mean, ``p10_ms``/``p90_ms`` spread over
+    rounds, ``mean_of_min_ms`` the mean of each batch's fastest run (robust to a busy machine)."""
     samples = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
     samples = np.ascontiguousarray(samples, dtype=np.float32)
-    times = np.empty((rounds, len(samples)))
+    chunks = [samples[i:i + batch] for i in range(0, len(samples) - batch + 1, batch)] or [samples]
+    times = np.empty((rounds, len(chunks)))
     for r in range(-warmup, rounds):
-        for i in range(len(samples)):
-            x = samples[i:i + 1]
+        for i, x in enumerate(chunks):
             t0 = time.perf_counter_ns()
             fn(x)
             if r >= 0:
                 times[r, i] = (time.perf_counter_ns() - t0) / 1e6
     per_round = times.mean(axis=1)
-    return {"mean_ms": float(np.median(per_round)), "mean_of_min_ms": float(times.min(axis=0).mean()),
-            "round_means_ms": [float(v) for v in per_round], "samples": len(samples)}
+    p10, p90 = np.percentile(per_round, [10, 90])
+    return {"mean_ms": float(np.median(per_round)), "median_ms": float(np.median(per_round)),
+            "p10_ms": float(p10), "p90_ms": float(p90), "mean_of_min_ms": float(times.min(axis=0).mean()),
+            "round_means_ms": [float(v) for v in per_round], "calls": len(chunks), "batch": batch}
 
 
-__all__ = ["EarlyExitRunner", "export_early_exit", "mean_batch1_latency"]
+__all__ = ["EarlyExitRunner", "export_early_exit", "mean_latency"]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from automl.compress import ApplyContext
+from automl.compress.base import check_stage_combination
+from automl.compress.early_exit_method import RUNTIME as EARLY_EXIT_RUNTIME
 from automl.compress.schedule import build_scheduler
 from automl.errors import MeasurementError
 from automl.modelstats import count_macs, count_nonzero, count_params
@@ -97,31 +99,47 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
     return model.eval(), handlers
 
 
+def deployed_runner(artifact: Artifact, task, deploy):
+    """(predict function, latency dict) of the deployed artifact.
+
+    A model with data-dependent cost (early exit) is timed as the mean over the test split in
+    batches of ``deploy.batch``; any other on one example batch (runtime.measure_latency)."""
+    if artifact.runtime == EARLY_EXIT_RUNTIME:
+        from automl.compress.early_exit_export import EarlyExitRunner, mean_latency
+
+        runner = EarlyExitRunner.load(artifact.path.parent, threads=deploy.threads)
+        samples = torch.cat([x for x, _ in task.test_loader()])
+        return runner.predict, mean_latency(runner, samples, batch=deploy.batch, rounds=3)
+    runner = OrtModel(artifact.path, threads=deploy.threads)
+    return runner, measure_latency(runner, task.example_input(deploy.batch).numpy())
+
+
 def deployed_metrics(artifact: Artifact, task, deploy) -> Dict[str, float]:
     """Accuracy, size and measured latency of the deployed artifact."""
-    runner = OrtModel(artifact.path, threads=deploy.threads)
-    data = (artifact.shipped or artifact.path).read_bytes()  # size what ships; run the ONNX
-    latency = measure_latency(runner, task.example_input(deploy.batch).numpy())
+    predict, latency = deployed_runner(artifact, task, deploy)
+    data = [path.read_bytes() for path in artifact.deployed_files()]  # size what ships
     return {
-        "accuracy": task.evaluate(runner, task.val_loader()),
-        "test_accuracy": task.evaluate(runner, task.test_loader()),
+        "accuracy": task.evaluate(predict, task.val_loader()),
+        "test_accuracy": task.evaluate(predict, task.test_loader()),
         "latency_ms": latency["median_ms"],
         "latency_p10_ms": latency["p10_ms"],
         "latency_p90_ms": latency["p90_ms"],
-        "file_kb": len(data) / 1024.0,
-        "size_kb": len(zlib.compress(data, 9)) / 1024.0,
+        "file_kb": sum(len(d) for d in data) / 1024.0,
+        "size_kb": sum(len(zlib.compress(d, 9)) for d in data) / 1024.0,
     }
 
 
-def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None
-                 ) -> ApplyResult:
-    """Rebuild, train, compress, export and measure. Files go to ``work_dir``."""
+def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None,
+                 cache_dir=None) -> ApplyResult:
+    """Rebuild, train, compress, export and measure. Files go to ``work_dir``; trained distillation
+    teachers are cached in ``cache_dir`` (default ``work_dir/cache``)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    check_stage_combination(s.category for s in recipe.stages)
     torch.set_num_threads(recipe.deploy.threads)
     task = task if task is not None else get_task(recipe.task)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
-                       threads=recipe.deploy.threads)
+                       threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)
     model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
     example = task.example_input(1)
     artifact = export_onnx(model, example, work_dir / "model.onnx")

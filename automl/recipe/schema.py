@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
 from automl.compress import CATEGORIES, get_method
+from automl.compress.base import check_stage_combination
 from automl.compress.schedule import PolicySpec, check_schedule_epochs, parse_schedule, schedule_to_dict
 from automl.configs import config_to_dict, parse_config
 from automl.io import load_yaml, parse_yaml, write_yaml
@@ -90,6 +91,7 @@ class Recipe:
             if start is not None:
                 start = expect_type(start, at / "start_epoch", int)
             stages.append(Stage(info.name, parse_config(info.config_cls, raw.get("config"), at / "config"), start))
+        check_stage_combination(seen, file=source, key="stages")
         order = [CATEGORIES.index(s.category) for s in stages]
         if order != sorted(order):
             raise (where / "stages").error("stages must follow the category order", [s.method for s in stages],

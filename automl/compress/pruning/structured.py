@@ -476,7 +476,10 @@ class StructuredPruning(PruningMethod):
         layers = {n for u in self.units.values() for n in u["group"].outputs + u["group"].inputs}
         self.stats["pruned_layers"] = len(layers & set(self._all_layers))
         self.stats["channels_kept"] = {u: f"{int(k.sum())}/{k.numel()}" for u, k in self.last_keep.items()}
-        conv_masks = {n: k.reshape(k.shape[0], -1).any(1) for n, k in self._producer_masks(self.last_keep).items()
+        # names as the model has them now: a later stage (early exit) may have re-parented the layers
+        now = {id(m): n for n, m in model.named_modules()}
+        conv_masks = {now.get(id(self._all_layers[n]), n): k.reshape(k.shape[0], -1).any(1)
+                      for n, k in self._producer_masks(self.last_keep).items()
                       if isinstance(self._all_layers.get(n), PRUNABLE)}
         dense_params, dense_macs = count_params(model), count_macs(model, self.example)
         thinned = thin_from_masks(model, self.example, conv_masks)

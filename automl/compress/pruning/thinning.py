@@ -42,8 +42,13 @@ class CoupledGroup:
 
 def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     was_training = model.training  # tracing puts the model in eval mode and leaves it there
+    # A model with side outputs (early-exit heads) is traced through all of them, so the layers
+    # that read a pruned feature map are cut with it.
+    all_outputs = getattr(model, "all_exits", None)
+    forward = (lambda m, x: all_outputs(x)) if all_outputs is not None else None
     with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
+                                                   verbose=False)
     model.train(was_training)
     return dg
 
