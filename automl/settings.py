@@ -29,6 +29,8 @@ class TrainSettings:
     optimizer: str = option("adam", choices=("adam", "sgd"))
     momentum: float = option(0.9, low=0.0, high=1.0, high_open=True, doc="sgd only")
     seed: int = option(0, low=0, high=2**31 - 1)
+    augment: str = option("none", choices=("none", "shift"),
+                          doc="shift: each training image moved by a random -1..+1 pixels (zero fill)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from automl.modelstats import count_macs, count_nonzero, count_params
 from automl.recipe.schema import Recipe
 from automl.runtime import Artifact, OrtModel, export_onnx, measure_latency
 from automl.tasks import get_task
+from automl.tasks.augment import augmented
 from automl.validate import Where
 
 EpochCallback = Callable[[int, Dict[str, float]], None]
@@ -54,7 +55,8 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
     returns (model, handlers)."""
     seed_everything(recipe.train.seed)
     model = task.build_model(recipe.family, recipe.arch)
-    loader = task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed)
+    loader = augmented(task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed),
+                       recipe.train.augment, recipe.train.seed)
     ctx.steps_per_epoch = len(loader)
     handlers = [stage.handler() for stage in recipe.stages]
     for h in handlers:
