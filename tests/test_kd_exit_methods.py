@@ -163,3 +163,18 @@ stages:
     assert m["thinned_params"] < m["dense_params"]
     assert m["exit_parity"] >= 0.99
     assert isinstance(result.model, EarlyExitModel)
+
+
+def test_space_that_can_combine_early_exit_and_quantization_is_refused():
+    from automl.spaces.schema import parse_space
+
+    space = {"version": 1, "task": "digits", "arch": {"family": "cnn"}, "objectives": {"accuracy": "max"},
+             "compression": {"early_exit": {"method": {"choice": ["none", "exits"]}},
+                             "quantization": {"method": {"choice": ["none", "int8_ptq"]}}}}
+    with pytest.raises(ConfigError, match="cannot be combined.*can choose both") as err:
+        parse_space(space, "s.yaml")
+    assert "compression.quantization.method" in str(err.value) and "when" in str(err.value)
+    space["compression"]["quantization"]["method"] = {"choice": ["none", "int8_ptq"],
+                                                      "when": {"early_exit.method": "none"}}
+    parsed = parse_space(space, "s.yaml")
+    assert "quantization.method" in parsed.names()

@@ -105,7 +105,9 @@ def _init_ray(address: Optional[str], concurrency: int):
 def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None):
     from automl.search.trainable import run_trial
 
-    params = {"space": space, "task": task, **({"costing": costing} if costing is not None else {})}
+    # trials that distil from the same teacher train it once and share it through this cache
+    params = {"space": space, "task": task, "cache_dir": str(run_dir / "cache"),
+              **({"costing": costing} if costing is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
     if restore:
         return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable, resume_errored=True)

@@ -14,7 +14,7 @@ from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
-def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None):
+def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, cache_dir=None):
     """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
 
     With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
@@ -31,7 +31,7 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None):
             tune.report({**metrics, "epoch": epoch + 1, "final": False})
 
     try:
-        result = apply_recipe(recipe, work, task=task, on_epoch=on_epoch)
+        result = apply_recipe(recipe, work, task=task, on_epoch=on_epoch, cache_dir=cache_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics = dict(result.metrics)

@@ -3,25 +3,36 @@
 Flat parameter names are ``arch.<p>``, ``train.<p>`` and ``<category>.<p>`` (e.g. ``pruning.ratio``);
 ``when:`` conditions refer to them. Parameters are sampled in file order, ``method`` first in each
 compression category, so a condition may only name a parameter defined before it.
+
+A mapping option of a compression method (e.g. ``quantization.layer_bits``, layer -> bits) is either
+one fixed mapping (``{fixed: {...}}``) or written entry by entry, each value a domain or a plain
+value: ``layer_bits: {features.0: {int: [2, 8]}, head: 8}`` gives one parameter per entry,
+``quantization.layer_bits.features.0`` and ``quantization.layer_bits.head``. A ``when:`` key in such a
+mapping applies to every entry (and adds to an entry's own ``when``). ``recipe_from_config`` puts the
+entries back into one mapping.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
 from automl.compress import CATEGORIES, get_method, methods_in
+from automl.compress.base import INCOMPATIBLE
 from automl.configs import check_field, field_names, parse_config
 from automl.io import load_yaml, parse_yaml
 from automl.registry import did_you_mean, unknown_name
 from automl.settings import METRICS, Budget, DeploySettings, TrainSettings
 from automl.spaces.conditions import Condition, parse_when
-from automl.spaces.domains import Choice, Domain, Fixed, FloatRange, IntRange, parse_domain
+from automl.spaces.domains import DOMAIN_KEYS, Choice, Domain, Fixed, FloatRange, IntRange, parse_domain
 from automl.tasks import TASKS
-from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_type
+from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
 TOP_KEYS = ("version", "task", "arch", "train", "compression", "objectives", "constraints", "budget", "deploy")
 SUPPORTED_VERSIONS = (1,)
@@ -92,6 +103,76 @@ def _section_params(section: dict, where: Where, prefix: str, cls, earlier: dict
     return out
 
 
+def _possible(owners: list, conditions, category: str) -> list:
+    """The owners of an option its `when` leaves possible (all of them when none is)."""
+    possible = [m for m in owners if all(c.holds({c.param: m.name}) for c in conditions
+                                         if c.param == f"{category}.method")]
+    return possible or owners
+
+
+def is_mapping_option(cls, name: str) -> bool:
+    """Whether field ``name`` of config class ``cls`` is a Dict (e.g. layer -> bits)."""
+    hints = typing.get_type_hints(cls)
+    return name in hints and typing.get_origin(hints[name]) is dict
+
+
+def is_entry_mapping(owners: list, key: str, raw) -> bool:
+    """A mapping option written entry by entry: a mapping that is not itself a domain."""
+    return (isinstance(raw, dict) and any(is_mapping_option(m.config_cls, key) for m in owners)
+            and not any(k in raw for k in DOMAIN_KEYS if k != "when"))
+
+
+def check_entry(cls, name: str, domain: Domain, where: Where):
+    """Every value ``domain`` can produce must be a valid value of one entry of mapping option ``name``."""
+    if not is_mapping_option(cls, name):
+        raise where.error(f"option '{name}' of this method is not a mapping", name, "write one value or domain")
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    if isinstance(domain, Choice):
+        values = [(where / "choice" / i, v) for i, v in enumerate(domain.values)]
+    elif isinstance(domain, (IntRange, FloatRange)):
+        kind = "int" if isinstance(domain, IntRange) else "float"
+        values = [(where / kind, domain.low), (where / kind, domain.high)]
+    else:
+        values = [(where, domain.value)]
+    for at, v in values:
+        v = expect_type(v, at, float)
+        if meta.get("low") is not None or meta.get("high") is not None:
+            expect_range(v, at, meta["low"], meta["high"], low_open=meta["low_open"], high_open=meta["high_open"])
+
+
+def _entry_key(pattern, where: Where) -> str:
+    expect_type(pattern, where, str, "write the layer name or 're:' pattern as a string")
+    if not pattern or "/" in pattern:  # Ray Tune splits parameter names at '/'
+        raise where.error("a searched layer name or pattern must be non-empty and free of '/'", pattern,
+                          "write '/' in a regex as \\x2f")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise where.error(f"invalid regular expression: {exc}", pattern, "fix the regex after 're:'") from None
+    return pattern
+
+
+def _entry_params(category: str, key: str, raw: dict, where: Where, owners: list, earlier: dict) -> list:
+    """One parameter ``<category>.<key>.<entry>`` per entry of a mapping option (see the module doc)."""
+    shared = raw.get("when")
+    entries = {k: v for k, v in raw.items() if k != "when"}
+    if not entries:
+        raise where.error("the mapping has no entries", raw, "name at least one layer, or drop the option")
+    shared_conditions = parse_when(shared, where / "when", earlier)
+    out = []
+    for pattern, value in entries.items():
+        at = where / _entry_key(pattern, where / str(pattern))
+        domain, when = parse_domain(value, at)
+        conditions = shared_conditions + parse_when(when, at / "when", earlier)
+        for m in _possible(owners, conditions, category):
+            check_entry(m.config_cls, key, domain, at)
+        name = f"{category}.{key}.{pattern}"
+        out.append(Param(name, domain, conditions))
+        earlier[name] = domain
+    return out
+
+
 def _compression_params(section: dict, where: Where, earlier: dict) -> list:
     out = []
     for category, group in section.items():
@@ -125,13 +206,14 @@ def _compression_params(section: dict, where: Where, earlier: dict) -> list:
                     f"no method chosen in '{category}.method' takes this option", key,
                     f"options of {', '.join(m.name for m in methods) or 'none'}: "
                     f"{', '.join(sorted({f for m in methods for f in field_names(m.config_cls)})) or '(none)'}")
+            if is_entry_mapping(owners, key, raw):
+                out += _entry_params(category, key, raw, at / key, owners, earlier)
+                continue
             domain_k, when_k = parse_domain(raw, at / key)
             conditions = parse_when(when_k, at / key / "when", earlier)
             # an option shared by several methods (e.g. criterion) is checked against the methods its
             # `when` leaves possible, so each method's own choices apply
-            possible = [m for m in owners if all(c.holds({c.param: m.name}) for c in conditions
-                                                 if c.param == f"{category}.method")]
-            for m in possible or owners:
+            for m in _possible(owners, conditions, category):
                 check_domain(m.config_cls, key, domain_k, at / key)
             out.append(Param(f"{category}.{key}", domain_k, conditions))
             earlier[f"{category}.{key}"] = domain_k
@@ -161,6 +243,31 @@ def _constraints(raw, where: Where) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def _method_values(param: Param) -> list:
+    return list(param.domain.values) if isinstance(param.domain, Choice) else [param.domain.value]
+
+
+def _check_combinations(params, where: Where):
+    """Refuse a space in which two stages that cannot be combined (INCOMPATIBLE) can both be chosen.
+
+    Only the two method parameters' own ``when`` conditions on each other are considered: a space
+    makes such a pair exclusive with e.g. ``when: {early_exit.method: none}`` on one of them."""
+    methods = {p.name.partition(".")[0]: p for p in params if p.name.endswith(".method")}
+    for (a, b), why in INCOMPATIBLE.items():
+        if a not in methods or b not in methods:
+            continue
+        pa, pb = methods[a], methods[b]
+        for va in _method_values(pa):
+            for vb in _method_values(pb):
+                values = {pa.name: va, pb.name: vb}
+                own = [c for c in pa.conditions + pb.conditions if c.param in values]
+                if va != "none" and vb != "none" and all(c.holds(values) for c in own):
+                    raise (where / b / "method").error(
+                        f"{a} and {b} stages cannot be combined ({why}), but this space can choose both",
+                        {pa.name: va, pb.name: vb},
+                        f"make them exclusive, e.g. add 'when: {{{a}.method: none}}' to {b}.method, or drop one")
+
+
 def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     where = Where(source)
     data = expect_mapping(data, where)
@@ -187,6 +294,7 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
             "write e.g. 'epochs: 10'; search fine-tuning length with pruning.finetune_epochs")
     params += _compression_params(expect_mapping(data.get("compression") or {}, where / "compression"),
                                   where / "compression", earlier)
+    _check_combinations(params, where / "compression")
     return SearchSpace(
         task=task, family=family.name, params=tuple(params),
         objectives=_objectives(data["objectives"], where / "objectives"),

@@ -96,12 +96,17 @@ def resolve_layer_bits(model: nn.Module, layer_bits: Mapping[str, object]) -> Di
     if not layer_bits:
         raise ConfigError("no layers to quantize", key="layer_bits", value=dict(layer_bits or {}),
                           fix="map layer names or 're:' patterns to (weight bits, activation bits)")
-    from_patterns: Dict[str, Tuple[int, Optional[int]]] = {}
-    exact: Dict[str, Tuple[int, Optional[int]]] = {}
-    for pattern, value in layer_bits.items():
-        bits = _check_pair(pattern, value)
+    return resolve_patterns(model, {p: _check_pair(p, v) for p, v in layer_bits.items()})
+
+
+def resolve_patterns(model: nn.Module, mapping: Mapping[str, object]) -> Dict[str, object]:
+    """{layer name: value} for a {name or 're:' pattern: value} mapping, in model order, with the
+    precedence of :func:`resolve_layer_bits` (exact name first, then the last listed pattern)."""
+    from_patterns: Dict[str, object] = {}
+    exact: Dict[str, object] = {}
+    for pattern, value in mapping.items():
         for name in select_layers(model, [pattern]):
-            (from_patterns if pattern.startswith("re:") else exact)[name] = bits
+            (from_patterns if pattern.startswith("re:") else exact)[name] = value
     chosen = {**from_patterns, **exact}
     order = [n.removeprefix("module.") for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
     return {n: chosen[n] for n in order if n in chosen}

@@ -37,9 +37,9 @@ from automl.errors import ConfigError
 Plan = Dict[str, Tuple[int, Optional[int]]]  # layer -> (weight bits, activation bits or None = float)
 
 
-def _act_bits(value: int) -> Optional[int]:
+def _act_bits(value: int, key: str = "a_bits") -> Optional[int]:
     """0 means float activations; anything else must be a supported width (1 is not)."""
-    return None if value == 0 else qmath.check_bits(value, key="a_bits")
+    return None if value == 0 else qmath.check_bits(value, key=key)
 
 
 class FakeQuantMethod(Method):
@@ -193,7 +193,10 @@ class MixedConfig:
     target_bits: float = option(4.0, low=2.0, high=8.0, doc="parameter-weighted average weight bits to allocate")
     layer_bits: Dict[str, float] = option({}, low=2, high=8,
                                           doc="explicit weight bits per layer (name or 're:'); replaces the allocator")
-    a_bits: int = option(8, low=0, high=8, doc="input activation bits of every quantized layer (0: float)")
+    a_bits: int = option(8, low=0, high=8, doc="input activation bits of the quantized layers (0: float)")
+    layer_a_bits: Dict[str, float] = option({}, low=0, high=8,
+                                            doc="input activation bits per layer (name or 're:'; 0: float), "
+                                                "overriding a_bits")
     criterion: str = option("quantization", choices=("quantization", "hessian"),
                             doc="sensitivity: loss change when quantized, or Hutchinson Hessian trace (HAWQ-v2)")
     min_bits: int = option(2, low=2, high=8, doc="smallest weight width the allocator may choose")
@@ -214,20 +217,39 @@ class Mixed(FakeQuantMethod):
         if self.config.min_bits > self.config.max_bits:
             raise ConfigError("min_bits is above max_bits", key="min_bits", value=self.config.min_bits,
                               fix=f"use a min_bits <= {self.config.max_bits}")
-        for pattern, bits in self.config.layer_bits.items():
-            if not float(bits).is_integer():
-                raise ConfigError("layer bits must be whole numbers", key=f"layer_bits.{pattern}", value=bits,
-                                  fix="write e.g. 4")
-            select_layers(model, [pattern])
+        for field in ("layer_bits", "layer_a_bits"):
+            for pattern, bits in getattr(self.config, field).items():
+                if not float(bits).is_integer():
+                    raise ConfigError("layer bits must be whole numbers", key=f"{field}.{pattern}", value=bits,
+                                      fix="write e.g. 4")
+                select_layers(model, [pattern])
+        # the quantized layers: those layer_bits names, else those the allocator spreads bits over
+        self._activation_bits(model, list(select_layers(model, list(self.config.layer_bits) or self.config.layers)))
+
+    def _activation_bits(self, model, names) -> Dict[str, Optional[int]]:
+        """Input bits (None: float) of each quantized layer: its layer_a_bits entry, else a_bits. Same
+        precedence as layer_bits: an exact name beats any pattern, the last listed pattern wins."""
+        from automl.compress.quantization.qat import resolve_patterns
+
+        default, chosen = _act_bits(self.config.a_bits), {}
+        for pattern, bits in self.config.layer_a_bits.items():
+            key = f"layer_a_bits.{pattern}"
+            if not set(select_layers(model, [pattern])).intersection(names):
+                raise ConfigError("layer_a_bits names no layer this stage quantizes", key=key, value=bits,
+                                  fix=f"quantized layers: {', '.join(names)}; name one of them, or quantize "
+                                      "the layer too (layer_bits / layers)")
+            chosen[pattern] = _act_bits(int(bits), key=key)
+        resolved = resolve_patterns(model, chosen) if chosen else {}
+        return {n: resolved.get(n, default) for n in names}
 
     def _plan(self, model, ctx) -> Plan:
         cfg = self.config
-        a_bits = _act_bits(cfg.a_bits)
         if cfg.layer_bits:
-            plan = {p: (int(b), a_bits) for p, b in cfg.layer_bits.items()}
             from automl.compress.quantization.qat import resolve_layer_bits
 
-            return resolve_layer_bits(model, plan)
+            weights = resolve_layer_bits(model, {p: (int(b), None) for p, b in cfg.layer_bits.items()})
+            a_bits = self._activation_bits(model, list(weights))
+            return {n: (w, a_bits[n]) for n, (w, _) in weights.items()}
         from automl.compress.quantization import mixed
 
         loader = ctx.task.train_loader(batch_size=32, seed=ctx.seed)
@@ -241,15 +263,20 @@ class Mixed(FakeQuantMethod):
             sensitivity = mixed.hessian_sensitivity(model, traces, candidates)
         self.sensitivity = monotone(sensitivity)
         bits = mixed.allocate_bits(self.sensitivity, mixed.parameter_counts(model, names), cfg.target_bits)
-        return {n: (b, a_bits) for n, b in bits.items()}
+        a_bits = self._activation_bits(model, list(bits))
+        return {n: (b, a_bits[n]) for n, b in bits.items()}
 
     def _finalize(self, model, ctx):
         simulated = super()._finalize(model, ctx)
         self.stats["mixed_bits"] = ",".join(f"{n}:{e.w_bits}" for n, e in self.frozen.items())
+        self.stats["mixed_a_bits"] = ",".join(f"{n}:{e.a_bits or 'float'}" for n, e in self.frozen.items())
         return simulated
 
     def label(self) -> str:
-        return f"mixed w{self.stats['quant_avg_w_bits']:.2f}a{self.config.a_bits or 32} (simulated)"
+        """``a8`` when every input has one width, else the range (``a4-8``); float inputs count as 32."""
+        widths = sorted({e.a_bits or 32 for e in (self.frozen or {}).values()}) or [self.config.a_bits or 32]
+        a = str(widths[0]) if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+        return f"mixed w{self.stats['quant_avg_w_bits']:.2f}a{a} (simulated)"
 
 
 @dataclass(frozen=True)
