@@ -245,6 +245,31 @@ def cmd_profile_validate(args) -> int:
     return 0
 
 
+def cmd_profile_model(args) -> int:
+    from collections import Counter
+
+    from automl.hardware.accelerator import ACCELERATORS, build_modelled_profile, layer_model
+    from automl.registry import unknown_name
+
+    if args.accelerator not in ACCELERATORS:
+        raise unknown_name("accelerator", args.accelerator, ACCELERATORS, key="--accelerator")
+    for key in ("batch", "samples"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError("must be at least 1", key="--" + key, value=value)
+    space = _space(args.space)
+    print(f"automl profile model: {space.source} on the modelled {args.accelerator} accelerator -> {args.out}",
+          flush=True)
+    profile = build_modelled_profile(space, accelerator=args.accelerator, batch=args.batch, samples=args.samples,
+                                     reference=args.reference)
+    profile.save(args.out)
+    bounds = Counter(layer_model(k, profile.accelerator).bound for k in profile.entries)
+    print(f"{len(profile.entries)} layer shapes at {args.reference} ({bounds['compute']} compute-bound, "
+          f"{bounds['memory']} memory-bound); other precisions are priced by the model. Latency and energy are "
+          f"MODELLED ({profile.device.cpu_model}), not measured -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl", description="Joint architecture + compression search "
                                      "scored on measured deployed cost.")
@@ -286,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-drop", type=float, default=0.01, help="tolerated accuracy drop per layer (default 0.01)")
     v.add_argument("--write-recipe", help="write a copy of the recipe whose pruning stage has per_layer = the ratios")
     v.set_defaults(fn=cmd_sensitivity)
-    pr = sub.add_parser("profile", help="measure or validate a hardware latency profile")
+    pr = sub.add_parser("profile", help="measure, validate or model a hardware latency profile")
     psub = pr.add_subparsers(dest="profile_command", required=True)
     pm = psub.add_parser("measure", help="measure every distinct layer of a space on this device (resumable)")
     pm.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
@@ -305,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--samples", type=int, default=100, help="random candidates (default 100)")
     pv.add_argument("--out", help="directory for validation.json and validation.png (default: <profile>-validation)")
     pv.set_defaults(fn=cmd_profile_validate)
+    pmo = psub.add_parser("model", help="build a MODELLED profile of an accelerator for a space (no device needed)")
+    pmo.add_argument("--accelerator", required=True, help="accelerator model (bitfusion)")
+    pmo.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
+    pmo.add_argument("--batch", type=int, help="batch size (default: the space's deploy.batch)")
+    pmo.add_argument("--samples", type=int, default=200, help="random configs sampled to find layers (default 200)")
+    pmo.add_argument("--reference", default="w8a8", help="precision the stored entries are computed at (default "
+                     "w8a8; every precision is priced by the model)")
+    pmo.add_argument("--out", required=True, help="profile YAML to write")
+    pmo.set_defaults(fn=cmd_profile_model)
     return parser
 
 

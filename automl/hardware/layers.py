@@ -11,9 +11,11 @@ without the model it came from. Layers are found by tracing with torch.fx and sh
 """
 from __future__ import annotations
 
+import math
 import operator
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -26,6 +28,10 @@ from automl.hardware.energy import LayerCost
 from automl.registry import unknown_name
 
 PRECISIONS = ("fp32", "int8_static", "int8_dynamic")
+# Integer operands of an accelerator that takes any bit-width: 'w4a8' = 4-bit weights, 8-bit activations.
+MAX_PAIR_BITS = 16
+_PAIR = re.compile(r"w(\d{1,2})a(\d{1,2})")
+MAC_OPS = ("conv", "dwconv", "linear")
 ACTS = ("none", "relu", "relu6", "sigmoid")
 _POOL = ("channels", "h", "w", "kernel", "stride", "padding")
 SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
@@ -46,6 +52,27 @@ CHANNEL_FIELDS: Dict[str, Tuple[str, ...]] = {
 _TEXT = {"act": ACTS, "gate": ("channel", "full")}
 
 
+def bit_pair(precision) -> Optional[Tuple[int, int]]:
+    """(weight bits, activation bits) of a 'wXaY' precision (1..16 bits each); None for anything else."""
+    match = _PAIR.fullmatch(precision) if isinstance(precision, str) else None
+    if match is None:
+        return None
+    w, a = int(match[1]), int(match[2])
+    return (w, a) if 1 <= w <= MAX_PAIR_BITS and 1 <= a <= MAX_PAIR_BITS else None
+
+
+def pair_precision(w_bits: int, a_bits: int) -> str:
+    return f"w{int(w_bits)}a{int(a_bits)}"
+
+
+def is_precision(precision) -> bool:
+    """A runtime precision (fp32, int8_static, int8_dynamic) or an integer pair such as 'w4a8'."""
+    return precision in PRECISIONS or bit_pair(precision) is not None
+
+
+PRECISION_HELP = PRECISIONS + (f"wXaY (integer weight / activation bits, 1-{MAX_PAIR_BITS}, e.g. w4a8)",)
+
+
 @dataclass(frozen=True, order=True)
 class LayerKey:
     """One profile entry's identity. ``shape`` holds the op's fields in SHAPE_FIELDS order."""
@@ -59,8 +86,8 @@ class LayerKey:
     def make(cls, op: str, precision: str = "fp32", batch: int = 1, **fields) -> "LayerKey":
         if op not in SHAPE_FIELDS:
             raise unknown_name("layer op", op, SHAPE_FIELDS, key="op")
-        if precision not in PRECISIONS:
-            raise unknown_name("precision", precision, PRECISIONS, key="precision")
+        if not is_precision(precision):
+            raise unknown_name("precision", precision, PRECISION_HELP, key="precision")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError("batch must be a positive integer", key="batch", value=batch)
         want = SHAPE_FIELDS[op]
@@ -160,6 +187,7 @@ def layer_cost(key: LayerKey) -> LayerCost:
 class TracedLayer:
     name: str       # the module (or graph node) the layer starts at
     key: LayerKey
+    input_bits: Optional[int] = None   # bits of a fake-quantizer feeding this layer (free_input_quant tracing)
 
 
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"))
@@ -217,12 +245,39 @@ def _fuse(node: fx.Node, modules, bn: bool):
     return (nxt, has_bn, act) if act else (node, has_bn, "none")
 
 
-def trace_layers(model: nn.Module, example: torch.Tensor, precision: str = "fp32") -> List[TracedLayer]:
-    """The costed layers of ``model`` on ``example`` (batch = its first dimension), in execution order."""
+def _input_quantizers() -> tuple:
+    from automl.compress.quantization.simulated import ActFakeQuant
+
+    return (ActFakeQuant,)
+
+
+def grid_bits(quantizer: nn.Module) -> int:
+    """Bits of a frozen input grid [qmin, qmax] (PACT's symmetric 2**b - 1 levels count as b bits)."""
+    return max(1, math.ceil(math.log2(quantizer.qmax - quantizer.qmin + 1)))
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: tuple):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, module, name):
+        return isinstance(module, self.leaves) or super().is_leaf_module(module, name)
+
+
+def trace_layers(model: nn.Module, example: torch.Tensor, precision: str = "fp32", *,
+                 free_input_quant: bool = False) -> List[TracedLayer]:
+    """The costed layers of ``model`` on ``example`` (batch = its first dimension), in execution order.
+
+    ``free_input_quant``: the frozen input fake-quantizers of a simulated low-bit model (ActFakeQuant)
+    cost nothing -- an integer accelerator quantizes in the previous layer's output path -- and their
+    bit-width is kept as the next layer's ``input_bits``. Without it they are traced as the float ops
+    they are (which a CPU profile cannot price)."""
     was_training = model.training
     model.eval()
+    leaves = _input_quantizers() if free_input_quant else ()
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer(leaves).trace(model)) if leaves else fx.symbolic_trace(model)
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
     except ConfigError:
@@ -236,12 +291,15 @@ def trace_layers(model: nn.Module, example: torch.Tensor, precision: str = "fp32
     modules = dict(gm.named_modules())
     batch = int(example.shape[0])
     make = lambda op, **f: LayerKey.make(op, precision, batch, **f)  # noqa: E731
-    out, done = [], set()
+    out, done, grids = [], set(), {}
     for node in gm.graph.nodes:
         if node in done or node.op in ("placeholder", "output", "get_attr"):
             continue
         name = str(node.target) if node.op == "call_module" else node.name
         module = modules.get(node.target) if node.op == "call_module" else None
+        if leaves and isinstance(module, leaves):
+            grids[node] = grid_bits(module)
+            continue
         if isinstance(module, nn.Conv2d):
             c, h, w = _chw(node.args[0])
             last, bn, act = _fuse(node, modules, bn=True)
@@ -300,7 +358,8 @@ def trace_layers(model: nn.Module, example: torch.Tensor, precision: str = "fp32
         while last is not node:   # mark the absorbed chain
             done.add(last)
             last = last.args[0]
-        out.append(TracedLayer(name, key))
+        source = node.args[0] if node.args else None
+        out.append(TracedLayer(name, key, grids.get(source) if key.op in MAC_OPS else None))
     return out
 
 
@@ -316,8 +375,11 @@ def key_from_dict(data: Mapping) -> LayerKey:
     return LayerKey.make(data.get("op"), data.get("precision", "fp32"), data.get("batch", 1), **dict(shape))
 
 
-def energy_precision(key: LayerKey) -> str:
-    """The energy model's precision: dynamic int8 runs only conv/linear in int8."""
+def energy_precision(key: LayerKey):
+    """The energy model's precision: dynamic int8 runs only conv/linear in int8; a 'wXaY' key its pair."""
+    pair = bit_pair(key.precision)
+    if pair is not None:
+        return pair
     if key.precision == "int8_static" or (key.precision == "int8_dynamic" and key.op in ("conv", "dwconv", "linear")):
         return "int8"
     return "fp32"
@@ -331,5 +393,8 @@ def modelled_energy_mj(key: LayerKey) -> float:
 
 
 def weight_bytes(key: LayerKey) -> int:
-    """Bytes of the layer's weights as deployed (int8 kernels hold 1-byte weights)."""
+    """Bytes of the layer's weights as deployed (int8 kernels hold 1-byte weights, 'wXaY' X-bit ones)."""
+    pair = bit_pair(key.precision)
+    if pair is not None:
+        return math.ceil(layer_cost(key).weights * pair[0] / 8)
     return layer_cost(key).weights * (1 if energy_precision(key) == "int8" else 4)

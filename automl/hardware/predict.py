@@ -9,21 +9,27 @@ channel counts were not measured is interpolated linearly in each channel count 
 nearest measured ones of the same op, geometry and precision (extrapolated linearly beyond them);
 one with no entry of the same op, geometry and precision is a ProfileError naming the op and the
 command that re-profiles. Modelled energy is additive by construction and summed as is.
+
+A modelled accelerator profile (``profile.accelerator``) prices a layer from its entry when it has
+one, else from the analytic model in its accelerator section (``how: modelled``), for any shape and
+any integer pair precision such as 'w4a8'; a float layer there has no kernel (ProfileError). Its
+predictions say ``latency_source: modelled``.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from automl.errors import ConfigError
-from automl.hardware.layers import LayerKey, trace_layers, weight_bytes
+from automl.hardware.accelerator import layer_model
+from automl.hardware.layers import MAC_OPS, LayerKey, TracedLayer, trace_layers, weight_bytes
 from automl.hardware.profile import Correction, HardwareProfile
 
 Point = Tuple[Tuple[float, ...], float]
-_RANK = {"exact": 0, "interpolated": 1, "extrapolated": 2}
+_RANK = {"exact": 0, "modelled": 0, "interpolated": 1, "extrapolated": 2}
 
 
 def _worst(*hows: str) -> str:
@@ -85,6 +91,7 @@ class Prediction:
     spill_mb: float
     precision: str
     layers: Tuple[LayerPrice, ...]
+    latency_source: str = "measured"     # modelled for an analytic accelerator profile
 
     def count(self, how: str) -> int:
         return sum(1 for p in self.layers if p.how == how)
@@ -108,6 +115,9 @@ def price_layer(profile: HardwareProfile, key: LayerKey, *, space: Optional[str]
     entry = profile.entries.get(key)
     if entry is not None:
         return LayerPrice(key, entry.latency_ms, entry.energy_mj, "exact", entry.energy_source)
+    if profile.modelled:
+        layer = layer_model(key, profile.accelerator)
+        return LayerPrice(key, layer.latency_ms, layer.energy_mj, "modelled", "modelled")
     same = _same_signature(profile, key)
     if not same:
         why = "" if key.precision in profile.device.precisions else \
@@ -150,13 +160,37 @@ def predict_keys(profile: HardwareProfile, keys: Sequence[LayerKey], *, space: O
     # measured energy of isolated layers carries the same whole-model effects as their latency
     scale = latency / total if total > 0 else 1.0
     return Prediction(latency_ms=latency, energy_mj=modelled + measured * scale, sum_ms=total, n_layers=len(keys),
-                      spill_mb=spill, precision=precision, layers=prices)
+                      spill_mb=spill, precision=precision, layers=prices,
+                      latency_source="modelled" if profile.modelled else "measured")
 
 
 def predict_model(profile: HardwareProfile, model, example, precision: str = "fp32", *,
-                  space: Optional[str] = None) -> Prediction:
-    """Trace ``model`` on ``example`` (its batch) and predict it at ``precision``."""
-    return predict_keys(profile, [t.key for t in trace_layers(model, example, precision)], space=space)
+                  layer_precisions: Optional[Mapping[str, str]] = None, space: Optional[str] = None) -> Prediction:
+    """Trace ``model`` on ``example`` (its batch) and predict it at ``precision``, or with each conv/linear
+    layer at ``layer_precisions[name]`` (see :func:`assign_precisions`). On a modelled accelerator
+    profile the input fake-quantizers of a simulated low-bit model are free (see trace_layers)."""
+    layers = trace_layers(model, example, precision, free_input_quant=profile.modelled)
+    if layer_precisions is not None:
+        layers = assign_precisions(layers, layer_precisions)
+    return predict_keys(profile, [t.key for t in layers], space=space)
+
+
+def assign_precisions(layers: List[TracedLayer], mac_precision: Mapping[str, str]) -> List[TracedLayer]:
+    """Each conv/linear layer at ``mac_precision[name]``; every other layer (pool, add, ...) at the
+    precision of the next conv/linear layer -- its output is stored at the width that layer reads --
+    or of the last one when none follows."""
+    missing = [t.name for t in layers if t.key.op in MAC_OPS and t.name not in mac_precision]
+    if missing:
+        raise ConfigError("no precision given for these layers", key="layers", value=missing,
+                          fix="give every conv/linear layer a precision")
+    last = next((mac_precision[t.name] for t in reversed(layers) if t.key.op in MAC_OPS), None)
+    result, following = [], None
+    for t in reversed(layers):
+        if t.key.op in MAC_OPS:
+            following = mac_precision[t.name]
+        precision = following or last or t.key.precision
+        result.append(replace(t, key=t.key.replace(precision=precision)))
+    return result[::-1]
 
 
 # Effective shares of L2 the spill fit tries: activations, the input and the runtime's buffers share

@@ -16,6 +16,12 @@ File layout (strict YAML, ``version: 1``)::
     calibration: [{precision: fp32, sum_ms: .., n_layers: .., measured_ms: ..}, ...]
     validation: {...}           # figures of the last `automl profile validate`
 
+A *modelled* profile (``device.kind: accelerator``, e.g. ``automl profile model --accelerator
+bitfusion``) has no measurements: it carries an ``accelerator:`` section with the parameters of an
+analytic model (automl.hardware.accelerator), entries computed by that model at one reference
+precision (energy_source: modelled), and the predictor prices every other precision and shape
+from the section.
+
 ``latency_ms`` is the median of the layer run alone minus the per-call overhead of an empty model,
 both timed in the same interleaved rounds. ``drift`` is the time of a fixed reference layer in those
 rounds over ``protocol.reference_ms`` (the median over all chunks): a chunk whose reference is off by
@@ -33,25 +39,27 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from automl.configs import config_to_dict, option, parse_config
 from automl.errors import ConfigError, ProfileError
-from automl.hardware.layers import PRECISIONS, LayerKey, key_from_dict
+from automl.hardware.accelerator import RUNTIME as MODEL_RUNTIME
+from automl.hardware.accelerator import AcceleratorConfig
+from automl.hardware.layers import PRECISION_HELP, LayerKey, bit_pair, is_precision, key_from_dict
 from automl.io import load_yaml, write_yaml
 from automl.validate import Where, expect_keys, expect_mapping, expect_range, expect_type
 
 PROFILE_VERSION = 1
 ENERGY_SOURCES = ("measured", "modelled")
 TOP_KEYS = ("version", "status", "created", "device", "space", "protocol", "entries", "correction",
-            "calibration", "validation")
+            "calibration", "validation", "accelerator")
 ENTRY_KEYS = ("op", "precision", "batch", "shape", "latency_ms", "raw_ms", "p10_ms", "p90_ms", "runs",
               "energy_mj", "energy_source", "drift")
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    kind: str = option("cpu", choices=("cpu",), doc="device class")
+    kind: str = option("cpu", choices=("cpu", "accelerator"), doc="device class (accelerator: modelled)")
     cpu_model: str = option("unknown", doc="from /proc/cpuinfo")
     logical_cpus: int = option(1, low=1, high=1_000_000)
     threads: int = option(1, low=1, high=4096, doc="intra-op threads the entries were measured with")
-    runtime: str = option("onnxruntime", choices=("onnxruntime", "onnxruntime_int8", "torch"))
+    runtime: str = option("onnxruntime", choices=("onnxruntime", "onnxruntime_int8", "torch", MODEL_RUNTIME))
     runtime_version: str = option("unknown")
     precisions: Tuple[str, ...] = option(("fp32",), doc="precisions the entries cover")
     batch: int = option(1, low=1, high=65_536)
@@ -175,9 +183,18 @@ class HardwareProfile:
     status: str = "partial"
     created: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
     source: Optional[str] = None        # the file it was loaded from / saved to (not serialised)
+    accelerator: Optional[AcceleratorConfig] = None   # the model of a modelled (accelerator) profile
+
+    @property
+    def modelled(self) -> bool:
+        """True for an analytic accelerator profile: nothing in it was measured."""
+        return self.accelerator is not None
 
     def reprofile_command(self, space: Optional[str] = None) -> str:
         space = space or self.space.get("source") or "<space.yaml>"
+        if self.modelled:
+            return (f"automl profile model --accelerator {self.accelerator.name} --space {space} --batch "
+                    f"{self.device.batch} --out {self.source or '<profile.yaml>'}")
         return (f"automl profile measure --space {space} --device {self.device.kind} --threads "
                 f"{self.device.threads} --runtime {self.device.runtime} --out {self.source or '<profile.yaml>'}")
 
@@ -191,7 +208,7 @@ class HardwareProfile:
         return self.corrections.get(precision, Correction())
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "version": PROFILE_VERSION, "status": self.status, "created": self.created,
             "device": config_to_dict(self.device), "space": dict(self.space),
             "protocol": config_to_dict(self.protocol),
@@ -199,6 +216,10 @@ class HardwareProfile:
             "correction": {p: config_to_dict(c) for p, c in self.corrections.items()},
             "calibration": list(self.calibration), "validation": dict(self.validation),
         }
+        if self.modelled:
+            out = {**{k: v for k, v in out.items() if k != "entries"},
+                   "accelerator": config_to_dict(self.accelerator), "entries": out["entries"]}
+        return out
 
     def save(self, path=None) -> Path:
         path = Path(path or self.source)
@@ -262,8 +283,9 @@ def _parse(data, source) -> HardwareProfile:
                            fix=f"use version: {PROFILE_VERSION} (re-measure with 'automl profile measure')")
     device = parse_config(DeviceInfo, data["device"], where / "device")
     for i, p in enumerate(device.precisions):
-        if p not in PRECISIONS:
-            raise (where / "device" / "precisions" / i).error("unknown precision", p, f"use {', '.join(PRECISIONS)}")
+        if not is_precision(p):
+            raise (where / "device" / "precisions" / i).error("unknown precision", p,
+                                                              f"use {', '.join(PRECISION_HELP)}")
     status = data.get("status", "complete")
     if status not in ("partial", "complete"):
         raise (where / "status").error("not one of the allowed values", status, "use partial or complete")
@@ -275,15 +297,39 @@ def _parse(data, source) -> HardwareProfile:
         entries[entry.key] = entry
     corrections = {}
     for p, raw in expect_mapping(data.get("correction") or {}, where / "correction").items():
-        if p not in PRECISIONS:
-            raise (where / "correction" / p).error("unknown precision", p, f"use {', '.join(PRECISIONS)}")
+        if not is_precision(p):
+            raise (where / "correction" / p).error("unknown precision", p, f"use {', '.join(PRECISION_HELP)}")
         corrections[p] = parse_config(Correction, raw, where / "correction" / p)
     space = expect_mapping(data.get("space") or {}, where / "space")
     expect_keys(space, where / "space", ("source", "hash"))
+    accelerator = None
+    if data.get("accelerator") is not None:
+        accelerator = parse_config(AcceleratorConfig, data["accelerator"], where / "accelerator")
+    _check_modelled(device, accelerator, entries, where)
     return HardwareProfile(
         device=device, protocol=parse_config(Protocol, data.get("protocol"), where / "protocol"),
         entries=entries, corrections=corrections,
         calibration=list(expect_type(data.get("calibration") or [], where / "calibration", list)),
         validation=dict(expect_mapping(data.get("validation") or {}, where / "validation")),
         space={k: str(v) for k, v in space.items()}, status=status,
-        created=str(data.get("created", "")), source=source)
+        created=str(data.get("created", "")), source=source, accelerator=accelerator)
+
+
+def _check_modelled(device: DeviceInfo, accelerator, entries: Dict[LayerKey, Entry], where: Where) -> None:
+    """A modelled profile says so everywhere: device kind, model runtime, the accelerator section and
+    integer-pair entries with modelled energy; a measured one has none of them."""
+    modelled = device.kind == "accelerator"
+    if modelled != (accelerator is not None) or modelled != (device.runtime == MODEL_RUNTIME):
+        raise (where / "device").error(
+            "a modelled accelerator profile needs device.kind: accelerator, device.runtime: "
+            f"{MODEL_RUNTIME} and an accelerator section together", {"kind": device.kind, "runtime": device.runtime,
+                                                                    "accelerator": accelerator is not None},
+            "rebuild it with 'automl profile model', or measure a CPU profile with 'automl profile measure'")
+    if not modelled:
+        return
+    for i, (key, entry) in enumerate(entries.items()):
+        if bit_pair(key.precision) is None or entry.energy_source != "modelled":
+            raise (where / "entries" / i).error(
+                "an accelerator profile holds modelled integer-pair entries only (the accelerator has no "
+                "float or runtime-int8 kernel)", f"{key.precision}, energy_source {entry.energy_source}",
+                "use a precision such as w8a8 and energy_source: modelled")

@@ -147,6 +147,10 @@ def validate_profile(profile: HardwareProfile, space, out_dir, *, samples: int =
                      save_profile: bool = True) -> Dict[str, object]:
     """Predict and measure ``samples`` random candidates; write validation.json and validation.png to
     ``out_dir`` and store the figures in the profile (saved back to its file)."""
+    if profile.modelled:
+        raise ConfigError("a modelled profile has no device to measure candidates on", key="--profile",
+                          value=profile.device.runtime,
+                          fix="validate a measured profile (automl profile measure); a modelled one is only predicted")
     out_dir = Path(out_dir)
     cands = sample_candidates(space, samples, seed=seed, runtime=profile.device.runtime, batch=profile.device.batch,
                               task=task)

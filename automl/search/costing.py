@@ -5,19 +5,26 @@ model (``predict_model`` at the precision it deployed at), so trials need not ru
 machine or on the target device. The latency measured inside the trial is kept as
 ``measured_latency_ms`` only when asked (``measure_trials``). A profile measured with other threads,
 batch or runtime than the space deploys with would price another setup: that is refused up front.
+
+A modelled accelerator profile (``automl profile model``) prices each conv/linear layer at its own
+bit-widths (see :func:`accelerator_precisions`); its latency and energy are reported as modelled
+(``latency_source`` / ``energy_source``), and only its batch has to match the space (the space's
+threads and runtime describe the CPU that evaluates accuracy, not the accelerator).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from automl.configs import config_to_dict
 from automl.errors import ConfigError, ProfileError
-from automl.hardware.layers import PRECISIONS
-from automl.hardware.predict import Prediction, predict_model
+from automl.hardware.accelerator import float_precision
+from automl.hardware.layers import MAC_OPS, PRECISIONS, TracedLayer, trace_layers
+from automl.hardware.predict import Prediction, assign_precisions, predict_keys, predict_model
 from automl.hardware.profile import HardwareProfile
 from automl.io import load_yaml, write_yaml
 
@@ -46,11 +53,94 @@ class Costing:
         measured = {k: out.pop(k) for k in MEASURED_KEYS if k in out}
         if self.measure_trials:
             out.update({f"measured_{k}": v for k, v in measured.items()})
+        if self.profile.modelled:
+            pred, bits = predict_on_accelerator(self.profile, model, example, metrics, precision_label,
+                                                space=space_source)
+            out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=energy_source(pred),
+                       latency_source="modelled", predicted_precision="+".join(dict.fromkeys(bits.values())),
+                       predicted_layer_bits=",".join(f"{_plan_name(n)}:{p}" for n, p in bits.items()),
+                       predicted_extrapolated_layers=0)
+            return out
         precision = profile_precision(precision_label, self.profile)
         pred = predict_model(self.profile, model, example, precision, space=space_source)
         out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=energy_source(pred),
                    predicted_precision=precision, predicted_extrapolated_layers=pred.count("extrapolated"))
         return out
+
+
+# Per-layer weight bits a fake-quant method records in its stats ('name:bits,...'): the generic key
+# first, then the mixed method's.
+W_BITS_STATS = ("quant_w_bits", "mixed_bits")
+_QAT_LABEL = re.compile(r"w(\d+)a(\d+) \(simulated\)")
+_WEIGHT_ONLY_LABEL = re.compile(r"w(\d+) \(simulated, weight-only\)")
+_LEVELS = {"binary weights (simulated)": (1, 2), "ternary weights (simulated)": (2, 3)}   # bits, values per row
+
+
+def _plan_name(name: str) -> str:
+    """A quantized layer's name in its method's plan (a simulated model holds it as <name>.layer)."""
+    return name[: -len(".layer")] if name.endswith(".layer") else name
+
+
+def _recorded_bits(metrics: Dict) -> Optional[Dict[str, int]]:
+    for stat in W_BITS_STATS:
+        text = metrics.get(stat)
+        if isinstance(text, str) and text.strip():
+            pairs = [item.rpartition(":") for item in text.split(",")]
+            return {name.strip(): int(bits) for name, _, bits in pairs if bits.strip().isdigit()}
+    return None
+
+
+def _row_values(module) -> int:
+    """The most distinct weight values in one output channel (2 for binary, 3 for ternary weights)."""
+    weight = module.weight.detach().flatten(1)
+    return max(len(row.unique()) for row in weight)
+
+
+def accelerator_precisions(profile: HardwareProfile, model, layers: List[TracedLayer], metrics: Dict,
+                           label: str) -> Dict[str, str]:
+    """{conv/linear layer name: 'wXaY'} of a candidate deployed at precision ``label`` on a modelled profile.
+
+    Weight bits: the per-layer record of the method where it keeps one (stats ``quant_w_bits``, or
+    ``mixed_bits`` of the mixed method; layers it does not list stayed float), else the label: int8
+    methods w8a8 everywhere; qat 'wXaY (simulated)' X bits (8 for a first/last layer kept at int8,
+    seen by an 8-bit input grid or by more values per row than X bits hold -- a small first/last
+    layer with an a8 label can pass for X bits; float for one without an input grid); data-free
+    'wX (simulated, weight-only)' X bits; binary / ternary 1 / 2 bits on the layers whose rows hold
+    at most 2 / 3 values. Activation bits: the layer's own input grid in the model (exact), else float. Float
+    weights or inputs run at the profile's ``accelerator.float_bits`` fixed point (or are refused)."""
+    recorded = _recorded_bits(metrics)
+    int8 = label in ("int8_static", "int8_dynamic") or label in STATIC_INT8_LABELS
+    qat, weight_only, levels = _QAT_LABEL.fullmatch(label), _WEIGHT_ONLY_LABEL.fullmatch(label), _LEVELS.get(label)
+    out = {}
+    for t in layers:
+        if t.key.op not in MAC_OPS:
+            continue
+        name, a = _plan_name(t.name), t.input_bits
+        if int8:
+            w, a = 8, 8
+        elif recorded is not None:
+            w = recorded.get(name)
+        elif qat:
+            w = None if a is None and qat[2] != "32" else int(qat[1])
+            # a first/last layer kept at int8 shows an 8-bit input grid, or more values per row than X bits hold
+            if w is not None and ((a == 8 and qat[2] != "8") or _row_values(model.get_submodule(t.name)) > 2 ** w):
+                w = 8
+        elif weight_only:
+            w = int(weight_only[1])
+        elif levels:
+            w = levels[0] if _row_values(model.get_submodule(t.name)) <= levels[1] else None
+        else:
+            w = None
+        out[t.name] = float_precision(profile.accelerator, w, a, where=f"layer '{name}' (deployed as '{label}')")
+    return out
+
+
+def predict_on_accelerator(profile: HardwareProfile, model, example, metrics: Dict, label: str, *,
+                           space: Optional[str] = None):
+    """(prediction, {conv/linear layer: precision}) of a trained candidate on a modelled profile."""
+    layers = trace_layers(model, example, "fp32", free_input_quant=True)
+    bits = accelerator_precisions(profile, model, layers, metrics, label)
+    return predict_keys(profile, [t.key for t in assign_precisions(layers, bits)], space=space), bits
 
 
 def profile_precision(label: str, profile: Optional[HardwareProfile] = None) -> str:
@@ -88,21 +178,24 @@ def check_profile(profile: HardwareProfile, space) -> HardwareProfile:
     deploy = space.deploy
     allowed = PROFILE_RUNTIMES.get(deploy.runtime, (deploy.runtime,))
     clash = []
-    if profile.device.threads != deploy.threads:
+    # a modelled accelerator is the target itself: the space's threads and runtime are the CPU's
+    if profile.device.threads != deploy.threads and not profile.modelled:
         clash.append(("device.threads", profile.device.threads, deploy.threads, "deploy.threads", "--threads"))
     if profile.device.batch != deploy.batch:
         clash.append(("device.batch", profile.device.batch, deploy.batch, "deploy.batch", "--batch"))
-    if profile.device.runtime not in allowed:
+    if profile.device.runtime not in allowed and not profile.modelled:
         clash.append(("device.runtime", profile.device.runtime, deploy.runtime, "deploy.runtime", "--runtime"))
     if clash:
         text = "; ".join(f"{k} is {p!r} in the profile but the space deploys with {sk}: {s!r}"
                          for k, p, s, sk, _ in clash)
         flags = " ".join(f"{flag} {s}" for _, _, s, _, flag in clash)
+        command = (f"automl profile model --accelerator {profile.accelerator.name}" if profile.modelled
+                   else "automl profile measure")
         raise ProfileError(f"the profile does not match the space's deploy settings ({text})", file=where,
                            key=", ".join(c[0] for c in clash),
                            value={c[0]: c[1] for c in clash},
-                           fix=f"measure a profile for this setup ('automl profile measure --space "
-                               f"{space.source or '<space.yaml>'} {flags} --out <new profile.yaml>'), or set "
+                           fix=f"{'build' if profile.modelled else 'measure'} a profile for this setup ('{command} "
+                               f"--space {space.source or '<space.yaml>'} {flags} --out <new profile.yaml>'), or set "
                                + ", ".join(f"{sk}: {p}" for _, p, _, sk, _ in clash) + " in the space")
     return profile
 
@@ -137,6 +230,10 @@ def load_costing(profile, space, *, measure_trials: bool = False, measure_front:
         return None
     loaded = profile if isinstance(profile, HardwareProfile) else HardwareProfile.load(profile)
     source = str(loaded.source) if loaded.source else "<profile given in memory>"
+    if loaded.modelled and measure_front:
+        raise ConfigError("--measure-front times the Pareto front on this CPU, but the profile models an "
+                          f"accelerator ({loaded.device.cpu_model}) that is not here", key="--measure-front",
+                          value=source, fix="drop --measure-front; a modelled profile has no device to compare with")
     costing = Costing(check_profile(loaded, space), source, measure_trials, measure_front)
     check_metrics(space, costing)
     return costing
@@ -177,6 +274,8 @@ VALIDATION_KEYS = ("samples", "within_10pct", "within_5pct", "kendall_tau", "rms
 def profile_report(costing: Costing, space) -> Dict:
     """The profile's identity and quality, and where each metric comes from."""
     p = costing.profile
+    if p.modelled:
+        return _modelled_report(costing, space)
     energy = _one_source(e.energy_source for e in p.entries.values())
     sources = {
         "latency_ms": "predicted from the hardware profile (per-layer entries + fitted whole-model correction)",
@@ -196,4 +295,29 @@ def profile_report(costing: Costing, space) -> Dict:
         "corrections": {k: {"models": c.models, "rmspe": c.rmspe} for k, c in p.corrections.items()},
         "validation": {k: p.validation[k] for k in VALIDATION_KEYS if k in p.validation},
         "metric_sources": sources,
+    }
+
+
+def _modelled_report(costing: Costing, space) -> Dict:
+    """profile_report of a modelled accelerator profile: every cost metric says it is modelled."""
+    p = costing.profile
+    acc = p.accelerator
+    sources = {
+        "latency_ms": f"MODELLED, not measured: analytic {acc.name} model ({p.device.cpu_model}); per layer "
+                      "max(bit-brick compute cycles, DRAM cycles) / clock, each conv/linear at its own bit-widths",
+        "energy_mj": "MODELLED, not measured: Horowitz 45 nm MAC energy scaled by bit-width plus SRAM and DRAM "
+                     "traffic per layer",
+        "accuracy": "measured: validation accuracy of the deployed model (simulated low-bit models compute in "
+                    "float on this CPU)",
+        "test_accuracy": "measured: test accuracy of the deployed model",
+        "size_kb": "measured: deflate-compressed size of the deployed file",
+    }
+    if costing.measure_trials:
+        sources["measured_latency_ms"] = ("measured inside each trial on this CPU (onnxruntime), not on the "
+                                          "accelerator")
+    return {
+        "path": costing.source, "status": p.status, "created": p.created, "device": config_to_dict(p.device),
+        "accelerator": config_to_dict(acc), "measured_for_space": dict(p.space),
+        "same_space": p.space.get("hash") == space.hash, "entries": len(p.entries), "energy_source": "modelled",
+        "latency_source": "modelled", "corrections": {}, "validation": {}, "metric_sources": sources,
     }

@@ -95,6 +95,12 @@ def _signed(value) -> str:
 
 def _profile_markdown(info: Dict) -> List[str]:
     dev, val = info["device"], info["validation"]
+    if info.get("latency_source") == "modelled":
+        lines = ["## Hardware profile (MODELLED, not measured)", "",
+                 f"- file: `{info['path']}` ({info['entries']} entries), an analytic model of {dev['runtime']}: "
+                 "every latency and energy below is predicted by the model, nothing was measured", ""]
+        lines += ["Where each metric comes from:", ""]
+        return lines + [f"- {k}: {v}" for k, v in info["metric_sources"].items()] + [""]
     lines = ["## Hardware profile", "",
              f"- file: `{info['path']}` ({info['entries']} entries, {info['status']}, created {info['created']})",
              f"- device: {dev['cpu_model']}, {dev['threads']} thread(s), batch {dev['batch']}, {dev['runtime']} "

@@ -111,7 +111,9 @@ class FakeQuantMethod(Method):
             self.frozen = freeze(model)
         simulated = simulated_model(model, self.frozen)
         self.plain = model  # quantized weights, float inputs: what a real int8 export starts from
-        self.stats = {"quant_layers": len(self.frozen), "quant_avg_w_bits": average_bits(self.frozen, model)}
+        self.stats = {"quant_layers": len(self.frozen), "quant_avg_w_bits": average_bits(self.frozen, model),
+                      # per-layer weight bits: a modelled accelerator profile prices each layer at its own
+                      "quant_w_bits": ",".join(f"{n}:{e.w_bits}" for n, e in self.frozen.items())}
         return simulated
 
     def label(self) -> str:
