@@ -165,3 +165,31 @@ def test_early_exit_expected_cost():
         expected_cost([1.0, 2.0], [0.5, 0.8])
     with pytest.raises(ConfigError, match="sum to at most 1"):
         reach_probabilities([0.7, 0.6])
+
+
+def test_early_exit_model_is_priced_as_the_expected_cost_over_segments():
+    from automl.compress.early_exit import EarlyExitModel
+    from automl.hardware.layers import trace_layers
+    from automl.hardware.predict import predict_early_exit
+    from automl.tasks import get_task
+
+    task = get_task("digits")
+    torch.manual_seed(0)
+    model = task.build_model("cnn", {"width": 16, "depth": 3})
+    ee = EarlyExitModel.from_model(model, exits=[0, 1], example=task.example_input(2)).eval()
+    ee.joint_output = False
+    example = task.example_input(1)
+    segments, h = [], example
+    with torch.no_grad():
+        for seg, head in zip(ee.segments, ee.exit_heads):
+            segments.append(trace_layers(torch.nn.Sequential(seg, head), h))
+            h = seg(h)
+    keys = [t.key for layers in segments for t in layers]
+    prof = profile_of(keys)
+    pred = predict_early_exit(prof, ee, example, [0.5, 0.3])
+    seg_ms = [sum(synthetic_ms(t.key) for t in layers) for layers in segments]
+    assert pred.reach == (1.0, 0.5, 0.2)
+    assert pred.latency_ms == pytest.approx(seg_ms[0] + 0.5 * seg_ms[1] + 0.2 * seg_ms[2])
+    assert predict_early_exit(prof, ee, example, [0.0, 0.0]).latency_ms == pytest.approx(sum(seg_ms))
+    with pytest.raises(ConfigError, match="2 early exits but 1 exit shares"):
+        predict_early_exit(prof, ee, example, [0.5])

@@ -93,8 +93,9 @@ class ExitHead(nn.Module):
     """
 
     def __init__(self, channels: int, num_classes: int, hidden: int = 0, pool: int = 1,
-                 spatial: Tuple[int, int] = (1, 1)):
+                 spatial: Tuple[int, int] = (1, 1), vector: bool = False):
         super().__init__()
+        self.vector = vector  # fed (N, C) vectors rather than maps; fixed here so forward traces
         grid = (min(pool, spatial[0]), min(pool, spatial[1]))
         features = channels * grid[0] * grid[1]
         # Pooling a map to its own size is a no-op that would still cost graph nodes when deployed.
@@ -106,7 +107,7 @@ class ExitHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x if x.dim() == 4 else x[:, :, None, None])
+        return self.net(x[:, :, None, None] if self.vector else x)
 
 
 # -- pure decision helpers ------------------------------------------------------------------------------
@@ -212,7 +213,8 @@ class EarlyExitModel(nn.Module):
                 shapes.append(h.shape)
             num_classes = head.eval()(h).shape[1]
         self.exit_heads = nn.ModuleList(
-            ExitHead(s[1], num_classes, head_size, head_pool, tuple(s[2:4]) if len(s) == 4 else (1, 1))
+            ExitHead(s[1], num_classes, head_size, head_pool, tuple(s[2:4]) if len(s) == 4 else (1, 1),
+                     vector=len(s) != 4)
             for s in shapes[:-1])
         self.exit_heads.append(head)
         self.num_classes = num_classes

@@ -273,6 +273,44 @@ def reach_probabilities(exit_shares: Sequence[float]) -> List[float]:
     return out
 
 
+@dataclass(frozen=True)
+class ExitPrediction:
+    """An early-exit model's expected cost and the per-segment predictions it comes from."""
+
+    latency_ms: float
+    energy_mj: float
+    reach: Tuple[float, ...]
+    segments: Tuple[Prediction, ...]
+
+    def count(self, how: str) -> int:
+        return sum(p.count(how) for p in self.segments)
+
+
+def predict_early_exit(profile: HardwareProfile, model, example, exit_shares: Sequence[float],
+                       precision: str = "fp32", *, space: Optional[str] = None) -> ExitPrediction:
+    """Expected latency and energy of an early-exit model (``automl.compress.early_exit.EarlyExitModel``).
+
+    Each segment (its blocks and its exit head, one deployed graph) is predicted on the features that
+    reach it; the expectation weighs segment i by P(reach i) from ``exit_shares``, the share of inputs
+    leaving at each early exit (e.g. measured on the validation split)."""
+    import torch
+    import torch.nn as nn
+
+    graphs, h = [], example
+    with torch.no_grad():
+        for segment, head in zip(model.segments, model.exit_heads):
+            graphs.append((nn.Sequential(segment, head).eval(), h))
+            h = segment.eval()(h)
+    if len(exit_shares) != len(graphs) - 1:
+        raise ConfigError(f"the model has {len(graphs) - 1} early exits but {len(exit_shares)} exit shares "
+                          "were given", key="exit_shares", value=list(exit_shares), fix="give one share per early exit")
+    reach = reach_probabilities(exit_shares)
+    preds = [predict_model(profile, g, x, precision, space=space) for g, x in graphs]
+    return ExitPrediction(latency_ms=expected_cost([p.latency_ms for p in preds], reach),
+                          energy_mj=expected_cost([p.energy_mj for p in preds], reach),
+                          reach=tuple(reach), segments=tuple(preds))
+
+
 def entry_table(profile: HardwareProfile) -> Mapping[str, float]:
     """{key id: latency_ms}, for reports."""
     return {k.id: e.latency_ms for k, e in sorted(profile.entries.items())}

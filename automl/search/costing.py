@@ -24,7 +24,8 @@ from automl.configs import config_to_dict
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.accelerator import float_precision
 from automl.hardware.layers import MAC_OPS, PRECISIONS, TracedLayer, trace_layers
-from automl.hardware.predict import Prediction, assign_precisions, predict_keys, predict_model
+from automl.hardware.predict import (Prediction, assign_precisions, predict_early_exit, predict_keys,
+                                     predict_model)
 from automl.hardware.profile import HardwareProfile
 from automl.io import load_yaml, write_yaml
 
@@ -62,10 +63,25 @@ class Costing:
                        predicted_extrapolated_layers=0)
             return out
         precision = profile_precision(precision_label, self.profile)
-        pred = predict_model(self.profile, model, example, precision, space=space_source)
-        out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=energy_source(pred),
+        shares = _exit_shares(metrics)
+        if shares is not None:  # early exit: the expected cost over segments, weighed by P(reach)
+            pred = predict_early_exit(self.profile, model, example, shares, precision, space=space_source)
+            source = energy_source(pred.segments[0])
+            out["predicted_exit_reach"] = ",".join(f"{r:.3f}" for r in pred.reach)
+        else:
+            pred = predict_model(self.profile, model, example, precision, space=space_source)
+            source = energy_source(pred)
+        out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=source,
                    predicted_precision=precision, predicted_extrapolated_layers=pred.count("extrapolated"))
         return out
+
+
+def _exit_shares(metrics: Dict) -> Optional[List[float]]:
+    """The validation share leaving at each early exit, from an early-exit model's stats (else None)."""
+    text = metrics.get("exit_fractions_val")
+    if not isinstance(text, str) or not text:
+        return None
+    return [float(v) for v in text.split(",")][:-1]
 
 
 # Per-layer weight bits a fake-quant method records in its stats ('name:bits,...'): the generic key
