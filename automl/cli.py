@@ -77,13 +77,15 @@ def cmd_apply(args) -> int:
 
     torch.save(result.model.state_dict(), out / "model.pt")
     recipe.save(out / "recipe.yaml")
-    metrics = {**result.metrics, "artifact": result.artifact.path.name,
+    # paths relative to --out: the file that runs (ONNX, or an early-exit manifest) and what ships
+    metrics = {**result.metrics, "artifact": str(result.artifact.path.relative_to(out)),
+               "deployed_files": [str(f.relative_to(out)) for f in result.artifact.deployed_files()],
                "recorded": {k: v for k, v in recipe.metrics.items() if k in result.metrics}}
     write_json(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in result.metrics.items()}, indent=1, default=str))
     if "accuracy" in recipe.metrics:
         print(f"accuracy {result.metrics['accuracy']:.4f} (recorded by the search: "
-              f"{recipe.metrics['accuracy']:.4f}); deployed model: {out / result.artifact.path.name}")
+              f"{recipe.metrics['accuracy']:.4f}); deployed model: {result.artifact.path}")
     return 0
 
 
