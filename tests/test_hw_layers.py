@@ -170,3 +170,19 @@ def test_candidate_keeps_multiples_of_round_to():
               "pruning.round_to": 8}
     convs = [t.key for t in build_candidate(space, config).layers if t.key.op == "conv"]
     assert [(k["in_ch"], k["out_ch"]) for k in convs] == [(1, 8), (8, 24)]
+
+
+def test_adaptive_pool_to_a_dividing_grid_is_an_average_pool():
+    import torch
+    import torch.nn as nn
+
+    from automl.errors import ConfigError
+    from automl.hardware.layers import trace_layers
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    keys = [t.key for t in trace_layers(model, torch.zeros(1, 1, 8, 8))]
+    pool = next(k for k in keys if k.op == "avgpool")
+    assert (pool["kernel"], pool["stride"], pool["h"]) == (4, 4, 8)
+    odd = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 3))
+    with pytest.raises(ConfigError, match="divides the map evenly"):
+        trace_layers(odd, torch.zeros(1, 1, 8, 8))

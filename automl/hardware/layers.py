@@ -325,11 +325,17 @@ def trace_layers(model: nn.Module, example: torch.Tensor, precision: str = "fp32
                              kernel=_square(module, "kernel_size", name),
                              stride=_square(module, "stride", name), padding=_square(module, "padding", name)), node
         elif isinstance(module, nn.AdaptiveAvgPool2d):
-            if tuple(node.meta["tensor_meta"].shape)[2:] != (1, 1):
-                raise ConfigError("the profiler handles AdaptiveAvgPool2d to 1x1 only", key=name,
-                                  value=module.output_size, fix="pool to 1 (global average pooling)")
             c, h, w = _chw(node.args[0])
-            key, last = make("gap", channels=c, h=h, w=w), node
+            gh, gw = tuple(node.meta["tensor_meta"].shape)[2:]
+            if (gh, gw) == (1, 1):
+                key, last = make("gap", channels=c, h=h, w=w), node
+            elif h % gh == 0 and w % gw == 0 and h // gh == w // gw:
+                # to a grid that divides the map: the plain average pool the ONNX export writes
+                k = h // gh
+                key, last = make("avgpool", channels=c, h=h, w=w, kernel=k, stride=k, padding=0), node
+            else:
+                raise ConfigError("the profiler handles AdaptiveAvgPool2d to 1x1 or to a grid that divides the "
+                                  "map evenly", key=name, value=(gh, gw), fix="pool to 1, or to a divisor of the map")
         elif isinstance(module, nn.BatchNorm2d):
             c, h, w = _chw(node.args[0])
             key, last = make("bn", channels=c, h=h, w=w), node

@@ -7,6 +7,9 @@ at a time (plus an empty model and a fixed reference layer) are warmed up, then 
 ``rel_tol`` (or ``abs_tol_ms``) for ``stable_rounds`` rounds after ``min_repeats`` calls, or
 ``max_repeats`` is reached. Interleaving spreads the machine's drift over all runners of a chunk;
 the empty model timed in the same rounds gives the per-call overhead subtracted from each entry.
+An early-exit candidate with an exit plan runs through its deployed runner, one runner per batch of
+the plan's inputs; its latency is the mean over those batches of their medians (the cost depends on
+where each input leaves, so no single example represents it).
 A fixed reference layer timed in every chunk (of layers and of whole models) shows when the shared
 machine was busier than usual: such a chunk is measured again (see ``Protocol.max_drift``). Times
 are not rescaled by the reference: measured here, a busy neighbour slowed the reference layer by 26%
@@ -49,6 +52,7 @@ class Stats:
     runs: int
     energy_uj: Optional[float] = None   # package energy over all timed runs, when RAPL is readable
     drift: float = 1.0                  # reference time in this chunk / its usual time
+    exit_shares: Optional[Tuple[float, ...]] = None   # early exit: share of the inputs leaving at each early exit
 
 
 class Progress:
@@ -227,26 +231,82 @@ def measure_layers(keys: Sequence[LayerKey], *, runtime: str, threads: int, prot
     return {k: stats[k.id] for k in keys}, stats[OVERHEAD], stats[REFERENCE]
 
 
+def _time_with_reference(runners: Dict[str, Callable[[], object]], runtime: str, threads: int, protocol: Protocol,
+                         work_dir: Path) -> Tuple[Dict[str, Stats], float]:
+    """Time ``runners`` interleaved, with the reference layer when the protocol has its usual time, measuring
+    again while the machine drifts (with_retries); returns (stats, drift)."""
+    runners = dict(runners)
+    if protocol.reference_ms > 0:
+        runners[REFERENCE] = layer_runner(REFERENCE_KEY, runtime, threads, work_dir)
+
+    def attempt():
+        stats = time_interleaved(runners, protocol)
+        return stats, stats[REFERENCE].median_ms if REFERENCE in stats else None
+    return with_retries(attempt, protocol, protocol.reference_ms)
+
+
+def early_exit_runners(candidate, runtime: str, threads: int, work_dir: Path
+                       ) -> Tuple[Dict[str, Callable[[], object]], Tuple[float, ...]]:
+    """One runner per batch of ``candidate.exit_plan.inputs`` through the deployed early-exit model (the
+    segment graphs of ``export_early_exit`` chained by EarlyExitRunner; torch: ``EarlyExitModel.infer``),
+    and the share of the inputs leaving at each early exit there."""
+    plan = candidate.exit_plan
+    if candidate.precision != "fp32":
+        raise ProfileError("early exit deploys float segment graphs only", key="precision",
+                           value=candidate.precision, fix="validate early-exit candidates with an fp32 profile")
+    size = candidate.example.shape[0]
+    x = plan.inputs.detach().numpy().astype(np.float32)
+    batches = [np.ascontiguousarray(x[i:i + size]) for i in range(0, len(x) - size + 1, size)]
+    if runtime == "torch":
+        torch.set_num_threads(threads)
+        model, tensors = candidate.model.eval(), [torch.from_numpy(b) for b in batches]
+        run = lambda b: model.infer(b, list(plan.thresholds), plan.criterion)  # noqa: E731
+        inputs = tensors
+    else:
+        from automl.compress.early_exit_export import EarlyExitRunner, export_early_exit
+
+        manifest = export_early_exit(candidate.model, candidate.example[:1], Path(work_dir) / "early_exit",
+                                     list(plan.thresholds), plan.criterion)
+        run, inputs = EarlyExitRunner.load(manifest.parent, threads=threads), batches
+    taken = np.concatenate([np.asarray(run(b)[1]) for b in inputs])
+    counts = np.bincount(taken, minlength=len(plan.thresholds) + 1)
+    shares = tuple(float(c) / len(taken) for c in counts[:-1])
+    return {f"batch_{j}": (lambda b=b: run(b)) for j, b in enumerate(inputs)}, shares
+
+
+def measure_early_exit(candidate, *, runtime: str, threads: int, protocol: Protocol) -> Stats:
+    """An early-exit candidate's mean latency per call over its plan's inputs (see the module docstring),
+    with the exit shares its deployed runner produced on them."""
+    with tempfile.TemporaryDirectory(prefix="automl-exits-") as tmp:
+        runners, shares = early_exit_runners(candidate, runtime, threads, Path(tmp))
+        names = list(runners)
+        stats, drift = _time_with_reference(runners, runtime, threads, protocol, Path(tmp))
+    mean = lambda f: float(np.mean([getattr(stats[n], f) for n in names]))  # noqa: E731
+    return Stats(mean("median_ms"), mean("p10_ms"), mean("p90_ms"), sum(stats[n].runs for n in names),
+                 drift=drift, exit_shares=shares)
+
+
 def measure_candidates(candidates: Sequence, *, runtime: str, threads: int, protocol: Protocol,
                        progress: Optional[Progress] = None) -> List[Stats]:
     """Whole candidates, ``protocol.chunk`` at a time interleaved; one Stats per candidate. With
-    ``protocol.reference_ms`` set, a chunk measured while the machine drifted is measured again."""
-    out: List[Stats] = []
-    for start in range(0, len(candidates), protocol.chunk):
-        chunk = candidates[start:start + protocol.chunk]
+    ``protocol.reference_ms`` set, a chunk measured while the machine drifted is measured again. An
+    early-exit candidate with an exit plan is measured alone through its runner (measure_early_exit)."""
+    out: List[Optional[Stats]] = [None] * len(candidates)
+    whole = [i for i, c in enumerate(candidates) if getattr(c, "exit_plan", None) is None]
+    for start in range(0, len(whole), protocol.chunk):
+        chunk = whole[start:start + protocol.chunk]
         with tempfile.TemporaryDirectory(prefix="automl-models-") as tmp:
-            runners = {f"model_{start + i}": model_runner(c, runtime, threads, Path(tmp), f"model_{start + i}")
-                       for i, c in enumerate(chunk)}
-            if protocol.reference_ms > 0:
-                runners[REFERENCE] = layer_runner(REFERENCE_KEY, runtime, threads, Path(tmp))
-
-            def attempt():
-                stats = time_interleaved(runners, protocol)
-                return stats, stats[REFERENCE].median_ms if REFERENCE in stats else None
-            stats, drift = with_retries(attempt, protocol, protocol.reference_ms)
-        out += [replace(stats[f"model_{start + i}"], drift=drift) for i in range(len(chunk))]
+            runners = {f"model_{i}": model_runner(candidates[i], runtime, threads, Path(tmp), f"model_{i}")
+                       for i in chunk}
+            stats, drift = _time_with_reference(runners, runtime, threads, protocol, Path(tmp))
+        for i in chunk:
+            out[i] = replace(stats[f"model_{i}"], drift=drift)
         if progress:
             progress.update(len(chunk))
+    for i in (i for i, c in enumerate(candidates) if getattr(c, "exit_plan", None) is not None):
+        out[i] = measure_early_exit(candidates[i], runtime=runtime, threads=threads, protocol=protocol)
+        if progress:
+            progress.update(1)
     return out
 
 
@@ -357,7 +417,8 @@ def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1,
     keys, counts = space_layer_keys(space, runtime=runtime, batch=batch, samples=samples, task=task)
     log(f"{counts['keys']} distinct layers from {counts['models']} distinct models ({counts['configs']} configs"
         + (f"; {counts['skipped']} skipped: {runtime} does not deploy their precision" if counts["skipped"] else "")
-        + f") in {time.perf_counter() - started:.0f} s")
+        + (f"; {counts['invalid']} refused by their method (e.g. more exits than blocks)" if counts.get("invalid")
+           else "") + f") in {time.perf_counter() - started:.0f} s")
     device = detect_device(threads=threads, runtime=runtime, precisions=sorted({k.precision for k in keys}),
                            batch=batch)
     profile = build_profile(keys, out, device=device, protocol=protocol, progress=progress,

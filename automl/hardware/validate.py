@@ -5,6 +5,15 @@ shape, see candidates.py), export and measure them whole on the profile's runtim
 the sum of their entries. Calibration and validation use disjoint seed ranges, so the figures are
 measured on candidates the correction was not fitted on. Whole models are measured with the
 profile's protocol, re-measuring a chunk whose reference layer drifted from the profile's usual time.
+
+Early exit: calibration measures an early-exit candidate's backbone (one graph, as the correction
+prices each deployed graph). Validation gives each early-exit candidate a real exit distribution
+although its heads are untrained: random shares of a set of real inputs are made to leave at each
+exit by placing the thresholds between their confidences (``exit_thresholds``); the deployed runner
+is measured on those inputs at the profile's batch and the prediction (``predict_early_exit``) uses
+the exit shares that runner produced on them. At batch 1 the prediction is the exact expectation;
+at a larger batch a segment runs on the batch's remaining inputs, which the prediction prices as
+its reach times the full batch.
 """
 from __future__ import annotations
 
@@ -14,25 +23,30 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from automl.errors import ConfigError
-from automl.hardware.candidates import RUNTIMES, Candidate, build_candidate
+from automl.hardware.candidates import RUNTIMES, Candidate, ExitPlan, InvalidCandidate, build_candidate
 from automl.hardware.layers import weight_bytes
-from automl.hardware.predict import fit_correction, predict_keys, price_layer
+from automl.hardware.predict import expected_cost, fit_correction, predict_early_exit, predict_keys, price_layer
 from automl.hardware.profile import HardwareProfile
 from automl.io import write_json
 from automl.spaces.adapter import sample_config
 
 CALIBRATION_SEED = 100_000
 VALIDATION_SEED = 200_000
-# candidates -> (latency in ms on the profile's time base, drift of each measurement)
+EXIT_INPUTS = 32    # real inputs an early-exit candidate's exit distribution is measured on
+# candidates -> latency in ms on the profile's time base, or (latency, drift of the measurement), or
+# (latency, drift, exit shares the deployed early-exit runner produced on the candidate's plan inputs)
 MeasureFn = Callable[[Sequence[Candidate]], Sequence]
 
 
 def sample_candidates(space, n: int, *, seed: int, runtime: str, batch: int, task=None,
-                      precision: Optional[str] = None, max_tries: Optional[int] = None) -> List[Candidate]:
+                      precision: Optional[str] = None, max_tries: Optional[int] = None,
+                      keep: Optional[Callable[[Candidate], bool]] = None) -> List[Candidate]:
     """``n`` random candidates (seeds ``seed``, ``seed + 1`` ...) that ``runtime`` deploys, optionally
-    of one precision; fewer when the space rarely produces it within ``max_tries`` draws."""
+    of one precision and accepted by ``keep``; fewer when the space rarely produces them within
+    ``max_tries`` draws. Configs their method refuses on their architecture are drawn again."""
     from automl.tasks import get_task
 
     task = task if task is not None else get_task(space.task)
@@ -40,11 +54,57 @@ def sample_candidates(space, n: int, *, seed: int, runtime: str, batch: int, tas
     for i in range(tries):
         if len(out) == n:
             break
-        cand = build_candidate(space, sample_config(space, seed=seed + i), task=task, runtime=runtime, batch=batch,
-                               seed=seed + i)
-        if cand.precision in RUNTIMES[runtime] and (precision is None or cand.precision == precision):
+        try:
+            cand = build_candidate(space, sample_config(space, seed=seed + i), task=task, runtime=runtime,
+                                   batch=batch, seed=seed + i)
+        except InvalidCandidate:
+            continue
+        if cand.precision in RUNTIMES[runtime] and (precision is None or cand.precision == precision) \
+                and (keep is None or keep(cand)):
             out.append(cand)
     return out
+
+
+def exit_thresholds(conf: torch.Tensor, counts: Sequence[int]) -> List[float]:
+    """Thresholds (one per early exit) that let ``counts[i]`` of the inputs still running leave at early
+    exit i, from their confidences ``conf`` (early exits x inputs; an input leaves when conf > threshold).
+    Each lies midway between the last confidence that leaves and the first that stays, so a runtime
+    whose confidences differ in the last bits decides the same; 1.0 lets none leave. Equal confidences
+    move together, so fewer may leave than asked."""
+    active = torch.ones(conf.shape[1], dtype=torch.bool)
+    out = []
+    for i, k in enumerate(counts):
+        c = conf[i][active].sort(descending=True).values
+        k = min(int(k), len(c))
+        t = 1.0 if k == 0 else float(c[-1]) / 2 if k == len(c) else (float(c[k - 1]) + float(c[k])) / 2
+        out.append(t)
+        active &= ~(conf[i] > t)
+    return out
+
+
+def plan_exits(cand: Candidate, inputs: torch.Tensor, seed: int) -> ExitPlan:
+    """A random exit distribution over ``inputs`` for an (untrained) early-exit candidate: the shares
+    leaving at each exit are drawn uniformly from the simplex, thresholds placed to realise them."""
+    from automl.compress.early_exit import confidence, exit_indices
+
+    model, criterion = cand.model.eval(), cand.early_exit.criterion
+    with torch.no_grad():
+        logits = model.all_exits(inputs)
+    conf = torch.stack([confidence(lg, criterion) for lg in logits])
+    n_exits, n = len(logits), inputs.shape[0]
+    edges = np.floor(np.cumsum(np.random.default_rng(seed).dirichlet(np.ones(n_exits))) * n + 1e-9).astype(int)
+    thresholds = exit_thresholds(conf[:-1], np.diff(np.concatenate([[0], edges]))[:-1])
+    taken = exit_indices(conf, thresholds + [-1.0])
+    counts = torch.bincount(taken, minlength=n_exits)
+    return ExitPlan(inputs, tuple(thresholds), criterion, tuple(float(c) / n for c in counts[:-1]))
+
+
+def exit_inputs(task, batch: int, n: int = EXIT_INPUTS) -> torch.Tensor:
+    """``n`` real inputs of the task (validation split), cut to a whole number of batches."""
+    x = task.example_input(max(n, batch))
+    if x.shape[0] < batch:
+        x = x[:1].repeat(batch, *([1] * (x.dim() - 1)))
+    return x[: x.shape[0] // batch * batch]
 
 
 def _real_measure(profile: HardwareProfile, label: str, progress: bool) -> MeasureFn:
@@ -54,14 +114,15 @@ def _real_measure(profile: HardwareProfile, label: str, progress: bool) -> Measu
         bar = Progress(len(cands), label, unit="models", enabled=progress)
         stats = measure_candidates(cands, runtime=profile.device.runtime, threads=profile.device.threads,
                                    protocol=profile.protocol, progress=bar)
-        return [(s.median_ms, s.drift) for s in stats]
+        return [(s.median_ms, s.drift, s.exit_shares) for s in stats]
     return measure
 
 
 def _latencies(results) -> tuple:
-    """A MeasureFn returns plain latencies (drift 1) or (latency, drift of its chunk) pairs."""
-    pairs = [(float(r), 1.0) if np.isscalar(r) else (float(r[0]), float(r[1])) for r in results]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    """(latencies, drifts, exit shares or None) from a MeasureFn's results (see MeasureFn)."""
+    rows = [(float(r), 1.0, None) if np.isscalar(r) else
+            (float(r[0]), float(r[1]), None if len(r) < 3 or r[2] is None else tuple(r[2])) for r in results]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def _spread(cands: List[Candidate], sums: List[float], n: int) -> List[int]:
@@ -81,14 +142,15 @@ def calibrate(profile: HardwareProfile, space, *, per_precision: int = 20, seed:
     measure = measure or _real_measure(profile, "calibrating (whole models)", progress)
     cands: List[Candidate] = []
     for i, p in enumerate(profile.device.precisions):
-        drawn = sample_candidates(space, per_precision * pool, seed=seed + 10_000 * i, runtime=profile.device.runtime,
-                                  batch=profile.device.batch, task=task, precision=p)
+        drawn = [c.backbone() for c in sample_candidates(space, per_precision * pool, seed=seed + 10_000 * i,
+                                                         runtime=profile.device.runtime, batch=profile.device.batch,
+                                                         task=task, precision=p)]
         sums = [sum(price_layer(profile, t.key, space=space.source).latency_ms for t in c.layers) for c in drawn]
         cands += [drawn[j] for j in _spread(drawn, sums, per_precision)]
     if not cands:
         raise ConfigError("no candidate of the space runs on the profile's runtime", key="--runtime",
                           value=profile.device.runtime, fix="profile with the runtime the space deploys to")
-    measured, drift = _latencies(measure(cands))
+    measured, drift, _ = _latencies(measure(cands))
     rows = []
     for c, m, dr in zip(cands, measured, drift):
         keys = [t.key for t in c.layers]
@@ -121,16 +183,18 @@ def validation_figures(predicted: Sequence[float], measured: Sequence[float]) ->
             "mean_error": float(np.mean(err)), "max_abs_error": float(np.max(np.abs(err)))}
 
 
-def plot_validation(path, predicted, measured, precisions, title: str):
+def plot_validation(path, predicted, measured, groups, title: str):
+    """Predicted vs measured on log axes, one colour per group (precision; early exit marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for prec in sorted(set(precisions)):
-        idx = [i for i, q in enumerate(precisions) if q == prec]
-        ax.scatter([measured[i] for i in idx], [predicted[i] for i in idx], s=14, label=prec)
+    for group in sorted(set(groups)):
+        idx = [i for i, q in enumerate(groups) if q == group]
+        ax.scatter([measured[i] for i in idx], [predicted[i] for i in idx], s=14, label=group,
+                   marker="^" if "early exit" in group else "o")
     lo, hi = min(min(predicted), min(measured)) * 0.8, max(max(predicted), max(measured)) * 1.25
     grid = np.geomspace(lo, hi, 50)
     ax.plot(grid, grid, "k-", lw=0.8, label="exact")
@@ -142,44 +206,73 @@ def plot_validation(path, predicted, measured, precisions, title: str):
     plt.close(fig)
 
 
+def _row(profile: HardwareProfile, c: Candidate, measured: float, drift: float, shares, space) -> Dict[str, object]:
+    """One validation row: the candidate predicted (an early-exit one with the exit shares measured on it)."""
+    if c.early_exit is None:
+        p = predict_keys(profile, [layer.key for layer in c.layers], space=space.source)
+        extra = {"early_exit": False, "sum_ms": p.sum_ms, "n_layers": p.n_layers, "spill_mb": p.spill_mb}
+    else:
+        shares = list(shares if shares is not None else c.exit_plan.shares)
+        p = predict_early_exit(profile, c.model, c.example, shares, c.precision, space=space.source)
+        segs = p.segments
+        extra = {"early_exit": True, "exit_shares": shares, "exit_reach": list(p.reach),
+                 "exit_thresholds": list(c.exit_plan.thresholds), "exit_inputs": int(c.exit_plan.inputs.shape[0]),
+                 "segment_ms": [s.latency_ms for s in segs],
+                 "sum_ms": expected_cost([s.sum_ms for s in segs], p.reach),
+                 "n_layers": sum(s.n_layers for s in segs), "spill_mb": max(s.spill_mb for s in segs)}
+    return {"config": c.config, "precision": c.precision, "predicted_ms": p.latency_ms, "measured_ms": measured,
+            "drift": drift, "error": (p.latency_ms - measured) / measured, **extra,
+            "interpolated": p.count("interpolated"), "extrapolated": p.count("extrapolated"),
+            "energy_mj": p.energy_mj, **({"structure": c.notes} if c.notes else {})}
+
+
+def _figures_of(rows) -> Dict[str, object]:
+    return validation_figures([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+
+
 def validate_profile(profile: HardwareProfile, space, out_dir, *, samples: int = 100, seed: int = VALIDATION_SEED,
                      task=None, measure: Optional[MeasureFn] = None, progress: bool = True,
-                     save_profile: bool = True) -> Dict[str, object]:
-    """Predict and measure ``samples`` random candidates; write validation.json and validation.png to
-    ``out_dir`` and store the figures in the profile (saved back to its file)."""
+                     save_profile: bool = True, exit_inputs_n: int = EXIT_INPUTS) -> Dict[str, object]:
+    """Predict and measure ``samples`` random candidates (early-exit ones on ``exit_inputs_n`` real inputs
+    with a random exit distribution, see the module docstring); write validation.json and
+    validation.png to ``out_dir`` and store the figures in the profile (saved back to its file).
+    ``figures['early_exit']`` holds the figures of the early-exit candidates alone (None without any)."""
+    from automl.tasks import get_task
+
     if profile.modelled:
         raise ConfigError("a modelled profile has no device to measure candidates on", key="--profile",
                           value=profile.device.runtime,
                           fix="validate a measured profile (automl profile measure); a modelled one is only predicted")
     out_dir = Path(out_dir)
+    task = task if task is not None else get_task(space.task)
+    # early exit deploys float segment graphs: an int8 runtime cannot run them
     cands = sample_candidates(space, samples, seed=seed, runtime=profile.device.runtime, batch=profile.device.batch,
-                              task=task)
+                              task=task, keep=lambda c: c.early_exit is None or c.precision == "fp32")
     if not cands:
         raise ConfigError("no candidate of the space runs on the profile's runtime", key="--runtime",
                           value=profile.device.runtime, fix="validate with a profile for the space's runtime")
-    preds = [predict_keys(profile, [layer.key for layer in c.layers], space=space.source) for c in cands]
+    if any(c.early_exit is not None for c in cands):
+        inputs = exit_inputs(task, profile.device.batch, exit_inputs_n)
+        for i, c in enumerate(cands):
+            if c.early_exit is not None:
+                c.exit_plan = plan_exits(c, inputs, seed + i)
     measure = measure or _real_measure(profile, "validating (whole models)", progress)
-    measured, drift = _latencies(measure(cands))
-    figures = validation_figures([p.latency_ms for p in preds], measured)
-    rows = [{"config": c.config, "precision": c.precision, "predicted_ms": p.latency_ms, "measured_ms": m,
-             "drift": d, "error": (p.latency_ms - m) / m, "sum_ms": p.sum_ms,
-             "n_layers": p.n_layers, "spill_mb": p.spill_mb, "interpolated": p.count("interpolated"),
-             "extrapolated": p.count("extrapolated"), "energy_mj": p.energy_mj,
-             **({"structure": c.notes} if c.notes else {})}
-            for c, p, m, d in zip(cands, preds, measured, drift)]
+    measured, drift, shares = _latencies(measure(cands))
+    rows = [_row(profile, c, m, d, sh, space) for c, m, d, sh in zip(cands, measured, drift, shares)]
+    figures = _figures_of(rows)
     worst = sorted(range(len(rows)), key=lambda i: -abs(rows[i]["error"]))[:5]
-    figures["worst"] = [{k: rows[i][k] for k in ("config", "precision", "predicted_ms", "measured_ms", "error")}
-                        for i in worst]
-    figures["by_precision"] = {
-        prec: validation_figures([r["predicted_ms"] for r in rows if r["precision"] == prec],
-                                 [r["measured_ms"] for r in rows if r["precision"] == prec])
-        for prec in sorted({r["precision"] for r in rows})}
+    figures["worst"] = [{k: rows[i][k] for k in ("config", "precision", "early_exit", "predicted_ms", "measured_ms",
+                                                 "error")} for i in worst]
+    figures["by_precision"] = {prec: _figures_of([r for r in rows if r["precision"] == prec])
+                               for prec in sorted({r["precision"] for r in rows})}
+    exits = [r for r in rows if r["early_exit"]]
+    figures["early_exit"] = _figures_of(exits) if exits else None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "validation.json", {"profile": profile.source, "space": space.source, "seed": seed,
                                              "figures": figures, "candidates": rows})
     tau = figures["kendall_tau"]
     plot_validation(out_dir / "validation.png", [r["predicted_ms"] for r in rows], measured,
-                    [r["precision"] for r in rows],
+                    [r["precision"] + (" early exit" if r["early_exit"] else "") for r in rows],
                     f"{len(rows)} candidates: {100 * figures['within_10pct']:.0f}% within +-10%, "
                     f"tau {'n/a' if tau is None else format(tau, '.2f')}")
     profile.validation = {**{k: v for k, v in figures.items() if k != "worst"},
