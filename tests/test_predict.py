@@ -193,3 +193,30 @@ def test_early_exit_model_is_priced_as_the_expected_cost_over_segments():
     assert predict_early_exit(prof, ee, example, [0.0, 0.0]).latency_ms == pytest.approx(sum(seg_ms))
     with pytest.raises(ConfigError, match="2 early exits but 1 exit shares"):
         predict_early_exit(prof, ee, example, [0.5])
+
+
+def test_simulated_low_bit_model_is_priced_as_its_float_equivalent(tmp_path):
+    from automl.hardware.layers import trace_layers
+    from automl.hardware.predict import predict_model
+    from automl.recipe import Recipe, apply_recipe
+
+    recipe = Recipe.loads("""
+version: 1
+task: digits
+arch: {family: cnn, width: 8, depth: 2}
+train: {epochs: 1, batch_size: 128}
+stages:
+- {method: qat, config: {w_bits: 4, a_bits: 4, finetune_epochs: 1}}
+""")
+    result = apply_recipe(recipe, tmp_path)
+    assert "simulated" in result.artifact.precision
+    example = torch.zeros(1, 1, 8, 8)
+    from automl.tasks import get_task
+
+    float_model = get_task("digits").build_model("cnn", {"width": 8, "depth": 2})  # same layer shapes
+    keys = [t.key for t in trace_layers(float_model, example)]
+    prof = profile_of(keys)
+    with pytest.raises(ConfigError):
+        predict_model(prof, result.model, example)   # the fake-quantizers are ops no profile holds
+    priced = predict_model(prof, result.model, example, free_input_quant=True)
+    assert priced.latency_ms == pytest.approx(predict_keys(prof, keys).latency_ms)

@@ -165,11 +165,14 @@ def predict_keys(profile: HardwareProfile, keys: Sequence[LayerKey], *, space: O
 
 
 def predict_model(profile: HardwareProfile, model, example, precision: str = "fp32", *,
-                  layer_precisions: Optional[Mapping[str, str]] = None, space: Optional[str] = None) -> Prediction:
+                  layer_precisions: Optional[Mapping[str, str]] = None, space: Optional[str] = None,
+                  free_input_quant: Optional[bool] = None) -> Prediction:
     """Trace ``model`` on ``example`` (its batch) and predict it at ``precision``, or with each conv/linear
-    layer at ``layer_precisions[name]`` (see :func:`assign_precisions`). On a modelled accelerator
-    profile the input fake-quantizers of a simulated low-bit model are free (see trace_layers)."""
-    layers = trace_layers(model, example, precision, free_input_quant=profile.modelled)
+    layer at ``layer_precisions[name]`` (see :func:`assign_precisions`). The input fake-quantizers of a
+    simulated low-bit model are free on a modelled accelerator profile, or when ``free_input_quant``
+    says so (a CPU profile pricing a simulated model as its float equivalent; see trace_layers)."""
+    free = profile.modelled if free_input_quant is None else free_input_quant
+    layers = trace_layers(model, example, precision, free_input_quant=free)
     if layer_precisions is not None:
         layers = assign_precisions(layers, layer_precisions)
     return predict_keys(profile, [t.key for t in layers], space=space)

@@ -69,7 +69,9 @@ class Costing:
             source = energy_source(pred.segments[0])
             out["predicted_exit_reach"] = ",".join(f"{r:.3f}" for r in pred.reach)
         else:
-            pred = predict_model(self.profile, model, example, precision, space=space_source)
+            # a simulated low-bit model is priced as its float equivalent, without its fake-quantizers
+            pred = predict_model(self.profile, model, example, precision, space=space_source,
+                                 free_input_quant="simulated" in precision_label or None)
             source = energy_source(pred)
         out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=source,
                    predicted_precision=precision, predicted_extrapolated_layers=pred.count("extrapolated"))
