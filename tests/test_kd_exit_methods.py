@@ -163,6 +163,12 @@ stages:
     assert m["thinned_params"] < m["dense_params"]
     assert m["exit_parity"] >= 0.99
     assert isinstance(result.model, EarlyExitModel)
+    # the deployed segments are the thinned model: their weights add up to its parameter count
+    import numpy as np
+    import onnx
+
+    shipped = sum(int(np.prod(t.dims)) for f in result.artifact.files for t in onnx.load(f).graph.initializer)
+    assert shipped <= m["params"] < m["dense_params"]
 
 
 def test_space_that_can_combine_early_exit_and_quantization_is_refused():

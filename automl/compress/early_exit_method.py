@@ -52,6 +52,11 @@ class Exits(Method):
         return loss + sum(extra) if extra else loss
 
     def _finalize(self, model, ctx):
+        if isinstance(model, EarlyExitModel):
+            self.model = model  # an earlier stage may have replaced it (structured thinning returns a copy)
+        elif model is not self.model:
+            raise ConfigError("a stage replaced the early-exit model with a plain one", key="early_exit",
+                              value=type(model).__name__, fix="put the exits stage after that stage's changes")
         cal = calibrate_thresholds(self.model, ctx.task.val_loader(), self.config.max_accuracy_drop,
                                    criterion=self.config.criterion)
         self.calibration = cal
