@@ -11,3 +11,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def task():
+    """The digits task, shared by every test that does not define its own ``task``."""
+    from automl.tasks import get_task
+
+    return get_task("digits")

@@ -18,7 +18,6 @@ from automl.recipe import Recipe
 from automl.recipe.apply import train_with_stages
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.spaces import parse_space
-from automl.tasks import get_task
 
 CFG = AcceleratorConfig()
 SPACE = """
@@ -57,11 +56,6 @@ def profile_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("bf") / "bf.yaml"
     build_modelled_profile(make_space(), samples=4).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def trained(task, stage: str):

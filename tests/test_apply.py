@@ -8,12 +8,6 @@ import pytest
 
 from automl.recipe import Recipe, apply_recipe, recipe_from_config
 from automl.spaces import load_default_space
-from automl.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def _recipe(**overrides):

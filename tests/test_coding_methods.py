@@ -11,7 +11,6 @@ from automl.errors import ConfigError, LifecycleError
 from automl.modelstats import count_params
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
-from automl.tasks import get_task
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MLP = """version: 1
@@ -20,14 +19,6 @@ arch: {family: mlp, width: %d, depth: 2, shrink: 2}
 train: {epochs: %d, lr: 0.005, batch_size: 32}
 stages: %s
 """
-
-
-@pytest.fixture(scope="module")
-def task():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield get_task("digits")
-    torch.set_num_threads(threads)
 
 
 def train(task, stages, epochs=4, width=32, text=MLP):

@@ -11,11 +11,6 @@ from automl.errors import ConfigError, UnknownNameError
 from automl.tasks import get_task
 
 
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
-
-
 def models(task, student_width=4, teacher_width=8):
     torch.manual_seed(0)
     return (task.build_model("cnn", {"width": student_width, "depth": 2}),

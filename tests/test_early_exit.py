@@ -10,12 +10,6 @@ import torch.nn.functional as F
 from automl.compress.early_exit import (EarlyExitModel, calibrate_thresholds, check_thresholds, confidence,
                                         early_exit_loss, exit_indices, expected_cost, segments_of)
 from automl.errors import ConfigError
-from automl.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 @pytest.fixture(scope="module")

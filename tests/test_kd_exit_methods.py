@@ -10,7 +10,6 @@ from automl.compress.teacher import load_teacher
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
-from automl.tasks import get_task
 
 BASE = """
 version: 1
@@ -22,11 +21,6 @@ train: {epochs: 2, lr: 0.01, batch_size: 64, seed: 0}
 
 def recipe(stages: str) -> Recipe:
     return Recipe.loads(BASE + "stages:\n" + stages)
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def test_kd_teacher_is_frozen_cached_and_unchanged(task, tmp_path, monkeypatch):

@@ -14,14 +14,8 @@ from automl.recipe import Recipe, apply_recipe
 from automl.recipe.from_config import start_epoch_for
 from automl.recipe.schema import Stage
 from automl.settings import TrainSettings
-from automl.tasks import get_task
 
 RESNET = {"width": 8, "stages": 2, "blocks": 2}
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def _resnet(task, **params):

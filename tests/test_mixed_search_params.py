@@ -148,16 +148,6 @@ def test_recipe_rejects_bad_entries(extra, fragment):
 
 # --- Mixed with layer_a_bits -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def task():
-    from automl.tasks import get_task
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield get_task("digits")
-    torch.set_num_threads(threads)
-
-
 def train(task, config: str, epochs: int = 2):
     text = f"""version: 1
 task: digits

@@ -6,18 +6,12 @@ from automl.compress import ApplyContext
 from automl.errors import ConfigError
 from automl.recipe import Recipe
 from automl.recipe.apply import train_with_stages
-from automl.tasks import get_task
 
 BASE = """version: 1
 task: digits
 arch: {family: cnn, width: 32, depth: 3, kernel: 3, pooling: stride}
 train: {epochs: %d, lr: 0.005, batch_size: 32}
 """
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def train(task, text, epochs=12):

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import numpy_helper
 
 from automl.compress import ApplyContext, get_method
@@ -16,18 +15,9 @@ from automl.configs import parse_config
 from automl.recipe import Recipe
 from automl.recipe.apply import train_with_stages
 from automl.runtime import OrtModel, export_onnx
-from automl.tasks import get_task
 from automl.validate import Where
 
 RESNET = {"width": 8, "stages": 2, "blocks": 1}
-
-
-@pytest.fixture(scope="module")
-def task():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield get_task("digits")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from automl.recipe import Recipe, apply_recipe, recipe_from_config
 from automl.recipe.apply import train_with_stages
 from automl.runtime import Artifact
 from automl.spaces import load_space
-from automl.tasks import get_task
 
 BASE = """version: 1
 task: digits
@@ -24,14 +23,6 @@ arch: {family: cnn, width: 8, depth: 2}
 train: {epochs: %d, lr: 0.01, batch_size: 32}
 stages: %s
 """
-
-
-@pytest.fixture(scope="module")
-def task():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield get_task("digits")
-    torch.set_num_threads(threads)
 
 
 def recipe(stages: str, epochs: int = 3) -> Recipe:

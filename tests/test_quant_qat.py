@@ -9,12 +9,6 @@ from automl.compress.quantization.fake_quant import LSQQuantizer, PACTQuantizer,
 from automl.compress.quantization.qat import (QuantLayer, calibrate_qat, convert_qat, prepare_qat, qat_layers,
                                               quantizer_parameters, resolve_layer_bits)
 from automl.errors import ConfigError, LifecycleError, UnknownNameError
-from automl.tasks import get_task
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 @pytest.fixture(scope="module")

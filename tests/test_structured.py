@@ -12,16 +12,10 @@ from automl.compress.pruning.granularity import group_view, structure_count
 from automl.compress.pruning.structured import StructuredPruning, StructuredPruningConfig
 from automl.errors import ConfigError, UnknownNameError
 from automl.modelstats import count_macs, count_params
-from automl.tasks import get_task
 
 CNN = {"width": 8, "depth": 3}
 RESNET_SE = {"width": 4, "stages": 2, "blocks": 2, "se": True}
 MOBILENET = {"width_mult": 0.5, "stages": 2, "blocks": 2, "expansion": 2}
-
-
-@pytest.fixture(scope="module")
-def task():
-    return get_task("digits")
 
 
 def build(task, family, params):
