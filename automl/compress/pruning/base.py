@@ -154,7 +154,8 @@ class PruningMethod(Method):
         return MaskSet(self.layers, mode=self.config.mode)
 
     def _masks(self, weights: Dict[str, torch.Tensor], levels: Dict[str, float], model) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """New masks per layer at ``levels``; every registered pruner defines it (abstract)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _masks(weights, levels, model)")
 
     def _after_masks(self, model, ctx):
         """After the masks are made permanent (e.g. thinning); returns the model."""
