@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--runtime", default="onnxruntime", help="onnxruntime, onnxruntime_int8 or torch")
     pm.add_argument("--batch", type=int, help="batch size (default: the space's deploy.batch)")
     pm.add_argument("--samples", type=int, default=200, help="random configs sampled to find layers (default 200)")
-    pm.add_argument("--calibration-models", type=int, default=20,
-                    help="whole models per precision the correction is fitted on (default 20)")
+    pm.add_argument("--calibration-models", type=int, default=24,
+                    help="whole models per precision the correction is fitted on (default 24)")
     pm.add_argument("--out", required=True, help="profile YAML; an existing partial one is resumed")
     pm.set_defaults(fn=cmd_profile_measure)
     pv = psub.add_parser("validate", help="predict and measure random whole candidates; store the figures")

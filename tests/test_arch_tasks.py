@@ -41,6 +41,17 @@ def test_digits_splits_are_disjoint_and_standardised(digits):
     assert abs(float(x_train.mean())) < 1e-4 and abs(float(x_train.std()) - 1.0) < 1e-3
 
 
+def test_digits32_is_digits_as_rgb_32px(digits):
+    big = get_task("digits32")
+    assert big.input_shape == (3, 32, 32) and big.num_classes == 10
+    for name in ("train", "val", "test"):
+        (x, y), (x8, y8) = big.splits[name], digits.splits[name]
+        assert torch.equal(y, y8) and x.shape == (len(x8), 3, 32, 32)
+        # every pixel a 4x4 block in 3 equal channels, standardised like the 8x8 images
+        assert torch.equal(x[:, 0], x[:, 2]) and torch.allclose(x[:, 1, ::4, ::4], x8[:, 0], atol=1e-5)
+        assert torch.equal(x[:, :, 1::4, 3::4], x[:, :, ::4, ::4])
+
+
 def test_digits_is_deterministic():
     a, b = DigitsTask(), DigitsTask()
     for name in ("train", "val", "test"):

@@ -8,7 +8,7 @@ import torch.nn as nn
 from automl.arch import ARCHS
 from automl.errors import ConfigError
 from automl.hardware.candidates import build_candidate, space_layer_keys
-from automl.hardware.layer_models import input_array, layer_module, layer_onnx
+from automl.hardware.layer_models import context_onnx, input_array, layer_module, layer_onnx
 from automl.hardware.layers import LayerKey, distinct_keys, layer_cost, modelled_energy_mj, out_hw, trace_layers
 from automl.runtime import OrtModel
 from automl.spaces import parse_space
@@ -135,6 +135,14 @@ def test_single_layer_models_match_shapes(key, tmp_path):
     want = layer_module(key)(torch.from_numpy(x))
     assert got.shape == tuple(want.shape)
     assert np.isfinite(got).all()
+    # behind its producer (a 1x1 conv or a square Gemm + ReLU): the same output shape; the producer
+    # alone keeps the layer's input shape
+    onnx.save(context_onnx(key), path)
+    assert OrtModel(path)(x).shape == tuple(want.shape)
+    producer = context_onnx(key, with_layer=False)
+    assert [n.op_type for n in producer.graph.node][:2] in (["Conv", "Relu"], ["Gemm", "Relu"])
+    onnx.save(producer, path)
+    assert OrtModel(path)(x).shape == x.shape
 
 
 def test_space_keys_include_thinned_channels_and_precisions():

@@ -8,15 +8,15 @@ import torch
 
 from automl.errors import ConfigError
 from automl.hardware.candidates import space_layer_keys
-from automl.hardware.layers import LayerKey, layer_cost, modelled_energy_mj
+from automl.hardware.layers import LayerKey, layer_cost, modelled_energy_mj, weight_bytes
 from automl.hardware.measure import Stats, make_entry
-from automl.hardware.predict import (expected_cost, fit_correction, interpolate, predict_keys, price_layer,
-                                     reach_probabilities, spilled_weight_mb)
-from automl.hardware.profile import DeviceInfo, HardwareProfile, Protocol
+from automl.hardware.predict import (CACHE_SHARES, cold_share, expected_cost, fit_correction, interpolate, predict_keys,
+                                     price_layer, reach_probabilities)
+from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol
 from automl.hardware.validate import calibrate, validate_profile, validation_figures
 from automl.spaces import parse_space
 
-# a small L2 so that the larger candidates' weights spill out of it
+# a small L2 so that the larger candidates' weights do not fit in it together
 DEVICE = DeviceInfo(cpu_model="Synthetic", threads=1, runtime="onnxruntime", precisions=("fp32",), batch=1,
                     l2_cache_kb=128)
 OVERHEAD = 0.004   # per-call time of an empty model on the synthetic device (ms)
@@ -28,11 +28,17 @@ def synthetic_ms(key: LayerKey) -> float:
     return 2e-6 * layer_cost(key).macs + 1e-3
 
 
-def profile_of(keys, fn=synthetic_ms) -> HardwareProfile:
+def synthetic_cold_ms(key: LayerKey) -> float:
+    """... and 1 ns more per weight byte when its weights come from L3."""
+    return synthetic_ms(key) + 1e-6 * weight_bytes(key)
+
+
+def profile_of(keys, fn=synthetic_ms, cold_fn=synthetic_cold_ms) -> HardwareProfile:
     prof = HardwareProfile(device=DEVICE, protocol=Protocol(overhead_ms=OVERHEAD))
     for k in keys:   # measured alone = the layer + the empty-model overhead, which make_entry subtracts
-        t = fn(k) + OVERHEAD
-        prof.entries[k] = make_entry(k, Stats(t, t, t, 100), OVERHEAD)
+        t, c = fn(k) + OVERHEAD, cold_fn(k) + OVERHEAD
+        cold = Stats(c, c, c, 100) if weight_bytes(k) >= prof.protocol.cold_min_kb * 1024 else None
+        prof.entries[k] = make_entry(k, Stats(t, t, t, 100), OVERHEAD, cold=cold)
     return prof
 
 
@@ -63,11 +69,16 @@ def test_interpolate_bilinear_is_exact_for_bilinear_costs():
 
 def test_price_layer_interpolates_between_measured_channel_counts():
     cost = lambda k: 1e-3 * k["in_ch"] * k["out_ch"]  # noqa: E731
-    prof = profile_of([conv(i, o) for i in (8, 16) for o in (16, 32)], fn=cost)
-    price = price_layer(prof, conv(12, 24))
-    assert price.how == "interpolated" and price.latency_ms == pytest.approx(1e-3 * 12 * 24)
-    assert price.energy_mj == pytest.approx(modelled_energy_mj(conv(12, 24)), rel=0.05)
-    assert price_layer(prof, conv(16, 32)).how == "exact"
+    cold = lambda k: cost(k) + 1e-6 * weight_bytes(k)  # noqa: E731   (1 ns per weight byte from L3)
+    corners = [conv(i, o) for i in (8, 64) for o in (16, 128)]
+    prof = profile_of(corners, fn=cost, cold_fn=cold)
+    assert [prof.entries[k].cold_ms is not None for k in corners] == [False, True, True, True]  # 32 KB or more
+    price = price_layer(prof, conv(36, 72))
+    assert price.how == "interpolated" and price.latency_ms == pytest.approx(1e-3 * 36 * 72)
+    # the cold time is interpolated alike, a corner not timed cold counting as warm
+    assert price.cold_ms == pytest.approx(sum(prof.entries[k].cold_or_warm_ms for k in corners) / 4)
+    assert price.energy_mj == pytest.approx(modelled_energy_mj(conv(36, 72)), rel=0.05)
+    assert price_layer(prof, conv(64, 128)).how == "exact"
     assert price_layer(prof, conv(4, 32)).how == "extrapolated"
 
 
@@ -99,9 +110,9 @@ def space_and_keys():
 
 
 @pytest.mark.parametrize("whole", [
-    lambda s, n, mb: s + 0.05,                                # the layers plus a constant per-model overhead
-    lambda s, n, mb: 0.8 * s + 0.003 * n + 0.05,              # plus effects per layer and on the sum
-    lambda s, n, mb: 0.9 * s + 0.002 * n + 0.05 + 0.04 * mb,  # plus weights streamed from L3
+    lambda s, n, cold: s + 0.05,                                  # the layers plus a constant per-model overhead
+    lambda s, n, cold: 0.8 * s + 0.003 * n + 0.05,                # plus effects per layer and on the sum
+    lambda s, n, cold: 0.9 * s + 0.002 * n + 0.05 + 0.7 * cold,   # plus weights streamed from L3
 ])
 def test_synthetic_device_correction_and_validation(whole, space_and_keys, tmp_path):
     space, keys = space_and_keys
@@ -112,15 +123,19 @@ def test_synthetic_device_correction_and_validation(whole, space_and_keys, tmp_p
         out = []
         for c in cands:
             ks = [t.key for t in c.layers]
-            out.append(whole(sum(synthetic_ms(k) for k in ks), len(ks), spilled_weight_mb(ks, EFFECTIVE_L2_KB)))
+            excess = sum(prof.entries[k].cold_or_warm_ms - prof.entries[k].latency_ms for k in ks)
+            share = cold_share(sum(weight_bytes(k) for k in ks), EFFECTIVE_L2_KB)
+            out.append(whole(sum(synthetic_ms(k) for k in ks), len(ks), share * excess))
         return out
-    calibrate(prof, space, per_precision=8, measure=measure, progress=False)
+    calibrate(prof, space, per_precision=12, measure=measure, progress=False)
     corr = prof.corrections["fp32"]
     base = whole(0.0, 0, 0.0)
     expect = whole(1.0, 0, 0.0) - base, whole(0.0, 1, 0.0) - base, base, whole(0.0, 0, 1.0) - base
-    assert (corr.a, corr.b, corr.c, corr.d) == pytest.approx(expect, abs=1e-6)
-    # any capacity that spills the same calibration models fits exactly; the truth is among them
-    assert corr.cache_kb == 0 if not corr.d else EFFECTIVE_L2_KB <= corr.cache_kb < DEVICE.l2_cache_kb
+    assert (corr.a, corr.b, corr.c) == pytest.approx(expect[:3], abs=1e-6)
+    if expect[3]:   # few calibration models exceed the capacity: another capacity with another d may fit them too
+        assert corr.d > 0 and corr.cache_kb in [int(DEVICE.l2_cache_kb * s) for s in CACHE_SHARES]
+    else:
+        assert corr.d == 0 and corr.cache_kb == 0   # no cold term where it does not fit better
     figures = validate_profile(prof, space, tmp_path / "val", samples=12, measure=measure, progress=False)
     report = json.loads((tmp_path / "val" / "validation.json").read_text())
     errors = [abs(r["error"]) for r in report["candidates"]]
@@ -130,12 +145,21 @@ def test_synthetic_device_correction_and_validation(whole, space_and_keys, tmp_p
     assert stored.validation["within_10pct"] == 1.0 and stored.corrections["fp32"] == corr
 
 
-def test_spilled_weights():
-    small, big = conv(8, 16), conv(64, 64)            # 4.7 KB and 148 KB of fp32 weights
-    assert spilled_weight_mb([small, small], 128) == 0.0                           # all fit in L2
-    assert spilled_weight_mb([small, big], 128) == pytest.approx(16 * 8 * 9 * 4e-6 + 16 * 4e-6)  # big never fit
-    assert spilled_weight_mb([small, big], 0) == 0.0                               # L2 size unknown
-    assert spilled_weight_mb([big.replace(precision="int8_static")] * 2, 256) == 0.0   # 1-byte weights fit
+def test_cold_share():
+    assert cold_share(64 * 1024, 128) == 0.0            # the weights fit in the effective capacity
+    assert cold_share(512 * 1024, 128) == 0.75          # a cyclic sweep over 4x the capacity misses 3/4
+    assert cold_share(512 * 1024, 0) == 0.0             # no capacity known: no cold term
+    small, big = conv(8, 16), conv(64, 64)              # 4.7 KB and 148 KB of fp32 weights
+    prof = profile_of([small, big])
+    assert prof.entries[small].cold_ms is None and prof.entries[big].cold_ms > prof.entries[big].latency_ms
+    # a model of 2 big layers (296 KB) on an effective 128 KB: 1 - 128/296 of their cold excess is added
+    prof.corrections["fp32"] = Correction(a=1.0, c=0.0, d=1.0, cache_kb=128)
+    pred = predict_keys(prof, [big, big, small])
+    excess = 2 * (synthetic_cold_ms(big) - synthetic_ms(big))
+    share = 1 - 128 * 1024 / (2 * weight_bytes(big) + weight_bytes(small))
+    assert pred.cold_share == pytest.approx(share) and pred.cold_excess_ms == pytest.approx(excess)
+    assert pred.latency_ms == pytest.approx(2 * synthetic_ms(big) + synthetic_ms(small) + share * excess)
+
 
 
 def test_prediction_energy_is_sum_of_modelled_entries():

@@ -224,12 +224,16 @@ def test_real_runners_on_this_machine():
     from automl.hardware.measure import measure_candidates, measure_layers
     from automl.spaces import load_default_space
 
-    quick = Protocol(warmup=2, min_repeats=10, max_repeats=20, block=5, retries=0)
+    quick = Protocol(warmup=2, min_repeats=10, max_repeats=20, block=5, retries=0, cold_min_kb=0.1, cold_copies=3)
     ks = [conv(out_ch=4), conv(out_ch=4).replace(precision="int8_static"), LayerKey.make("gap", channels=4, h=8, w=8)]
-    stats, empty, ref = measure_layers(ks, runtime="onnxruntime", threads=1, protocol=quick)
+    stats, empty, ref, cold, context = measure_layers(ks, runtime="onnxruntime", threads=1, protocol=quick)
     assert all(10 <= stats[k].runs <= 20 and stats[k].median_ms > 0 for k in ks) and empty.median_ms > 0
-    stats, _, _ = measure_layers(ks[:1], runtime="torch", threads=1, protocol=quick)
-    assert stats[ks[0]].median_ms > 0
+    # the convs hold 160 bytes (fp32) and 40 bytes (int8) of weights: only the fp32 one was timed cold
+    assert set(cold) == {ks[0]} and cold[ks[0]].median_ms > 0
+    # fp32 and static int8 layers are also timed behind their producer (onnxruntime's layouts, see measure.py)
+    assert set(context) == set(ks) and all(v >= 0 for v in context.values())
+    stats, *_, context = measure_layers(ks[:1], runtime="torch", threads=1, protocol=quick)
+    assert stats[ks[0]].median_ms > 0 and context == {}
     with pytest.raises(ProfileError, match="torch runtime runs fp32 layers only"):
         measure_layers(ks[1:2], runtime="torch", threads=1, protocol=quick)
     space = load_default_space()

@@ -110,6 +110,33 @@ def identity_onnx(shape=(1, 1, 8, 8)) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="automl")
 
 
+def context_onnx(key: LayerKey, with_layer: bool = True) -> onnx.ModelProto:
+    """The layer behind a producer -- a 1x1 conv (a square Gemm for a linear layer) + ReLU -- or, without
+    the layer, the producer alone. Quantized as a network, the layer then runs as inside one (int8
+    input in the runtime's internal layout, no quantize / layout change of its own input), and the
+    difference of the two times is its cost in context."""
+    layer = layer_onnx(key)
+    shape = list(input_shape(key))
+    n = shape[1]
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((n, n) if len(shape) == 2 else (n, n, 1, 1)).astype(np.float32) / np.sqrt(n)
+    inits = [_init("ctx_w", weight), _init("ctx_b", np.zeros(n, np.float32))]
+    op = "Gemm" if len(shape) == 2 else "Conv"
+    nodes = [helper.make_node(op, ["input", "ctx_w", "ctx_b"], ["ctx_y"], **({"transB": 1} if op == "Gemm" else {})),
+             helper.make_node("Relu", ["ctx_y"], ["ctx"])]
+    if with_layer:
+        for node in layer.graph.node:
+            node.input[:] = ["ctx" if i == "input" else i for i in node.input]
+        nodes += list(layer.graph.node)
+        inits += list(layer.graph.initializer)
+    else:
+        nodes.append(helper.make_node("Identity", ["ctx"], ["output"]))
+    graph = helper.make_graph(nodes, "context", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="automl")
+    return onnx.shape_inference.infer_shapes(model)
+
+
 class _Elementwise(nn.Module):
     def __init__(self, op: str, act: nn.Module, gate=None):
         super().__init__()

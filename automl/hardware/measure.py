@@ -15,11 +15,19 @@ machine was busier than usual: such a chunk is measured again (see ``Protocol.ma
 are not rescaled by the reference: measured here, a busy neighbour slowed the reference layer by 26%
 and the whole models beside it by less, so rescaling over-corrected.
 
+Layers holding at least ``cold_min_kb`` of weights are also timed *cold*: round-robin over copies of
+the layer with their own weights, together three times the size of L2 (``cold_copies`` at most), so
+each call finds its weights evicted to L3 as in a whole model too big for L2 while the code and the
+input stay hot (see profile.Entry). Flushing L2 with a buffer before each call was tried and
+rejected: it evicts the runtime's code too, and a 50 KB model then seemed to lose 30 us to L3.
+
 The profile file is rewritten atomically after every chunk, so an interrupted run resumes where it
 stopped: entries already in the file are not measured again.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import sys
 import tempfile
@@ -33,12 +41,17 @@ import onnx
 import torch
 
 from automl.errors import MeasurementError, ProfileError
-from automl.hardware.layer_models import identity_onnx, input_array, layer_module, layer_onnx, quantize_onnx
-from automl.hardware.layers import LayerKey, modelled_energy_mj
+from automl.hardware.layer_models import (context_onnx, identity_onnx, input_array, input_shape, layer_module,
+                                          layer_onnx, quantize_onnx)
+from automl.hardware.layers import LayerKey, modelled_energy_mj, weight_bytes
 from automl.hardware.profile import DeviceInfo, Entry, HardwareProfile, Protocol
 
 OVERHEAD = "__overhead__"
 REFERENCE = "__reference__"
+# onnxruntime runs these in its own blocked layouts (NCHWc fp32, NHWC uint8), converting at a graph's
+# edges: a layer timed alone pays conversions that inside a network happen once (measured here: an int8
+# maxpool cost 8.9 us alone, 3.8 us in a network). Their entries are timed in context.
+CONTEXT_PRECISIONS = ("fp32", "int8_static")
 REFERENCE_KEY = LayerKey.make("conv", in_ch=16, out_ch=16, h=8, w=8, kernel=3, stride=1, padding=1, groups=1,
                               bn=True, act="relu")
 RAPL_ROOT = Path("/sys/class/powercap")
@@ -177,21 +190,49 @@ def _torch_runner(module: torch.nn.Module, x: np.ndarray) -> Callable[[], object
     return run
 
 
-def layer_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path) -> Callable[[], object]:
-    """One layer alone on ``runtime`` at its precision."""
+def layer_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path, copies: int = 1) -> Callable[[], object]:
+    """One layer alone on ``runtime`` at its precision; with ``copies`` > 1, each call runs the next of
+    that many instances, each holding its own weights (see cold_runner)."""
     x = input_array(key)
     if runtime == "torch":
         if key.precision != "fp32":
             raise ProfileError("the torch runtime runs fp32 layers only", key="--runtime", value=key.id,
                                fix="profile int8 layers with --runtime onnxruntime")
         torch.set_num_threads(threads)
-        return _torch_runner(layer_module(key), x)
-    path = Path(work_dir) / f"layer_{abs(hash(key))}.onnx"
-    onnx.save(layer_onnx(key), path)
+        runs = [_torch_runner(layer_module(key), x) for _ in range(copies)]
+    else:
+        path = Path(work_dir) / f"layer_{abs(hash(key))}.onnx"
+        onnx.save(layer_onnx(key), path)
+        if key.precision != "fp32":
+            path = quantize_onnx(path, path.with_name(path.stem + f".{key.precision}.onnx"), key.precision,
+                                 [input_array(key, seed=s) for s in range(1, 5)], alone=True)
+        runs = [_ort_runner(path, x, threads) for _ in range(copies)]   # a session holds its own weights
+    if copies == 1:
+        return runs[0]
+    turn = itertools.cycle(runs)
+    return lambda: next(turn)()
+
+
+
+def context_runner(key: LayerKey, threads: int, work_dir: Path, with_layer: bool = True) -> Callable[[], object]:
+    """The layer behind its producer, or the producer alone (context_onnx), quantized as a network."""
+    name = f"{'ctx' if with_layer else 'prod'}_{abs(hash(key if with_layer else input_shape(key)))}"
+    path = Path(work_dir) / f"{name}.onnx"
+    onnx.save(context_onnx(key, with_layer), path)
     if key.precision != "fp32":
-        path = quantize_onnx(path, path.with_name(path.stem + f".{key.precision}.onnx"), key.precision,
-                             [input_array(key, seed=s) for s in range(1, 5)], alone=True)
-    return _ort_runner(path, x, threads)
+        path = quantize_onnx(path, path.with_name(f"{name}.{key.precision}.onnx"), key.precision,
+                             [input_array(key, seed=s) for s in range(1, 5)])
+    return _ort_runner(path, input_array(key), threads)
+
+def cold_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path, protocol: Protocol,
+                l2_cache_kb: int) -> Callable[[], object]:
+    """The layer cycling over copies whose weights together are 3x L2 (6 MB when L2 is unknown)."""
+    copies = min(protocol.cold_copies, max(2, math.ceil(3 * 1024 * (l2_cache_kb or 2048) / weight_bytes(key))))
+    return layer_runner(key, runtime, threads, work_dir, copies)
+
+
+def times_cold(key: LayerKey, protocol: Protocol) -> bool:
+    return weight_bytes(key) >= protocol.cold_min_kb * 1024
 
 
 def overhead_runner(runtime: str, threads: int, work_dir: Path) -> Callable[[], object]:
@@ -220,15 +261,28 @@ def model_runner(candidate, runtime: str, threads: int, work_dir: Path, name: st
 
 
 def measure_layers(keys: Sequence[LayerKey], *, runtime: str, threads: int, protocol: Protocol,
-                   meter: Optional[RaplMeter] = None) -> Tuple[Dict[LayerKey, Stats], Stats, Stats]:
-    """One chunk: every key alone, interleaved with the empty model and the reference layer;
-    returns (stats per key, empty model, reference layer)."""
+                   meter: Optional[RaplMeter] = None, l2_cache_kb: int = 0
+                   ) -> Tuple[Dict[LayerKey, Stats], Stats, Stats, Dict[LayerKey, Stats], Dict[LayerKey, float]]:
+    """One chunk: every key alone (and cold, see times_cold), interleaved with the empty model and the
+    reference layer; returns (stats per key, empty model, reference layer, cold stats per key, context
+    ms per key). fp32 and static int8 layers on onnxruntime are also timed in context (context_runner,
+    CONTEXT_PRECISIONS): the layer behind its producer less the producer alone."""
     with tempfile.TemporaryDirectory(prefix="automl-profile-") as tmp:
         runners = {OVERHEAD: overhead_runner(runtime, threads, Path(tmp)),
                    REFERENCE: layer_runner(REFERENCE_KEY, runtime, threads, Path(tmp))}
-        runners.update({k.id: layer_runner(k, runtime, threads, Path(tmp)) for k in keys})
+        for k in keys:
+            runners[k.id] = layer_runner(k, runtime, threads, Path(tmp))
+            if times_cold(k, protocol):
+                runners["cold:" + k.id] = cold_runner(k, runtime, threads, Path(tmp), protocol, l2_cache_kb)
+            if k.precision in CONTEXT_PRECISIONS and runtime != "torch":
+                runners["ctx:" + k.id] = context_runner(k, threads, Path(tmp))
+                if f"prod:{input_shape(k)}" not in runners:
+                    runners[f"prod:{input_shape(k)}"] = context_runner(k, threads, Path(tmp), with_layer=False)
         stats = time_interleaved(runners, protocol, meter=meter)
-    return {k: stats[k.id] for k in keys}, stats[OVERHEAD], stats[REFERENCE]
+    context = {k: max(stats["ctx:" + k.id].median_ms - stats[f"prod:{input_shape(k)}"].median_ms, 0.0)
+               for k in keys if "ctx:" + k.id in stats}
+    cold = {k: stats["cold:" + k.id] for k in keys if "cold:" + k.id in stats}
+    return {k: stats[k.id] for k in keys}, stats[OVERHEAD], stats[REFERENCE], cold, context
 
 
 def _time_with_reference(runners: Dict[str, Callable[[], object]], runtime: str, threads: int, protocol: Protocol,
@@ -327,15 +381,21 @@ def with_retries(attempt: Callable[[], tuple], protocol: Protocol, usual_ms: flo
     return best
 
 
-def make_entry(key: LayerKey, stats: Stats, overhead_ms: float, drift: float = 1.0) -> Entry:
+def make_entry(key: LayerKey, stats: Stats, overhead_ms: float, drift: float = 1.0,
+               cold: Optional[Stats] = None, context_ms: Optional[float] = None) -> Entry:
+    """The entry of a layer timed alone: its median less the empty model's time, or ``context_ms`` where
+    the layer was timed in context (its cold time then keeps the cold - warm difference of the layer alone)."""
     if stats.energy_uj is not None:
         energy, source = stats.energy_uj / stats.runs * 1e-3, "measured"
     else:
         energy, source = modelled_energy_mj(key), "modelled"
     ns = lambda ms: round(float(ms), 6)  # noqa: E731  (1 ns resolution keeps the file readable)
-    return Entry(key=key, latency_ms=ns(max(stats.median_ms - overhead_ms, 0.0)), raw_ms=ns(stats.median_ms),
+    alone = max(stats.median_ms - overhead_ms, 0.0)
+    latency = alone if context_ms is None else context_ms
+    return Entry(key=key, latency_ms=ns(latency), raw_ms=ns(stats.median_ms),
                  p10_ms=ns(stats.p10_ms), p90_ms=ns(stats.p90_ms), runs=stats.runs,
-                 energy_mj=float(f"{energy:.6g}"), energy_source=source, drift=round(float(drift), 6))
+                 energy_mj=float(f"{energy:.6g}"), energy_source=source, drift=round(float(drift), 6),
+                 cold_ms=None if cold is None else ns(latency + max(cold.median_ms - overhead_ms - alone, 0.0)))
 
 
 def _same_setup(old: DeviceInfo, new: DeviceInfo) -> List[str]:
@@ -344,7 +404,7 @@ def _same_setup(old: DeviceInfo, new: DeviceInfo) -> List[str]:
             if getattr(old, f) != getattr(new, f)]
 
 
-# chunk -> (stats per key, empty model[, reference layer])
+# chunk -> (stats per key, empty model[, reference layer[, cold stats per key[, context ms per key]]])
 MeasureChunk = Callable[[Sequence[LayerKey]], tuple]
 
 
@@ -359,7 +419,7 @@ def build_profile(keys: Sequence[LayerKey], out, *, device: DeviceInfo, protocol
         meter = RaplMeter()
         meter = meter if meter.available else None
         measure_chunk = lambda chunk: measure_layers(chunk, runtime=device.runtime, threads=device.threads,  # noqa
-                                                     protocol=protocol, meter=meter)
+                                                     protocol=protocol, meter=meter, l2_cache_kb=device.l2_cache_kb)
     if out.exists():
         profile = HardwareProfile.load(out)
         clash = _same_setup(profile.device, device)
@@ -385,14 +445,16 @@ def build_profile(keys: Sequence[LayerKey], out, *, device: DeviceInfo, protocol
         def attempt(chunk=chunk):
             result = measure_chunk(chunk)
             return result, (result[2].median_ms if len(result) > 2 and result[2] is not None else None)
-        (results, empty, *ref), _ = with_retries(attempt, protocol, float(np.median(refs)) if refs else 0.0)
+        (results, empty, *rest), _ = with_retries(attempt, protocol, float(np.median(refs)) if refs else 0.0)
+        ref, cold, context = rest[:1], (rest[1] if len(rest) > 1 else {}), (rest[2] if len(rest) > 2 else {})
         overheads.append(empty.median_ms)
         if ref and ref[0] is not None:
             refs += [ref[0].median_ms] * len(chunk)
             protocol = replace(protocol, reference_ms=float(np.median(refs)))
         for key in chunk:
             drift = ref[0].median_ms / protocol.reference_ms if ref and ref[0] is not None else 1.0
-            profile.entries[key] = make_entry(key, results[key], empty.median_ms, drift)
+            profile.entries[key] = make_entry(key, results[key], empty.median_ms, drift, cold.get(key),
+                                              context.get(key))
         profile.protocol = protocol = replace(protocol, overhead_ms=float(np.median(overheads)))
         profile.save(out)
         bar.update(len(chunk))
@@ -402,7 +464,7 @@ def build_profile(keys: Sequence[LayerKey], out, *, device: DeviceInfo, protocol
 
 
 def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1, batch: Optional[int] = None,
-                  samples: int = 200, calibration_models: int = 20, protocol: Protocol = Protocol(),
+                  samples: int = 200, calibration_models: int = 24, protocol: Protocol = Protocol(),
                   task=None, progress: bool = True, log=print) -> HardwareProfile:
     """``automl profile measure``: enumerate the space's layers, measure them (resumable), fit the
     whole-model correction per precision, and save the profile as complete."""
@@ -427,8 +489,8 @@ def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1,
     profile.status = "complete"
     profile.save(out)
     for p, c in profile.corrections.items():
-        spill = f" + {c.d * 1e3:.1f} us x MB beyond {c.cache_kb} KB of L2" if c.d else ""
-        log(f"correction {p}: latency = {c.a:.3f} x sum + {c.b * 1e3:.2f} us x layers + {c.c * 1e3:.2f} us{spill} "
+        cold = f" + {c.d:.3f} x cold excess beyond {c.cache_kb} KB of L2" if c.d else ""
+        log(f"correction {p}: latency = {c.a:.3f} x sum + {c.b * 1e3:.2f} us x layers + {c.c * 1e3:.2f} us{cold} "
             f"({c.models} models, fit RMSPE {100 * c.rmspe:.1f}%)")
     log(f"profiled in {time.perf_counter() - started:.0f} s -> {out}")
     return profile

@@ -1,10 +1,13 @@
 """Latency and energy of a candidate from a profile, without running it.
 
-latency = a * sum(entries) + b * n_layers + c + d * spilled weight MB, fitted per precision on whole
-models measured by ``automl profile measure`` (weighted least squares on relative error). The spill
-term prices what isolated measurements cannot see: a layer timed alone keeps its weights in L2, but
-in a model whose weights exceed L2 together they stream from L3 on every inference (measured here:
-a 5.7 MB fp32 CNN ran 1.5x its summed layers, a 1.4 MB one matched them). A layer whose
+latency = a * sum(entries) + b * n_layers + c + d * share * sum(cold - warm), fitted per precision on
+whole models measured by ``automl profile measure`` (weighted least squares on relative error). The
+cold term prices what a layer timed alone again and again cannot see: it keeps its weights in L2, but
+in a model whose weights exceed L2 together they come from L3 on every inference (measured here: a
+5.7 MB fp32 CNN ran 1.6x its summed layers, a 0.9 MB one matched them). Each heavy layer's entry
+holds its cold time too (L2 flushed before each call); ``share`` = 1 - C / (model weight bytes) when
+the weights exceed the fitted effective capacity C (``cache_kb``), else 0 -- the share of a cyclic
+sweep over the weights that a cache of size C misses. A layer whose
 channel counts were not measured is interpolated linearly in each channel count between the
 nearest measured ones of the same op, geometry and precision (extrapolated linearly beyond them);
 one with no entry of the same op, geometry and precision is a ProfileError naming the op and the
@@ -80,6 +83,7 @@ class LayerPrice:
     energy_mj: float
     how: str              # exact | interpolated | extrapolated
     energy_source: str
+    cold_ms: float = 0.0  # latency with its weights beyond L2 (= latency_ms where not timed cold)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ class Prediction:
     energy_mj: float
     sum_ms: float
     n_layers: int
-    spill_mb: float
+    cold_share: float      # share of the weights beyond the effective L2 capacity (see cold_share)
+    cold_excess_ms: float  # sum over layers of (cold - warm)
     precision: str
     layers: Tuple[LayerPrice, ...]
     latency_source: str = "measured"     # modelled for an analytic accelerator profile
@@ -114,10 +119,10 @@ def price_layer(profile: HardwareProfile, key: LayerKey, *, space: Optional[str]
     """One layer's latency and energy: the entry, or interpolated over channel counts."""
     entry = profile.entries.get(key)
     if entry is not None:
-        return LayerPrice(key, entry.latency_ms, entry.energy_mj, "exact", entry.energy_source)
+        return LayerPrice(key, entry.latency_ms, entry.energy_mj, "exact", entry.energy_source, entry.cold_or_warm_ms)
     if profile.modelled:
         layer = layer_model(key, profile.accelerator)
-        return LayerPrice(key, layer.latency_ms, layer.energy_mj, "modelled", "modelled")
+        return LayerPrice(key, layer.latency_ms, layer.energy_mj, "modelled", "modelled", layer.latency_ms)
     same = _same_signature(profile, key)
     if not same:
         why = "" if key.precision in profile.device.precisions else \
@@ -125,23 +130,21 @@ def price_layer(profile: HardwareProfile, key: LayerKey, *, space: Optional[str]
         raise profile.missing(key, space, why)
     latency, how = interpolate([(e.key.channels, e.latency_ms) for e in same], key.channels)
     energy, _ = interpolate([(e.key.channels, e.energy_mj) for e in same], key.channels)
+    cold, _ = interpolate([(e.key.channels, e.cold_or_warm_ms) for e in same], key.channels)
     sources = {e.energy_source for e in same}
-    return LayerPrice(key, max(latency, 0.0), max(energy, 0.0), how, "measured" if sources == {"measured"}
-                      else "modelled")
+    latency = max(latency, 0.0)
+    return LayerPrice(key, latency, max(energy, 0.0), how, "measured" if sources == {"measured"} else "modelled",
+                      max(cold, latency))
 
 
-def spill_mb(layer_bytes: Sequence[int], cache_kb: float) -> float:
-    """MB of weights that stay in L2 when their layer runs alone but not in the whole model: zero
-    when all weights fit in ``cache_kb`` together (or it is 0), else the weights of the layers that
-    fit alone (a layer too big for L2 already paid for L3 when it was measured)."""
+def cold_share(weight_bytes_total: float, cache_kb: float) -> float:
+    """The share of a model's weights an effective L2 capacity of ``cache_kb`` cannot hold: 0 when they
+    fit (or the capacity is 0), else 1 - capacity / weights -- what a cyclic sweep over the weights
+    misses in a cache that keeps a random part of them."""
     cache = cache_kb * 1024
-    if cache <= 0 or sum(layer_bytes) <= cache:
+    if cache <= 0 or weight_bytes_total <= cache:
         return 0.0
-    return sum(b for b in layer_bytes if b <= cache) / 1e6
-
-
-def spilled_weight_mb(keys: Sequence[LayerKey], cache_kb: float) -> float:
-    return spill_mb([weight_bytes(k) for k in keys], cache_kb)
+    return 1.0 - cache / weight_bytes_total
 
 
 def predict_keys(profile: HardwareProfile, keys: Sequence[LayerKey], *, space: Optional[str] = None) -> Prediction:
@@ -153,14 +156,15 @@ def predict_keys(profile: HardwareProfile, keys: Sequence[LayerKey], *, space: O
     precision = max(set(precisions), key=precisions.count)
     total = sum(p.latency_ms for p in prices)
     correction = profile.correction(precision)
-    spill = spilled_weight_mb(keys, correction.cache_kb)
-    latency = correction.apply(total, len(keys), spill)
+    share = cold_share(sum(weight_bytes(k) for k in keys), correction.cache_kb)
+    excess = sum(p.cold_ms - p.latency_ms for p in prices)
+    latency = correction.apply(total, len(keys), share * excess)
     modelled = sum(p.energy_mj for p in prices if p.energy_source == "modelled")
     measured = sum(p.energy_mj for p in prices if p.energy_source == "measured")
     # measured energy of isolated layers carries the same whole-model effects as their latency
     scale = latency / total if total > 0 else 1.0
     return Prediction(latency_ms=latency, energy_mj=modelled + measured * scale, sum_ms=total, n_layers=len(keys),
-                      spill_mb=spill, precision=precision, layers=prices,
+                      cold_share=share, cold_excess_ms=excess, precision=precision, layers=prices,
                       latency_source="modelled" if profile.modelled else "measured")
 
 
@@ -196,17 +200,17 @@ def assign_precisions(layers: List[TracedLayer], mac_precision: Mapping[str, str
     return result[::-1]
 
 
-# Effective shares of L2 the spill fit tries: activations, the input and the runtime's buffers share
-# L2 with the weights (measured here: a CNN with 1.2 MB of weights ran at its summed layers' speed, one
-# with 2.07 MB, just under the 2 MB L2, 1.4x slower), so the full size is not among them.
-CACHE_SHARES = (0.5, 0.625, 0.75, 0.875)
+# Effective shares of L2 the cold term's fit tries: activations, the input and the runtime's buffers
+# share L2 with the weights (measured here: CNNs with 0.9 to 5.7 MB of fp32 weights behaved as if
+# 1 to 1.4 MB of the 2 MB L2 held weights).
+CACHE_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-def _fit(s, n, m, spill) -> np.ndarray:
+def _fit(s, n, m, cold) -> np.ndarray:
     """(a, b, c, d) by weighted least squares, dropping terms the data cannot support."""
     w = 1.0 / m
     coef = np.array([1.0, 0.0, float(np.sum(w * w * (m - s)) / np.sum(w * w)), 0.0])
-    columns = [s, n, np.ones_like(s)] + ([spill] if np.any(spill > 0) else [])
+    columns = [s, n, np.ones_like(s)] + ([cold] if np.any(cold > 0) else [])
     while len(columns) >= 3 and len(m) >= len(columns):
         fit, *_ = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], m * w, rcond=None)
         if len(columns) == 4 and fit[3] < 0:
@@ -219,28 +223,31 @@ def _fit(s, n, m, spill) -> np.ndarray:
 
 
 def fit_correction(sums: Sequence[float], n_layers: Sequence[int], measured: Sequence[float],
-                   layer_bytes: Optional[Sequence[Sequence[int]]] = None, l2_cache_kb: int = 0) -> Correction:
-    """Least squares of measured ~ a*sum + b*n + c + d*spill, each row weighted by 1/measured so the
-    fit minimises relative error (what the +-10% bar counts).
+                   cold_excess: Optional[Sequence[float]] = None, weight_bytes_total: Optional[Sequence[float]] = None,
+                   l2_cache_kb: int = 0) -> Correction:
+    """Least squares of measured ~ a*sum + b*n + c + d*share*excess, each row weighted by 1/measured so
+    the fit minimises relative error (what the +-10% bar counts).
 
-    ``layer_bytes`` (weight bytes of each model's layers) and ``l2_cache_kb`` enable the spill term;
-    the effective capacity is the share of L2 (CACHE_SHARES) that fits best, since activations and
-    the runtime's buffers share the cache. Degenerate cases drop terms: a negative d drops the spill
-    term; fewer models than terms, or a non-positive slope a, leave a=1, b=0 and fit c only."""
+    ``cold_excess`` (each model's summed cold - warm layer time), ``weight_bytes_total`` and
+    ``l2_cache_kb`` enable the cold term; its effective capacity is the share of L2 (CACHE_SHARES)
+    that fits best. Degenerate cases drop terms: a negative d drops the cold term; fewer models than
+    terms, or a non-positive slope a, leave a=1, b=0 and fit c only."""
     s, n, m = (np.asarray(v, dtype=float) for v in (sums, n_layers, measured))
-    if not (len(s) == len(n) == len(m)) or len(m) == 0 or (layer_bytes is not None and len(layer_bytes) != len(m)):
+    cold_given = cold_excess is not None and weight_bytes_total is not None
+    if not (len(s) == len(n) == len(m)) or len(m) == 0 or \
+            (cold_given and not len(cold_excess) == len(weight_bytes_total) == len(m)):
         raise ConfigError("fit_correction needs equal-length, non-empty sums, layer counts and measurements",
                           value=(len(s), len(n), len(m)))
     if np.any(m <= 0) or not np.all(np.isfinite(np.concatenate([s, n, m]))):
         raise ConfigError("whole-model latencies must be positive and finite", value=m.tolist())
     best = None
-    # the nominal size first: a smaller capacity must fit strictly better to be chosen
-    caches = [int(l2_cache_kb * share) for share in reversed(CACHE_SHARES)] if layer_bytes is not None and \
-        l2_cache_kb else [0]
+    # no cold term first, then the nominal size: each later choice must fit strictly better to be chosen
+    caches = [0] + ([int(l2_cache_kb * share) for share in reversed(CACHE_SHARES)] if cold_given else [])
     for cache in caches:
-        spill = np.array([spill_mb(b, cache) for b in layer_bytes]) if cache else np.zeros_like(s)
-        a, b, c, d = _fit(s, n, m, spill)
-        rmspe = float(np.sqrt(np.mean(((a * s + b * n + c + d * spill - m) / m) ** 2)))
+        cold = np.array([cold_share(wb, cache) * ex for wb, ex in zip(weight_bytes_total, cold_excess)]) \
+            if cache else np.zeros_like(s)
+        a, b, c, d = _fit(s, n, m, cold)
+        rmspe = float(np.sqrt(np.mean(((a * s + b * n + c + d * cold - m) / m) ** 2)))
         if best is None or rmspe < best.rmspe * 0.99 - 1e-12:
             best = Correction(a=float(a), b=float(b), c=float(c), d=float(d), cache_kb=cache if d > 0 else 0,
                               models=len(m), rmspe=rmspe)

@@ -11,8 +11,8 @@ File layout (strict YAML, ``version: 1``)::
     protocol: {warmup: .., min_repeats: .., ..., overhead_ms: ..}
     entries:                    # one per distinct layer: op, precision, batch, shape
     - {op: conv, precision: fp32, batch: 1, shape: {in_ch: 1, out_ch: 8, ...}, latency_ms: .., raw_ms: ..,
-       p10_ms: .., p90_ms: .., runs: .., energy_mj: .., energy_source: modelled}
-    correction: {fp32: {a: .., b: .., c: .., d: .., models: 12, rmspe: ..}}  # see Correction
+       p10_ms: .., p90_ms: .., runs: .., energy_mj: .., energy_source: modelled, cold_ms: ..}
+    correction: {fp32: {a: .., b: .., c: .., d: .., cache_kb: .., models: 12, rmspe: ..}}  # see Correction
     calibration: [{precision: fp32, sum_ms: .., n_layers: .., measured_ms: ..}, ...]
     validation: {...}           # figures of the last `automl profile validate`
 
@@ -27,6 +27,12 @@ both timed in the same interleaved rounds. ``drift`` is the time of a fixed refe
 rounds over ``protocol.reference_ms`` (the median over all chunks): a chunk whose reference is off by
 more than ``max_drift`` was measured while the machine was busier or quieter than usual and is
 measured again (``retries``), keeping the attempt closest to the usual time.
+
+``cold_ms`` (layers holding at least ``protocol.cold_min_kb`` of weights) is the same layer timed
+cycling over copies with their own weights, together larger than L2: its weights then come from
+L3, as they do in a whole model whose weights do not fit in L2 together. A
+layer timed alone again and again keeps its weights in L2, so ``latency_ms`` is its cost in a small
+model; the predictor blends the two by how much of the model's weights L2 cannot hold.
 """
 from __future__ import annotations
 
@@ -50,7 +56,8 @@ ENERGY_SOURCES = ("measured", "modelled")
 TOP_KEYS = ("version", "status", "created", "device", "space", "protocol", "entries", "correction",
             "calibration", "validation", "accelerator")
 ENTRY_KEYS = ("op", "precision", "batch", "shape", "latency_ms", "raw_ms", "p10_ms", "p90_ms", "runs",
-              "energy_mj", "energy_source", "drift")
+              "energy_mj", "energy_source", "drift", "cold_ms")
+OPTIONAL_ENTRY_KEYS = ("drift", "cold_ms")
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,8 @@ class DeviceInfo:
     batch: int = option(1, low=1, high=65_536)
     platform: str = option("unknown")
     torch_version: str = option("unknown")
-    l2_cache_kb: int = option(0, low=0, doc="per-core L2 cache (0: unknown); the predictor's spill term uses it")
+    l2_cache_kb: int = option(0, low=0, doc="per-core L2 cache (0: unknown); sizes the cold flush and the "
+                              "capacities the cold term's fit tries")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class Protocol:
     max_drift: float = option(0.1, low=0.0, doc="re-measure a chunk whose reference is off by more than this")
     retries: int = option(2, low=0, high=100, doc="re-measurements of a drifting chunk")
     retry_pause_s: float = option(1.0, low=0.0, doc="pause before a re-measurement")
+    cold_min_kb: float = option(32.0, low=0.0, doc="layers with at least this many KB of weights are also "
+                                "timed cold (cycling over copies that together exceed L2); 0: every layer")
+    cold_copies: int = option(64, low=2, high=4096, doc="copies a cold layer cycles over at most")
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,11 @@ class Entry:
     energy_mj: float
     energy_source: str = "modelled"
     drift: float = 1.0      # reference time in this entry's chunk / protocol.reference_ms
+    cold_ms: Optional[float] = None   # latency with the weights coming from beyond L2 (None: not timed cold)
+
+    @property
+    def cold_or_warm_ms(self) -> float:
+        return self.latency_ms if self.cold_ms is None else self.cold_ms
 
     @property
     def spread(self) -> float:
@@ -109,26 +125,31 @@ class Entry:
         out.update({k: float(getattr(self, k)) for k in ("latency_ms", "raw_ms", "p10_ms", "p90_ms", "energy_mj",
                                                          "drift")})
         out.update(runs=int(self.runs), energy_source=self.energy_source)
-        return {k: out[k] for k in ENTRY_KEYS}
+        if self.cold_ms is not None:
+            out["cold_ms"] = float(self.cold_ms)
+        return {k: out[k] for k in ENTRY_KEYS if k in out}
 
 
 @dataclass(frozen=True)
 class Correction:
-    """Whole-model latency = a * (sum of entries) + b * (number of layers) + c + d * (spilled weight MB).
+    """Whole-model latency = a * (sum of entries) + b * (number of layers) + c + d * (cold excess).
 
-    The spill term: a layer measured alone keeps its weights in L2 between calls; in a model whose
-    weights together exceed L2 they come from L3 on every inference (see predict.spilled_weight_mb)."""
+    The cold term: a layer measured alone keeps its weights in L2 between calls; in a model whose
+    weights together exceed the effective L2 capacity ``cache_kb`` they come from L3. The cold excess
+    is the share of the model's weights beyond that capacity times the summed (cold - warm) time of
+    its layers (see predict.cold_share)."""
 
     a: float = option(1.0)
     b: float = option(0.0)
     c: float = option(0.0)
-    d: float = option(0.0, low=0.0, doc="ms per MB of weights that no longer fit in L2 in the whole model")
-    cache_kb: int = option(0, low=0, doc="effective L2 capacity of the spill term, fitted (0: no spill term)")
+    d: float = option(0.0, low=0.0, doc="weight of the cold excess (the layers' cold - warm time, scaled by the "
+                      "share of the weights beyond cache_kb)")
+    cache_kb: int = option(0, low=0, doc="effective L2 capacity of the cold term, fitted (0: no cold term)")
     models: int = option(0, low=0, doc="whole models the fit used (0: not fitted)")
     rmspe: float = option(0.0, low=0.0, doc="root mean squared relative error of the fit on those models")
 
-    def apply(self, sum_ms: float, n_layers: int, spill_mb: float = 0.0) -> float:
-        return self.a * sum_ms + self.b * n_layers + self.c + self.d * spill_mb
+    def apply(self, sum_ms: float, n_layers: int, cold_excess_ms: float = 0.0) -> float:
+        return self.a * sum_ms + self.b * n_layers + self.c + self.d * cold_excess_ms
 
 
 def cpu_model() -> str:
@@ -258,7 +279,7 @@ def _number(value, where: Where, low=None) -> float:
 
 def _entry(raw, where: Where) -> Entry:
     raw = expect_mapping(raw, where)
-    expect_keys(raw, where, ENTRY_KEYS, required=ENTRY_KEYS[:-1])
+    expect_keys(raw, where, ENTRY_KEYS, required=tuple(k for k in ENTRY_KEYS if k not in OPTIONAL_ENTRY_KEYS))
     raw = {"drift": 1.0, **raw}
     try:
         key = key_from_dict(raw)
@@ -271,7 +292,8 @@ def _entry(raw, where: Where) -> Entry:
     nums = {k: _number(raw[k], where / k, 0.0) for k in ("latency_ms", "raw_ms", "p10_ms", "p90_ms", "energy_mj",
                                                           "drift")}
     runs = expect_range(expect_type(raw["runs"], where / "runs", int), where / "runs", 1)
-    return Entry(key=key, runs=runs, energy_source=raw["energy_source"], **nums)
+    cold = None if raw.get("cold_ms") is None else _number(raw["cold_ms"], where / "cold_ms", 0.0)
+    return Entry(key=key, runs=runs, energy_source=raw["energy_source"], cold_ms=cold, **nums)
 
 
 def _parse(data, source) -> HardwareProfile:

@@ -125,20 +125,32 @@ def _latencies(results) -> tuple:
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def _spread(cands: List[Candidate], sums: List[float], n: int) -> List[int]:
-    """Indices of ``n`` candidates evenly spaced over the sorted sums (the range ends included)."""
-    order = sorted(range(len(cands)), key=lambda i: sums[i])
+def _spread(values: List[float], n: int) -> List[int]:
+    """Indices of ``n`` items evenly spaced over the sorted ``values`` (the range ends included)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
     if len(order) <= n:
         return order
     return [order[int(round(j * (len(order) - 1) / (n - 1)))] for j in range(n)] if n > 1 else order[-1:]
 
 
-def calibrate(profile: HardwareProfile, space, *, per_precision: int = 20, seed: int = CALIBRATION_SEED,
+def _pick(sums: List[float], weights: List[float], n: int) -> List[int]:
+    """``n`` distinct indices: half spread over the summed entries, the rest over the weight bytes (so
+    the fit sees models on both sides of the L2 size, where the cold term sets in)."""
+    chosen = list(dict.fromkeys(_spread(sums, (n + 1) // 2)))
+    for k in range(max(n - len(chosen), 1), len(weights) + 1):
+        new = [i for i in dict.fromkeys(_spread(weights, k)) if i not in chosen]
+        if len(chosen) + len(new) >= n or k == len(weights):
+            chosen += new[: n - len(chosen)]
+            break
+    return chosen
+
+
+def calibrate(profile: HardwareProfile, space, *, per_precision: int = 24, seed: int = CALIBRATION_SEED,
               task=None, measure: Optional[MeasureFn] = None, progress: bool = True, pool: int = 4) -> HardwareProfile:
     """Measure ``per_precision`` whole candidates for each precision of the profile and fit the
-    correction per precision (stored in ``profile.corrections``). The candidates are picked evenly
-    over the range of summed entries from ``pool`` times as many random ones, so the fit sees small
-    and large models (and those whose weights spill out of L2)."""
+    correction per precision (stored in ``profile.corrections``). The candidates are picked from
+    ``pool`` times as many random ones, half evenly over the range of summed entries and half over the
+    range of weight bytes, so the fit sees small and large models, and models on both sides of L2."""
     measure = measure or _real_measure(profile, "calibrating (whole models)", progress)
     cands: List[Candidate] = []
     for i, p in enumerate(profile.device.precisions):
@@ -146,7 +158,8 @@ def calibrate(profile: HardwareProfile, space, *, per_precision: int = 20, seed:
                                                          runtime=profile.device.runtime, batch=profile.device.batch,
                                                          task=task, precision=p)]
         sums = [sum(price_layer(profile, t.key, space=space.source).latency_ms for t in c.layers) for c in drawn]
-        cands += [drawn[j] for j in _spread(drawn, sums, per_precision)]
+        weights = [sum(weight_bytes(t.key) for t in c.layers) for c in drawn]
+        cands += [drawn[j] for j in _pick(sums, weights, per_precision)]
     if not cands:
         raise ConfigError("no candidate of the space runs on the profile's runtime", key="--runtime",
                           value=profile.device.runtime, fix="profile with the runtime the space deploys to")
@@ -154,14 +167,16 @@ def calibrate(profile: HardwareProfile, space, *, per_precision: int = 20, seed:
     rows = []
     for c, m, dr in zip(cands, measured, drift):
         keys = [t.key for t in c.layers]
+        prices = [price_layer(profile, k, space=space.source) for k in keys]
         rows.append({"precision": c.precision, "n_layers": len(keys),
-                     "sum_ms": round(sum(price_layer(profile, k, space=space.source).latency_ms for k in keys), 9),
-                     "measured_ms": round(m, 9), "drift": round(dr, 6),
-                     "layer_bytes": [weight_bytes(k) for k in keys]})
+                     "sum_ms": round(sum(p.latency_ms for p in prices), 9),
+                     "cold_excess_ms": round(sum(p.cold_ms - p.latency_ms for p in prices), 9),
+                     "weight_bytes": sum(weight_bytes(k) for k in keys),
+                     "measured_ms": round(m, 9), "drift": round(dr, 6)})
     for p in sorted({c.precision for c in cands}):
         mine = [r for r in rows if r["precision"] == p]
         profile.corrections[p] = fit_correction(*([r[k] for r in mine] for k in ("sum_ms", "n_layers", "measured_ms",
-                                                                                 "layer_bytes")),
+                                                                                 "cold_excess_ms", "weight_bytes")),
                                                 l2_cache_kb=profile.device.l2_cache_kb)
     profile.calibration = rows
     return profile
@@ -210,7 +225,8 @@ def _row(profile: HardwareProfile, c: Candidate, measured: float, drift: float, 
     """One validation row: the candidate predicted (an early-exit one with the exit shares measured on it)."""
     if c.early_exit is None:
         p = predict_keys(profile, [layer.key for layer in c.layers], space=space.source)
-        extra = {"early_exit": False, "sum_ms": p.sum_ms, "n_layers": p.n_layers, "spill_mb": p.spill_mb}
+        extra = {"early_exit": False, "sum_ms": p.sum_ms, "n_layers": p.n_layers, "cold_share": p.cold_share,
+                 "cold_excess_ms": p.cold_excess_ms}
     else:
         shares = list(shares if shares is not None else c.exit_plan.shares)
         p = predict_early_exit(profile, c.model, c.example, shares, c.precision, space=space.source)
@@ -219,7 +235,8 @@ def _row(profile: HardwareProfile, c: Candidate, measured: float, drift: float, 
                  "exit_thresholds": list(c.exit_plan.thresholds), "exit_inputs": int(c.exit_plan.inputs.shape[0]),
                  "segment_ms": [s.latency_ms for s in segs],
                  "sum_ms": expected_cost([s.sum_ms for s in segs], p.reach),
-                 "n_layers": sum(s.n_layers for s in segs), "spill_mb": max(s.spill_mb for s in segs)}
+                 "n_layers": sum(s.n_layers for s in segs), "cold_share": max(s.cold_share for s in segs),
+                 "cold_excess_ms": expected_cost([s.cold_excess_ms for s in segs], p.reach)}
     return {"config": c.config, "precision": c.precision, "predicted_ms": p.latency_ms, "measured_ms": measured,
             "drift": drift, "error": (p.latency_ms - measured) / measured, **extra,
             "interpolated": p.count("interpolated"), "extrapolated": p.count("extrapolated"),

@@ -6,10 +6,11 @@ import importlib
 from automl.errors import ConfigError
 from automl.registry import Registry
 from automl.tasks.base import TASK_METHODS, Task, TensorClassificationTask
-from automl.tasks.digits import DigitsTask
+from automl.tasks.digits import Digits32Task, DigitsTask
 
 TASKS: Registry = Registry("task")
 TASKS.register("digits")(DigitsTask)
+TASKS.register("digits32")(Digits32Task)
 
 
 def get_task(name: str, *, file=None, key="task") -> Task:
@@ -43,4 +44,4 @@ def get_task(name: str, *, file=None, key="task") -> Task:
     return task
 
 
-__all__ = ["TASKS", "Task", "TensorClassificationTask", "DigitsTask", "get_task"]
+__all__ = ["TASKS", "Task", "TensorClassificationTask", "DigitsTask", "Digits32Task", "get_task"]

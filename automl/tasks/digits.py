@@ -17,7 +17,7 @@ class DigitsTask(TensorClassificationTask):
 
     def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2):
         data = load_digits()
-        x = (data.images.astype(np.float32) / 16.0)[:, None, :, :]
+        x = self.images(data.images.astype(np.float32) / 16.0)
         y = data.target.astype(np.int64)
         x_rest, x_test, y_rest, y_test = train_test_split(
             x, y, test_size=test_fraction, stratify=y, random_state=SPLIT_SEED)
@@ -27,3 +27,20 @@ class DigitsTask(TensorClassificationTask):
         mean, std = float(x_train.mean()), float(x_train.std())
         norm = lambda a: (a - mean) / std  # noqa: E731
         super().__init__(norm(x_train), y_train, norm(x_val), y_val, norm(x_test), y_test)
+
+    @staticmethod
+    def images(x: np.ndarray) -> np.ndarray:
+        return x[:, None, :, :]
+
+
+class Digits32Task(DigitsTask):
+    """The same digits and split as RGB 32x32 images (each pixel a 4x4 block, in 3 equal channels): a
+    real task whose inputs are large enough for layer costs to outweigh a runtime's per-call overhead,
+    e.g. to profile and validate MobileNetV2-style spaces."""
+
+    name = "digits32"
+
+    @staticmethod
+    def images(x: np.ndarray) -> np.ndarray:
+        big = x.repeat(4, axis=1).repeat(4, axis=2)[:, None, :, :]
+        return np.ascontiguousarray(np.repeat(big, 3, axis=1))
