@@ -241,14 +241,14 @@ def fit_correction(sums: Sequence[float], n_layers: Sequence[int], measured: Seq
     if np.any(m <= 0) or not np.all(np.isfinite(np.concatenate([s, n, m]))):
         raise ConfigError("whole-model latencies must be positive and finite", value=m.tolist())
     best = None
-    # no cold term first, then the nominal size: each later choice must fit strictly better to be chosen
-    caches = [0] + ([int(l2_cache_kb * share) for share in reversed(CACHE_SHARES)] if cold_given else [])
+    # no cold term first: a capacity must fit strictly better to be chosen
+    caches = [0] + ([int(l2_cache_kb * share) for share in CACHE_SHARES] if cold_given else [])
     for cache in caches:
         cold = np.array([cold_share(wb, cache) * ex for wb, ex in zip(weight_bytes_total, cold_excess)]) \
             if cache else np.zeros_like(s)
         a, b, c, d = _fit(s, n, m, cold)
         rmspe = float(np.sqrt(np.mean(((a * s + b * n + c + d * cold - m) / m) ** 2)))
-        if best is None or rmspe < best.rmspe * 0.99 - 1e-12:
+        if best is None or rmspe < best.rmspe * (0.99 if best.d == 0 else 1.0) - 1e-12:
             best = Correction(a=float(a), b=float(b), c=float(c), d=float(d), cache_kb=cache if d > 0 else 0,
                               models=len(m), rmspe=rmspe)
     return best
