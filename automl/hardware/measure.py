@@ -201,11 +201,7 @@ def layer_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path, copi
         torch.set_num_threads(threads)
         runs = [_torch_runner(layer_module(key), x) for _ in range(copies)]
     else:
-        path = Path(work_dir) / f"layer_{abs(hash(key))}.onnx"
-        onnx.save(layer_onnx(key), path)
-        if key.precision != "fp32":
-            path = quantize_onnx(path, path.with_name(path.stem + f".{key.precision}.onnx"), key.precision,
-                                 [input_array(key, seed=s) for s in range(1, 5)], alone=True)
+        path = _onnx_at_precision(layer_onnx(key), key, Path(work_dir) / f"layer_{abs(hash(key))}.onnx", alone=True)
         runs = [_ort_runner(path, x, threads) for _ in range(copies)]   # a session holds its own weights
     if copies == 1:
         return runs[0]
@@ -213,16 +209,21 @@ def layer_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path, copi
     return lambda: next(turn)()
 
 
+def _onnx_at_precision(model: onnx.ModelProto, key: LayerKey, path: Path, alone: bool = False) -> Path:
+    """``model`` saved at ``path``, quantized to ``key.precision`` (calibrated on the key's inputs)."""
+    onnx.save(model, path)
+    if key.precision == "fp32":
+        return path
+    return quantize_onnx(path, path.with_name(path.stem + f".{key.precision}.onnx"), key.precision,
+                         [input_array(key, seed=s) for s in range(1, 5)], alone=alone)
+
 
 def context_runner(key: LayerKey, threads: int, work_dir: Path, with_layer: bool = True) -> Callable[[], object]:
     """The layer behind its producer, or the producer alone (context_onnx), quantized as a network."""
     name = f"{'ctx' if with_layer else 'prod'}_{abs(hash(key if with_layer else input_shape(key)))}"
-    path = Path(work_dir) / f"{name}.onnx"
-    onnx.save(context_onnx(key, with_layer), path)
-    if key.precision != "fp32":
-        path = quantize_onnx(path, path.with_name(f"{name}.{key.precision}.onnx"), key.precision,
-                             [input_array(key, seed=s) for s in range(1, 5)])
+    path = _onnx_at_precision(context_onnx(key, with_layer), key, Path(work_dir) / f"{name}.onnx")
     return _ort_runner(path, input_array(key), threads)
+
 
 def cold_runner(key: LayerKey, runtime: str, threads: int, work_dir: Path, protocol: Protocol,
                 l2_cache_kb: int) -> Callable[[], object]:

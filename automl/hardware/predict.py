@@ -242,7 +242,7 @@ def fit_correction(sums: Sequence[float], n_layers: Sequence[int], measured: Seq
         raise ConfigError("whole-model latencies must be positive and finite", value=m.tolist())
     best = None
     # no cold term first: a capacity must fit strictly better to be chosen
-    caches = [0] + ([int(l2_cache_kb * share) for share in CACHE_SHARES] if cold_given else [])
+    caches = list(dict.fromkeys([0] + ([int(l2_cache_kb * share) for share in CACHE_SHARES] if cold_given else [])))
     for cache in caches:
         cold = np.array([cold_share(wb, cache) * ex for wb, ex in zip(weight_bytes_total, cold_excess)]) \
             if cache else np.zeros_like(s)
