@@ -32,12 +32,35 @@ def cmd_search(args) -> int:
 
     space = _override_budget(_space(args.space), args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
-    cost = f", costs predicted from {args.profile}" if args.profile else ""
+    profile, measure_front = _search_profile(args)
+    cost = f", costs predicted from {args.profile or 'the shipped profile'}" if profile is not None else ""
     print(f"automl search: {space.budget.trials} trials of '{space.source}'{cost} -> {out}", flush=True)
-    outcome = run_search(space, out, address=args.address, force=args.force, profile=args.profile,
-                         measure_trials=args.measure_trials, measure_front=args.measure_front)
+    outcome = run_search(space, out, address=args.address, force=args.force, profile=profile,
+                         measure_trials=args.measure_trials, measure_front=measure_front)
     _summary(outcome)
     return 0
+
+
+def _search_profile(args):
+    """(profile, measure_front) of a search: the given profile, or for the embedded default search the
+    shipped CPU profile when this machine is its device (its front then measured for real)."""
+    if args.no_profile:
+        given = [f for f, v in (("--profile", args.profile), ("--measure-trials", args.measure_trials),
+                                ("--measure-front", args.measure_front)) if v]
+        if given:
+            raise ConfigError("--no-profile measures latency in every trial and cannot be combined with "
+                              + " or ".join(given), key="--no-profile", value=True,
+                              fix=f"drop --no-profile or {' and '.join(given)}")
+        return None, False
+    if args.profile is not None or args.space is not None:
+        return args.profile, args.measure_front
+    from automl.hardware.shipped import shipped_profile_here
+
+    choice = shipped_profile_here()
+    print(f"automl search: {choice.reason}", flush=True)
+    if choice.profile is None:
+        return None, False
+    return choice.profile, True
 
 
 def cmd_resume(args) -> int:
@@ -212,9 +235,17 @@ def cmd_profile_measure(args) -> int:
     threads = args.threads or space.deploy.threads
     print(f"automl profile measure: {space.source} on {args.device}, {args.runtime}, {threads} thread(s) -> "
           f"{args.out}", flush=True)
+    from automl.hardware.profile import Protocol
+
+    protocol = Protocol()
+    if args.max_drift is not None:
+        if not 0 < args.max_drift < 1:
+            raise ConfigError("must lie in (0, 1)", key="--max-drift", value=args.max_drift,
+                              fix=f"a share such as {protocol.max_drift} (the default)")
+        protocol = Protocol(max_drift=args.max_drift)
     try:
         profile_space(space, args.out, runtime=args.runtime, threads=threads, batch=args.batch,
-                      samples=args.samples, calibration_models=args.calibration_models)
+                      samples=args.samples, calibration_models=args.calibration_models, protocol=protocol)
     except KeyboardInterrupt:
         print(f"automl profile measure: interrupted; the entries measured so far are in {args.out}. Run the same "
               "command again to resume.", file=sys.stderr)
@@ -284,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--force", action="store_true", help="replace an existing run directory")
     s.add_argument("--profile", help="hardware profile YAML: latency_ms and energy_mj are predicted from it "
-                   "(default: latency measured inside each trial)")
+                   "(default: the shipped CPU profile for the embedded default space on the CPU it was measured "
+                   "on, else latency measured inside each trial)")
+    s.add_argument("--no-profile", action="store_true",
+                   help="measure latency inside each trial even where the shipped profile applies")
     s.add_argument("--measure-trials", action="store_true",
                    help="with --profile: also keep each trial's measured latency as measured_latency_ms")
     s.add_argument("--measure-front", action="store_true",
@@ -324,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--samples", type=int, default=200, help="random configs sampled to find layers (default 200)")
     pm.add_argument("--calibration-models", type=int, default=24,
                     help="whole models per precision the correction is fitted on (default 24)")
+    pm.add_argument("--max-drift", type=float,
+                    help="re-measure a chunk whose reference layer is off its usual time by more than this share "
+                         "(default 0.05; several threads on a shared machine may need more, e.g. 0.15)")
     pm.add_argument("--out", required=True, help="profile YAML; an existing partial one is resumed")
     pm.set_defaults(fn=cmd_profile_measure)
     pv = psub.add_parser("validate", help="predict and measure random whole candidates; store the figures")

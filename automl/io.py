@@ -129,9 +129,10 @@ _NEW_FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") would give; mkstemp a
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write via a temp file in the same directory and rename, so readers never see half a file.
 
-    The file gets the permissions a plain write would give: the existing file's, else umask's.
+    The file gets the permissions a plain write would give: the existing file's, else umask's; a
+    symbolic link is written through, as a plain write would (its target is replaced, not the link).
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)

@@ -246,3 +246,11 @@ def test_measure_early_exit_runs_the_deployed_runner(space, runtime):
     assert stats.median_ms > 0 and stats.runs >= 6 * QUICK.min_repeats
     # thresholds sit midway between confidences, so the deployed graphs take the exits PyTorch takes
     assert stats.exit_shares == pytest.approx(cand.exit_plan.shares)
+
+
+def test_unreachable_mac_target_is_a_refused_config_not_a_crash():
+    """A MAC reduction the architecture cannot reach fails that trial; the profiler skips the config."""
+    space = exits_space(pruning={"method": "structured", "mac_reduction": 50.0})
+    with pytest.raises(InvalidCandidate, match="MAC target is out of reach"):
+        build_candidate(space, {**EE, "early_exit.method": "none", "pruning.method": "structured",
+                                "pruning.mac_reduction": 50.0})

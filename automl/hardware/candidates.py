@@ -243,7 +243,12 @@ def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = 
     # (the method thins the model with its heads attached, which gives the heads the same inputs)
     for stage in recipe.stages:
         if stage.category == "pruning":
-            model = _apply_structure(model, probe, stage, notes).eval()
+            try:
+                model = _apply_structure(model, probe, stage, notes).eval()
+            except ProfileError:
+                raise
+            except ConfigError as exc:   # e.g. a MAC target this architecture cannot reach
+                raise InvalidCandidate(exc.message, key=exc.key, value=exc.value, fix=exc.fix) from None
         elif stage.category == "early_exit":
             if stage.method != "exits":
                 raise ProfileError(f"the profiler does not know how early-exit method '{stage.method}' deploys",

@@ -218,9 +218,11 @@ def _onnx_at_precision(model: onnx.ModelProto, key: LayerKey, path: Path, alone:
                          [input_array(key, seed=s) for s in range(1, 5)], alone=alone)
 
 
-def context_runner(key: LayerKey, threads: int, work_dir: Path, with_layer: bool = True) -> Callable[[], object]:
-    """The layer behind its producer, or the producer alone (context_onnx), quantized as a network."""
-    name = f"{'ctx' if with_layer else 'prod'}_{abs(hash(key if with_layer else input_shape(key)))}"
+def context_runner(key: LayerKey, threads: int, work_dir: Path, with_layer: bool = True,
+                   session: int = 0) -> Callable[[], object]:
+    """The layer behind its producer, or the producer alone (context_onnx), quantized as a network;
+    ``session`` numbers independent copies (own file, own onnxruntime session)."""
+    name = f"{'ctx' if with_layer else 'prod'}{session}_{abs(hash(key if with_layer else input_shape(key)))}"
     path = _onnx_at_precision(context_onnx(key, with_layer), key, Path(work_dir) / f"{name}.onnx")
     return _ort_runner(path, input_array(key), threads)
 
@@ -267,7 +269,8 @@ def measure_layers(keys: Sequence[LayerKey], *, runtime: str, threads: int, prot
     """One chunk: every key alone (and cold, see times_cold), interleaved with the empty model and the
     reference layer; returns (stats per key, empty model, reference layer, cold stats per key, context
     ms per key). fp32 and static int8 layers on onnxruntime are also timed in context (context_runner,
-    CONTEXT_PRECISIONS): the layer behind its producer less the producer alone."""
+    CONTEXT_PRECISIONS): the layer behind its producer less the producer alone, the median over
+    ``protocol.context_sessions`` independent pairs of sessions."""
     with tempfile.TemporaryDirectory(prefix="automl-profile-") as tmp:
         runners = {OVERHEAD: overhead_runner(runtime, threads, Path(tmp)),
                    REFERENCE: layer_runner(REFERENCE_KEY, runtime, threads, Path(tmp))}
@@ -275,13 +278,16 @@ def measure_layers(keys: Sequence[LayerKey], *, runtime: str, threads: int, prot
             runners[k.id] = layer_runner(k, runtime, threads, Path(tmp))
             if times_cold(k, protocol):
                 runners["cold:" + k.id] = cold_runner(k, runtime, threads, Path(tmp), protocol, l2_cache_kb)
-            if k.precision in CONTEXT_PRECISIONS and runtime != "torch":
-                runners["ctx:" + k.id] = context_runner(k, threads, Path(tmp))
-                if f"prod:{input_shape(k)}" not in runners:
-                    runners[f"prod:{input_shape(k)}"] = context_runner(k, threads, Path(tmp), with_layer=False)
+            for s in range(protocol.context_sessions if k.precision in CONTEXT_PRECISIONS and runtime != "torch"
+                           else 0):
+                runners[f"ctx{s}:{k.id}"] = context_runner(k, threads, Path(tmp), session=s)
+                if f"prod{s}:{input_shape(k)}" not in runners:
+                    runners[f"prod{s}:{input_shape(k)}"] = context_runner(k, threads, Path(tmp), with_layer=False,
+                                                                          session=s)
         stats = time_interleaved(runners, protocol, meter=meter)
-    context = {k: max(stats["ctx:" + k.id].median_ms - stats[f"prod:{input_shape(k)}"].median_ms, 0.0)
-               for k in keys if "ctx:" + k.id in stats}
+    context = {k: max(float(np.median([stats[f"ctx{s}:{k.id}"].median_ms - stats[f"prod{s}:{input_shape(k)}"].median_ms
+                                       for s in range(protocol.context_sessions)])), 0.0)
+               for k in keys if f"ctx0:{k.id}" in stats}
     cold = {k: stats["cold:" + k.id] for k in keys if "cold:" + k.id in stats}
     return {k: stats[k.id] for k in keys}, stats[OVERHEAD], stats[REFERENCE], cold, context
 
