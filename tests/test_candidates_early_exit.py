@@ -13,10 +13,10 @@ from automl.errors import ConfigError
 from automl.hardware.candidates import InvalidCandidate, _deployed_pools, build_candidate, space_layer_keys
 from automl.hardware.layers import LayerKey, layer_cost
 from automl.hardware.measure import Stats, make_entry, measure_early_exit
-from automl.hardware.predict import reach_probabilities
+from automl.hardware.predict import fit_handoff, reach_probabilities
 from automl.hardware.profile import DeviceInfo, HardwareProfile, Protocol
-from automl.hardware.validate import (calibrate, exit_inputs, exit_thresholds, plan_exits, sample_candidates,
-                                      validate_profile)
+from automl.hardware.validate import (calibrate, calibrate_handoff, exit_inputs, exit_thresholds, plan_exits,
+                                      sample_candidates, validate_profile)
 from automl.spaces import parse_space
 from automl.tasks import get_task
 
@@ -254,3 +254,58 @@ def test_unreachable_mac_target_is_a_refused_config_not_a_crash():
     with pytest.raises(InvalidCandidate, match="MAC target is out of reach"):
         build_candidate(space, {**EE, "early_exit.method": "none", "pruning.method": "structured",
                                 "pruning.mac_reduction": 50.0})
+
+
+H_FIXED, H_PER_KB = 0.004, 0.0015   # the synthetic device's segment hand-over: ms, ms per KB of features
+
+
+def handoff_kb(cand) -> list:
+    h, out = cand.example, []
+    with torch.no_grad():
+        for segment in cand.model.segments[:-1]:
+            h = segment.eval()(h)
+            out.append(h.numel() * 4 / 1024)
+    return out
+
+
+def handing_over_measure(cands):
+    """The synthetic device, where each segment but the last also pays a hand-over (when reached)."""
+    out = []
+    for c, base in zip(cands, synthetic_measure()(cands)):
+        if c.exit_plan is not None:
+            reach = reach_probabilities(c.exit_plan.shares)
+            base += sum(r * (H_FIXED + H_PER_KB * kb) for r, kb in zip(reach, handoff_kb(c)))
+        out.append(base)
+    return out
+
+
+def test_handoff_fit_by_hand():
+    residual = [2 * 0.004 + 0.0015 * 30, 0.004 + 0.0015 * 8, 3 * 0.004 + 0.0015 * 100]
+    assert fit_handoff(residual, [2, 1, 3], [30, 8, 100], [0.5, 0.2, 0.9]) == pytest.approx((0.004, 0.0015))
+    assert fit_handoff([-0.01], [1], [4], [0.1]) == (0.0, 0.0)   # never a negative cost
+    with pytest.raises(ConfigError, match="at least one hand-over"):
+        fit_handoff([0.01], [0], [4], [0.1])
+
+
+def test_handoff_calibrated_then_early_exit_predicted_exactly(space, calibrated, tmp_path):
+    import copy
+
+    prof = copy.deepcopy(calibrated)
+    calibrate_handoff(prof, space, models=4, measure=handing_over_measure, progress=False)
+    corr = prof.corrections["fp32"]
+    assert (corr.handoff_ms, corr.handoff_ms_per_kb) == pytest.approx((H_FIXED, H_PER_KB), rel=1e-6)
+    assert corr.handoff_models == 4 and (corr.a, corr.c) == pytest.approx((0.8, 0.05))
+    assert sum(1 for r in prof.calibration if r.get("early_exit")) == 4
+    validate_profile(prof, space, tmp_path, samples=10, measure=handing_over_measure, progress=False,
+                     save_profile=False, exit_inputs_n=16)
+    rows = json.loads((tmp_path / "validation.json").read_text())["candidates"]
+    assert any(r["early_exit"] for r in rows) and max(abs(r["error"]) for r in rows) < 1e-9
+    # a profile without the fit under-prices the same early-exit models
+    validate_profile(calibrated, space, tmp_path, samples=10, measure=handing_over_measure, progress=False,
+                     save_profile=False, exit_inputs_n=16)
+    rows = json.loads((tmp_path / "validation.json").read_text())["candidates"]
+    assert all(r["error"] < -1e-6 for r in rows if r["early_exit"])
+    # a space without early exit leaves the profile alone
+    plain = parse_space({"version": 1, "task": "digits", "arch": {"family": "cnn", "width": 8, "depth": 2},
+                         "objectives": {"accuracy": "max"}}, "plain.yaml")
+    assert calibrate_handoff(copy.deepcopy(calibrated), plain, measure=None).corrections == calibrated.corrections

@@ -477,7 +477,7 @@ def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1,
     whole-model correction per precision, and save the profile as complete."""
     from automl.hardware.candidates import space_layer_keys
     from automl.hardware.profile import detect_device
-    from automl.hardware.validate import calibrate
+    from automl.hardware.validate import calibrate, calibrate_handoff
     from automl.tasks import get_task
 
     task = task if task is not None else get_task(space.task)
@@ -493,11 +493,15 @@ def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1,
     profile = build_profile(keys, out, device=device, protocol=protocol, progress=progress,
                             space={"source": str(space.source), "hash": space.hash})
     calibrate(profile, space, per_precision=calibration_models, task=task, progress=progress)
+    calibrate_handoff(profile, space, models=max(calibration_models // 2, 1), task=task, progress=progress)
     profile.status = "complete"
     profile.save(out)
     for p, c in profile.corrections.items():
         cold = f" + {c.d:.3f} x cold excess beyond {c.cache_kb} KB of L2" if c.d else ""
         log(f"correction {p}: latency = {c.a:.3f} x sum + {c.b * 1e3:.2f} us x layers + {c.c * 1e3:.2f} us{cold} "
             f"({c.models} models, fit RMSPE {100 * c.rmspe:.1f}%)")
+        if c.handoff_models:
+            log(f"early-exit hand-over {p}: {c.handoff_ms * 1e3:.2f} us + {c.handoff_ms_per_kb * 1e3:.3f} us per KB of "
+                f"feature map ({c.handoff_models} models)")
     log(f"profiled in {time.perf_counter() - started:.0f} s -> {out}")
     return profile

@@ -316,9 +316,36 @@ def predict_early_exit(profile: HardwareProfile, model, example, exit_shares: Se
                           "were given", key="exit_shares", value=list(exit_shares), fix="give one share per early exit")
     reach = reach_probabilities(exit_shares)
     preds = [predict_model(profile, g, x, precision, space=space) for g, x in graphs]
+    # every segment but the last also outputs its feature map, which the runner hands to the next
+    corr = profile.correction(precision)
+    preds = [replace(p, latency_ms=p.latency_ms + corr.handoff(handoff_bytes(graphs[i + 1][1])))
+             if i < len(preds) - 1 else p for i, p in enumerate(preds)]
     return ExitPrediction(latency_ms=expected_cost([p.latency_ms for p in preds], reach),
                           energy_mj=expected_cost([p.energy_mj for p in preds], reach),
                           reach=tuple(reach), segments=tuple(preds))
+
+
+def handoff_bytes(features) -> int:
+    """Bytes of a feature map handed from one early-exit segment to the next (float32)."""
+    return int(features.numel()) * 4
+
+
+def fit_handoff(residual_ms: Sequence[float], boundaries: Sequence[int], feature_kb: Sequence[float],
+                measured_ms: Sequence[float]) -> Tuple[float, float]:
+    """(fixed ms, ms per KB) of a segment hand-over, from early-exit models run through every segment:
+    ``residual_ms`` = measured - the segments' summed predictions, explained by ``boundaries`` hand-overs
+    of ``feature_kb`` in all; non-negative least squares weighted by 1/measured (relative error)."""
+    from scipy.optimize import nnls
+
+    r, n, kb, m = (np.asarray(v, dtype=float) for v in (residual_ms, boundaries, feature_kb, measured_ms))
+    if not (len(r) == len(n) == len(kb) == len(m)) or len(r) == 0 or np.any(m <= 0) or np.any(n < 1):
+        raise ConfigError("fit_handoff needs equal-length, non-empty rows of models with at least one hand-over "
+                          "and positive latencies", value=(len(r), len(n), len(kb), len(m)))
+    w = 1.0 / m
+    if len(r) == 1:   # one model: a fixed cost per hand-over only
+        return float(max(r[0], 0.0) / n[0]), 0.0
+    coef, _ = nnls(np.stack([n, kb], axis=1) * w[:, None], r * w)
+    return float(coef[0]), float(coef[1])
 
 
 def entry_table(profile: HardwareProfile) -> Mapping[str, float]:

@@ -153,9 +153,18 @@ class Correction:
     cache_kb: int = option(0, low=0, doc="effective L2 capacity of the cold term, fitted (0: no cold term)")
     models: int = option(0, low=0, doc="whole models the fit used (0: not fitted)")
     rmspe: float = option(0.0, low=0.0, doc="root mean squared relative error of the fit on those models")
+    # An early-exit model runs one graph per segment: each segment but the last also hands its feature
+    # map to the next (out of the blocked layout, copied out of one session and into the next).
+    handoff_ms: float = option(0.0, low=0.0, doc="early exit: fixed cost of one segment-to-segment hand-over")
+    handoff_ms_per_kb: float = option(0.0, low=0.0, doc="early exit: hand-over cost per KB of feature map")
+    handoff_models: int = option(0, low=0, doc="early-exit models the hand-over fit used (0: not fitted)")
 
     def apply(self, sum_ms: float, n_layers: int, cold_excess_ms: float = 0.0) -> float:
         return self.a * sum_ms + self.b * n_layers + self.c + self.d * cold_excess_ms
+
+    def handoff(self, feature_bytes: float) -> float:
+        """The hand-over of a ``feature_bytes`` feature map from one early-exit segment to the next."""
+        return self.handoff_ms + self.handoff_ms_per_kb * feature_bytes / 1024
 
 
 def cpu_model() -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -179,6 +180,52 @@ def calibrate(profile: HardwareProfile, space, *, per_precision: int = 24, seed:
                                                                                  "cold_excess_ms", "weight_bytes")),
                                                 l2_cache_kb=profile.device.l2_cache_kb)
     profile.calibration = rows
+    return profile
+
+
+def calibrate_handoff(profile: HardwareProfile, space, *, models: int = 12, seed: int = CALIBRATION_SEED + 50_000,
+                      task=None, measure: Optional[MeasureFn] = None, progress: bool = True) -> HardwareProfile:
+    """Fit the early-exit hand-over (Correction.handoff_*) of the fp32 correction: ``models`` early-exit
+    candidates of the space run through every segment (all thresholds 1.0) on the profile's runtime;
+    what their measured latency adds to their segments' summed predictions is charged to the
+    hand-overs, a fixed cost each plus a cost per KB of feature map. A space without early exit, or a
+    profile without fp32, is left unchanged."""
+    from automl.hardware.predict import fit_handoff, handoff_bytes, predict_early_exit
+
+    if "fp32" not in profile.device.precisions or not any(p.name.startswith("early_exit.") for p in space.params):
+        return profile
+    from automl.tasks import get_task
+
+    task = task if task is not None else get_task(space.task)
+    cands = sample_candidates(space, models, seed=seed, runtime=profile.device.runtime, batch=profile.device.batch,
+                              task=task, precision="fp32", max_tries=20 * models,
+                              keep=lambda c: c.early_exit is not None)
+    if not cands:
+        return profile
+    inputs = exit_inputs(task, profile.device.batch, profile.device.batch)
+    for c in cands:
+        n_exits = c.model.num_exits - 1
+        c.exit_plan = ExitPlan(inputs, (1.0,) * n_exits, c.early_exit.criterion, (0.0,) * n_exits)
+    measure = measure or _real_measure(profile, "calibrating (early-exit hand-overs)", progress)
+    measured, drift, _ = _latencies(measure(cands))
+    corr = replace(profile.correction("fp32"), handoff_ms=0.0, handoff_ms_per_kb=0.0)
+    profile.corrections["fp32"] = corr
+    rows = []
+    for c, m, dr in zip(cands, measured, drift):
+        pred = predict_early_exit(profile, c.model, c.example, [0.0] * (c.model.num_exits - 1), "fp32",
+                                  space=space.source)
+        feats, h = [], c.example
+        with torch.no_grad():
+            for segment in c.model.segments[:-1]:
+                h = segment.eval()(h)
+                feats.append(handoff_bytes(h) / 1024)
+        rows.append({"precision": "fp32", "early_exit": True, "boundaries": len(feats),
+                     "handoff_kb": round(sum(feats), 3), "segments_ms": round(pred.latency_ms, 9),
+                     "measured_ms": round(m, 9), "drift": round(dr, 6)})
+    fixed, per_kb = fit_handoff([r["measured_ms"] - r["segments_ms"] for r in rows], [r["boundaries"] for r in rows],
+                                [r["handoff_kb"] for r in rows], [r["measured_ms"] for r in rows])
+    profile.corrections["fp32"] = replace(corr, handoff_ms=fixed, handoff_ms_per_kb=per_kb, handoff_models=len(rows))
+    profile.calibration = [r for r in profile.calibration if not r.get("early_exit")] + rows
     return profile
 
 
