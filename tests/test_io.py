@@ -1,6 +1,7 @@
 """Strict YAML reading (duplicate keys, float forms, errors) and atomic writing."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,15 @@ def test_config_errors_survive_pickling_unchanged():
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err)
         assert (again.file, again.key, again.fix) == (err.file, err.key, err.fix)
+
+
+def test_atomic_write_through_a_symbolic_link(tmp_path):
+    """A linked file (a shipped profile listed elsewhere) is rewritten in place; the link stays a link."""
+    (tmp_path / "pkg").mkdir()
+    target = tmp_path / "pkg" / "p.yaml"
+    target.write_text("old\n")
+    link = tmp_path / "p.yaml"
+    link.symlink_to(Path("pkg") / "p.yaml")
+    atomic_write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n" and link.read_text() == "new\n"
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["p.yaml"]
