@@ -5,7 +5,7 @@ whole models measured by ``automl profile measure`` (weighted least squares on r
 cold term prices what a layer timed alone again and again cannot see: it keeps its weights in L2, but
 in a model whose weights exceed L2 together they come from L3 on every inference (measured here: a
 5.7 MB fp32 CNN ran 1.6x its summed layers, a 0.9 MB one matched them). Each heavy layer's entry
-holds its cold time too (L2 flushed before each call); ``share`` = 1 - C / (model weight bytes) when
+holds its cold time too (timed cycling over copies whose weights exceed L2); ``share`` = 1 - C / (model weight bytes) when
 the weights exceed the fitted effective capacity C (``cache_kb``), else 0 -- the share of a cyclic
 sweep over the weights that a cache of size C misses. A layer whose
 channel counts were not measured is interpolated linearly in each channel count between the
@@ -290,7 +290,8 @@ class ExitPrediction:
     latency_ms: float
     energy_mj: float
     reach: Tuple[float, ...]
-    segments: Tuple[Prediction, ...]
+    segments: Tuple[Prediction, ...]      # each with its hand-over to the next segment included
+    handoff_kb: Tuple[float, ...] = ()    # feature map each segment but the last hands to the next
 
     def count(self, how: str) -> int:
         return sum(p.count(how) for p in self.segments)
@@ -318,11 +319,12 @@ def predict_early_exit(profile: HardwareProfile, model, example, exit_shares: Se
     preds = [predict_model(profile, g, x, precision, space=space) for g, x in graphs]
     # every segment but the last also outputs its feature map, which the runner hands to the next
     corr = profile.correction(precision)
-    preds = [replace(p, latency_ms=p.latency_ms + corr.handoff(handoff_bytes(graphs[i + 1][1])))
-             if i < len(preds) - 1 else p for i, p in enumerate(preds)]
+    handed = [handoff_bytes(x) for _, x in graphs[1:]]
+    preds = [replace(p, latency_ms=p.latency_ms + corr.handoff(handed[i])) if i < len(handed) else p
+             for i, p in enumerate(preds)]
     return ExitPrediction(latency_ms=expected_cost([p.latency_ms for p in preds], reach),
                           energy_mj=expected_cost([p.energy_mj for p in preds], reach),
-                          reach=tuple(reach), segments=tuple(preds))
+                          reach=tuple(reach), segments=tuple(preds), handoff_kb=tuple(b / 1024 for b in handed))
 
 
 def handoff_bytes(features) -> int:

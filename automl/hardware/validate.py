@@ -190,7 +190,7 @@ def calibrate_handoff(profile: HardwareProfile, space, *, models: int = 12, seed
     what their measured latency adds to their segments' summed predictions is charged to the
     hand-overs, a fixed cost each plus a cost per KB of feature map. A space without early exit, or a
     profile without fp32, is left unchanged."""
-    from automl.hardware.predict import fit_handoff, handoff_bytes, predict_early_exit
+    from automl.hardware.predict import fit_handoff, predict_early_exit
 
     if "fp32" not in profile.device.precisions or not any(p.name.startswith("early_exit.") for p in space.params):
         return profile
@@ -214,13 +214,8 @@ def calibrate_handoff(profile: HardwareProfile, space, *, models: int = 12, seed
     for c, m, dr in zip(cands, measured, drift):
         pred = predict_early_exit(profile, c.model, c.example, [0.0] * (c.model.num_exits - 1), "fp32",
                                   space=space.source)
-        feats, h = [], c.example
-        with torch.no_grad():
-            for segment in c.model.segments[:-1]:
-                h = segment.eval()(h)
-                feats.append(handoff_bytes(h) / 1024)
-        rows.append({"precision": "fp32", "early_exit": True, "boundaries": len(feats),
-                     "handoff_kb": round(sum(feats), 3), "segments_ms": round(pred.latency_ms, 9),
+        rows.append({"precision": "fp32", "early_exit": True, "boundaries": len(pred.handoff_kb),
+                     "handoff_kb": round(sum(pred.handoff_kb), 3), "segments_ms": round(pred.latency_ms, 9),
                      "measured_ms": round(m, 9), "drift": round(dr, 6)})
     fixed, per_kb = fit_handoff([r["measured_ms"] - r["segments_ms"] for r in rows], [r["boundaries"] for r in rows],
                                 [r["handoff_kb"] for r in rows], [r["measured_ms"] for r in rows])
