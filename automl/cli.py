@@ -3,18 +3,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from automl.errors import AutoMLError, ConfigError, RunDirError
+from automl.errors import AutoMLError, ConfigError
 
 
 def _space(path):
     from automl.spaces import load_default_space, load_space
 
     return load_default_space() if path is None else load_space(path)
+
+
+USER_FLAGS = ("model", "checkpoint", "data", "task", "max_drop", "epochs")
+
+
+def _search_space(args):
+    """The space of ``automl search``: --space (or the embedded default) with --model, --checkpoint,
+    --data, --task, --max-drop and --epochs applied; with --model and no --space, the embedded
+    compression space for a user's model."""
+    if not any(getattr(args, k, None) is not None for k in USER_FLAGS):
+        return _space(args.space)
+    from automl.spaces.user import user_space
+
+    if args.space is None and args.model is None:
+        raise ConfigError("the embedded default searches built-in architectures on digits; --checkpoint, --data, "
+                          "--task, --max-drop and --epochs apply to a model of yours or to a --space",
+                          key="--model", fix="add --model package.module:function (a function returning your "
+                                             "model), or --space SPACE.yaml")
+    return user_space(space=args.space, builder=args.model, checkpoint=args.checkpoint, data=args.data,
+                      task=args.task, max_drop=args.max_drop, epochs=args.epochs)
 
 
 def _override_budget(space, args):
@@ -30,7 +49,7 @@ def _override_budget(space, args):
 def cmd_search(args) -> int:
     from automl.search import run_search
 
-    space = _override_budget(_space(args.space), args)
+    space = _override_budget(_search_space(args), args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
     cost = f", costs predicted from {args.profile or 'the shipped profile'}" if profile is not None else ""
@@ -52,7 +71,7 @@ def _search_profile(args):
                               + " or ".join(given), key="--no-profile", value=True,
                               fix=f"drop --no-profile or {' and '.join(given)}")
         return None, False
-    if args.profile is not None or args.space is not None:
+    if args.profile is not None or args.space is not None or args.model is not None:
         return args.profile, args.measure_front
     from automl.hardware.shipped import shipped_profile_here
 
@@ -84,31 +103,18 @@ def _summary(outcome):
 
 
 def cmd_apply(args) -> int:
-    from automl.io import write_json
-    from automl.recipe import Recipe, apply_recipe
+    from automl.recipe import Recipe
+    from automl.recipe.saved import apply_to_dir
 
     recipe = Recipe.load(args.recipe)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise RunDirError(f"output directory {out} exists and is not empty. Fix: choose another --out "
-                              "or pass --force to replace it")
-        shutil.rmtree(out)
-    result = apply_recipe(recipe, out, on_epoch=lambda e, m: print(
+    result, metrics = apply_to_dir(recipe, args.out, force=args.force, on_epoch=lambda e, m: print(
         f"epoch {e + 1}/{recipe.train.epochs}: val accuracy {m['accuracy']:.4f}", flush=True))
-    import torch
-
-    torch.save(result.model.state_dict(), out / "model.pt")
-    recipe.save(out / "recipe.yaml")
-    # paths relative to --out: the file that runs (ONNX, or an early-exit manifest) and what ships
-    metrics = {**result.metrics, "artifact": str(result.artifact.path.relative_to(out)),
-               "deployed_files": [str(f.relative_to(out)) for f in result.artifact.deployed_files()],
-               "recorded": {k: v for k, v in recipe.metrics.items() if k in result.metrics}}
-    write_json(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in result.metrics.items()}, indent=1, default=str))
     if "accuracy" in recipe.metrics:
         print(f"accuracy {result.metrics['accuracy']:.4f} (recorded by the search: "
               f"{recipe.metrics['accuracy']:.4f}); deployed model: {result.artifact.path}")
+    note = "" if "torch_export_error" not in metrics else f" (no model.pt2: {metrics['torch_export_error']})"
+    print(f"PyTorch model: automl.load('{args.out}') (model.pt + structure.json){note}")
     return 0
 
 
@@ -311,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
     s.add_argument("--out", help="run directory (default: runs/search-<time>)")
     s.add_argument("--address", help="address of an existing Ray cluster (default: start a local one)")
+    s.add_argument("--model", help="your model: 'package.module:function' or 'file.py:function' returning an "
+                   "nn.Module; the search compresses it (default space: the embedded compression space)")
+    s.add_argument("--checkpoint", help="trained weights for --model: a state_dict file or an `automl apply` "
+                   "directory (read with torch.load(weights_only=True))")
+    s.add_argument("--data", help="your data: a folder of class folders (or train/ val/ [test/] folders of them) "
+                   "or an .npz with x/y arrays; replaces the space's task")
+    s.add_argument("--task", help="a task name (e.g. digits32) or 'package.module:function'; replaces the space's")
+    s.add_argument("--max-drop", type=float, help="accuracy budget: constraint accuracy_drop <= this share of the "
+                   "uncompressed model's accuracy (e.g. 0.01 = one point)")
+    s.add_argument("--epochs", type=int, help="fine-tune epochs of every trial (0: post-training methods only)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--force", action="store_true", help="replace an existing run directory")

@@ -17,13 +17,19 @@ METRICS = {
     "params": "min",
     "nonzero_params": "min",
     "macs": "min",
+    # searches over a user's model only: against the uncompressed model, measured once per search
+    "accuracy_drop": "min",   # baseline validation accuracy - this trial's (0.01 = one point)
+    "speedup": "max",         # baseline latency_ms / latency_ms
+    "size_reduction": "max",  # baseline size_kb / size_kb
 }
+BASELINE_METRICS = ("accuracy_drop", "speedup", "size_reduction")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = option(10, low=1, high=10_000, doc="total training epochs, fine-tuning included")
-    lr: float = option(3e-3, low=0.0, high=10.0, low_open=True, doc="initial learning rate (cosine decay)")
+    epochs: int = option(10, low=0, high=10_000, doc="total training epochs, fine-tuning included (0: none, "
+                                                      "e.g. post-training quantization of a trained model)")
+    lr: float = option(3e-3, low=0.0, high=10.0, doc="initial learning rate (cosine decay)")
     batch_size: int = option(32, low=1, high=65_536)
     weight_decay: float = option(0.0, low=0.0, high=1.0)
     optimizer: str = option("adam", choices=("adam", "sgd"))

@@ -2,8 +2,9 @@
 
 A teacher spec is one of:
 
-- ``self``: the uncompressed model of the recipe's own architecture, trained first with the recipe's
-  training settings (``teacher_epochs`` may override the epochs) and no compression stages;
+- ``self``: for a user's model (``model:``), that model as given, with its trained weights; for a
+  built-in family, the uncompressed model of the recipe's own architecture, trained first with the
+  recipe's training settings (``teacher_epochs`` may override the epochs) and no compression stages;
 - a recipe YAML path: that recipe is replayed (training and compression stages, no export) and its
   final torch model teaches;
 - an ``automl apply`` output directory, or the ``model.pt`` in one: the architecture comes from the
@@ -33,6 +34,8 @@ def teacher_recipe(spec: str, recipe, teacher_epochs: int = 0):
     """The Recipe that trains the teacher, or None when ``spec`` names a trained checkpoint."""
     from automl.recipe.schema import Recipe
 
+    if spec == "self" and recipe.model is not None:
+        return None  # the user's trained model teaches as it is
     if spec == "self":
         train = recipe.train
         if teacher_epochs:
@@ -64,9 +67,11 @@ def load_checkpoint(spec: str, task) -> nn.Module:
     """A model rebuilt from an ``automl apply`` directory's recipe.yaml with its model.pt weights."""
     from automl.recipe.schema import Recipe
 
+    from automl.recipe.build import recipe_model
+
     weights, recipe_path = _checkpoint_files(spec)
     recipe = Recipe.load(recipe_path)
-    model = task.build_model(recipe.family, recipe.arch)
+    model = recipe_model(recipe, task)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)
@@ -118,7 +123,11 @@ def load_teacher(spec: str, ctx, teacher_epochs: int = 0) -> nn.Module:
         raise ConfigError("distillation needs the recipe being applied to build its teacher", key=KEY,
                           value=spec, fix="run distillation through recipe.apply_recipe")
     recipe = teacher_recipe(spec, ctx.recipe, teacher_epochs)
-    if recipe is None:
+    if recipe is None and spec == "self":
+        from automl.arch.user import build_user_model
+
+        teacher = build_user_model(ctx.recipe.model)
+    elif recipe is None:
         teacher = load_checkpoint(spec, ctx.task)
     else:
         if recipe.task != ctx.recipe.task:

@@ -229,13 +229,14 @@ def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = 
     InvalidCandidate for a config its method refuses on its architecture."""
     from automl.compress.base import check_stage_combination
     from automl.recipe.from_config import recipe_from_config
-    from automl.tasks import get_task
 
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     recipe = recipe_from_config(space, config)
     check_stage_combination([s.category for s in recipe.stages], file=space.source)
+    from automl.recipe.build import recipe_model
+
     torch.manual_seed(seed)
-    model = task.build_model(recipe.family, recipe.arch).eval()
+    model = recipe_model(recipe, task).eval()
     probe = task.example_input(1)
     notes: Dict[str, Any] = {}
     exits = None
@@ -329,10 +330,9 @@ def space_layer_keys(space, *, runtime: str = "onnxruntime", batch: Optional[int
     segment graphs, exit heads included, and its backbone, which calibration measures whole), and
     counts of what was looked at (configs, distinct models, configs skipped because the runtime cannot
     deploy them, configs their method refuses on their architecture)."""
-    from automl.tasks import get_task
 
     check_runtime(runtime)
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     configs = space_configs(space, samples=samples, seed=seed)
     lists, skipped, invalid, models = [], 0, 0, set()
     for i, config in enumerate(configs):

@@ -478,9 +478,8 @@ def profile_space(space, out, *, runtime: str = "onnxruntime", threads: int = 1,
     from automl.hardware.candidates import space_layer_keys
     from automl.hardware.profile import detect_device
     from automl.hardware.validate import calibrate, calibrate_handoff
-    from automl.tasks import get_task
 
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     batch = batch or space.deploy.batch
     started = time.perf_counter()
     keys, counts = space_layer_keys(space, runtime=runtime, batch=batch, samples=samples, task=task)

@@ -48,9 +48,8 @@ def sample_candidates(space, n: int, *, seed: int, runtime: str, batch: int, tas
     """``n`` random candidates (seeds ``seed``, ``seed + 1`` ...) that ``runtime`` deploys, optionally
     of one precision and accepted by ``keep``; fewer when the space rarely produces them within
     ``max_tries`` draws. Configs their method refuses on their architecture are drawn again."""
-    from automl.tasks import get_task
 
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     out, tries = [], max_tries or 50 * n
     for i in range(tries):
         if len(out) == n:
@@ -194,9 +193,8 @@ def calibrate_handoff(profile: HardwareProfile, space, *, models: int = 12, seed
 
     if "fp32" not in profile.device.precisions or not any(p.name.startswith("early_exit.") for p in space.params):
         return profile
-    from automl.tasks import get_task
 
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     cands = sample_candidates(space, models, seed=seed, runtime=profile.device.runtime, batch=profile.device.batch,
                               task=task, precision="fp32", max_tries=20 * models,
                               keep=lambda c: c.early_exit is not None)
@@ -296,14 +294,13 @@ def validate_profile(profile: HardwareProfile, space, out_dir, *, samples: int =
     with a random exit distribution, see the module docstring); write validation.json and
     validation.png to ``out_dir`` and store the figures in the profile (saved back to its file).
     ``figures['early_exit']`` holds the figures of the early-exit candidates alone (None without any)."""
-    from automl.tasks import get_task
 
     if profile.modelled:
         raise ConfigError("a modelled profile has no device to measure candidates on", key="--profile",
                           value=profile.device.runtime,
                           fix="validate a measured profile (automl profile measure); a modelled one is only predicted")
     out_dir = Path(out_dir)
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     # early exit deploys float segment graphs: an int8 runtime cannot run them
     cands = sample_candidates(space, samples, seed=seed, runtime=profile.device.runtime, batch=profile.device.batch,
                               task=task, keep=lambda c: c.early_exit is None or c.precision == "fp32")

@@ -21,9 +21,9 @@ from automl.compress.early_exit_method import RUNTIME as EARLY_EXIT_RUNTIME
 from automl.compress.schedule import build_scheduler
 from automl.errors import MeasurementError
 from automl.modelstats import count_macs, count_nonzero, count_params
+from automl.recipe.build import recipe_model, recipe_task
 from automl.recipe.schema import Recipe
 from automl.runtime import Artifact, OrtModel, export_onnx, measure_latency
-from automl.tasks import get_task
 from automl.tasks.augment import augmented
 from automl.validate import Where
 
@@ -54,7 +54,7 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
     """Train for ``recipe.train.epochs`` with every stage's hooks and the recipe's schedule policies;
     returns (model, handlers)."""
     seed_everything(recipe.train.seed)
-    model = task.build_model(recipe.family, recipe.arch)
+    model = recipe_model(recipe, task)
     loader = augmented(task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed),
                        recipe.train.augment, recipe.train.seed)
     ctx.steps_per_epoch = len(loader)
@@ -67,7 +67,7 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
                                 where=Where(key="schedule"))
     # a schedule with its own lr policy owns the learning rate; otherwise cosine over the whole run
     cosine = None if any(s.policy == "lr" for s in recipe.schedule) else \
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.train.epochs)
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(recipe.train.epochs, 1))
     val = task.val_loader()
     epoch = 0
 
@@ -139,7 +139,7 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
     work_dir.mkdir(parents=True, exist_ok=True)
     check_stage_combination(s.category for s in recipe.stages)
     torch.set_num_threads(recipe.deploy.threads)
-    task = task if task is not None else get_task(recipe.task)
+    task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)
     model, handlers = train_with_stages(recipe, task, ctx, on_epoch)

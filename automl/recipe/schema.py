@@ -5,15 +5,18 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
+from automl.arch.user import ModelSource, parse_model_source
 from automl.compress import CATEGORIES, get_method
 from automl.compress.base import check_stage_combination
 from automl.compress.schedule import PolicySpec, check_schedule_epochs, parse_schedule, schedule_to_dict
 from automl.configs import config_to_dict, parse_config
 from automl.io import load_yaml, parse_yaml, write_yaml
 from automl.settings import DeploySettings, TrainSettings
+from automl.tasks.data import DataSpec, parse_data
 from automl.validate import Where, expect_keys, expect_mapping, expect_type
 
 RECIPE_VERSION = 1
+DATA_TASK = "data"  # the task name of a recipe or space whose task is its data: section
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,17 @@ class Recipe:
     deploy: DeploySettings = field(default_factory=DeploySettings)
     provenance: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
+    model: Optional[ModelSource] = None  # a user's model (then family is '' and arch empty)
+    data: Optional[DataSpec] = None      # the task's data, when it is a data folder or arrays
 
     def to_dict(self) -> dict:
+        source = {"model": self.model.to_dict()} if self.model is not None else \
+            {"arch": {"family": self.family, **self.arch}}
         return {
             "version": RECIPE_VERSION,
             "task": self.task,
-            "arch": {"family": self.family, **self.arch},
+            **({"data": self.data.to_dict()} if self.data is not None else {}),
+            **source,
             "train": config_to_dict(self.train),
             "stages": [s.to_dict() for s in self.stages],
             "schedule": schedule_to_dict(self.schedule),
@@ -67,14 +75,15 @@ class Recipe:
     def from_dict(cls, data, source: str | None = None) -> "Recipe":
         where = Where(source)
         data = expect_mapping(data, where)
-        expect_keys(data, where, ("version", "task", "arch", "train", "stages", "schedule", "deploy",
-                                  "provenance", "metrics"), required=("version", "task", "arch"))
+        expect_keys(data, where, ("version", "task", "data", "arch", "model", "train", "stages", "schedule",
+                                  "deploy", "provenance", "metrics"), required=("version",))
         if isinstance(data["version"], bool) or data["version"] != RECIPE_VERSION:
             raise (where / "version").error("unsupported recipe version", data["version"],
                                             f"use version: {RECIPE_VERSION}")
-        arch = dict(expect_mapping(data["arch"], where / "arch"))
-        family = ARCHS.get(arch.pop("family", None), file=source, key="arch.family")
-        parse_config(family.params_cls, arch, where / "arch")  # validate now, build later
+        family, arch, model = model_section(data, where)
+        if model is None:
+            parse_config(ARCHS.get(family).params_cls, arch, where / "arch")  # validate now, build later
+        task, data_spec = task_section(data, where)
         stages, seen = [], []
         raw_stages = expect_type(data.get("stages") or [], where / "stages", list)
         for i, raw in enumerate(raw_stages):
@@ -100,12 +109,18 @@ class Recipe:
         schedule = parse_schedule(data.get("schedule"), where / "schedule")
         check_schedule_epochs(schedule, train.epochs, where / "schedule")
         return cls(
-            task=expect_type(data["task"], where / "task", str), family=family.name, arch=arch,
+            task=task, data=data_spec, model=model, family=family, arch=arch,
             train=train, stages=tuple(stages), schedule=tuple(schedule),
             deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
             provenance=dict(expect_mapping(data.get("provenance") or {}, where / "provenance")),
             metrics=dict(expect_mapping(data.get("metrics") or {}, where / "metrics")),
         )
+
+    @property
+    def describe_model(self) -> str:
+        if self.model is None:
+            return f"{self.family} model"
+        return f"model {self.model.builder or self.model.object_class}"
 
     @classmethod
     def load(cls, path) -> "Recipe":
@@ -114,3 +129,35 @@ class Recipe:
     @classmethod
     def loads(cls, text: str, source: str = "<string>") -> "Recipe":
         return cls.from_dict(parse_yaml(text, source), source)
+
+
+def model_section(data: dict, where: Where):
+    """(family, arch params, user model) of a space or recipe: ``arch:`` (a built-in family) or
+    ``model:`` (your own), exactly one."""
+    if ("arch" in data) == ("model" in data):
+        raise where.error("give exactly one of 'arch:' (a built-in family) and 'model:' (your own model)",
+                          sorted(k for k in ("arch", "model") if k in data),
+                          "write 'model: {builder: package.module:function, checkpoint: weights.pt}' or "
+                          f"'arch: {{family: ...}}' with one of {', '.join(ARCHS.names())}")
+    if "model" in data:
+        return "", {}, parse_model_source(data["model"], where / "model")
+    arch = dict(expect_mapping(data["arch"], where / "arch"))
+    if "family" not in arch:
+        raise (where / "arch" / "family").error("missing required key", no_value=True,
+                                                 fix=f"add 'family:' with one of {', '.join(ARCHS.names())}")
+    family = ARCHS.get(arch.pop("family"), file=where.file, key="arch.family")
+    return family.name, arch, None
+
+
+def task_section(data: dict, where: Where):
+    """(task name, data spec): a ``task:`` name, or a ``data:`` section (whose task name is 'data')."""
+    if "data" in data:
+        if "task" in data and data["task"] != DATA_TASK:
+            raise (where / "task").error("give either 'task:' or 'data:', not both", data["task"],
+                                         "drop task: (the data section defines the task)")
+        return DATA_TASK, parse_data(data["data"], where / "data")
+    if "task" not in data:
+        raise (where / "task").error("missing required key", no_value=True,
+                                     fix="add 'task: digits' (or 'package.module:function'), or a 'data:' section "
+                                         "naming a folder of class folders or an .npz file")
+    return expect_type(data["task"], where / "task", str), None

@@ -13,16 +13,16 @@ import optuna
 import ray
 from ray import tune
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, RunDirError
 from automl.io import load_yaml, write_yaml
+from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
-from automl.tasks import get_task
 
 TUNE_DIR = "tune"
 
@@ -89,6 +89,9 @@ def _init_ray(address: Optional[str], concurrency: int):
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
+    if not address:  # local workers import a user's model builder from where the driver runs
+        paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                   configure_logging=True)
     try:
@@ -102,18 +105,22 @@ def _init_ray(address: Optional[str], concurrency: int):
                           "authentication, set RAY_AUTH_TOKEN; check --address.") from None
 
 
-def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None):
+def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None,
+           baseline: Optional[Dict] = None):
     from automl.search.trainable import run_trial
 
     # trials that distil from the same teacher train it once and share it through this cache
     params = {"space": space, "task": task, "cache_dir": str(run_dir / "cache"),
-              **({"costing": costing} if costing is not None else {})}
+              **({"costing": costing} if costing is not None else {}),
+              **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
     if restore:
         return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable, resume_errored=True)
-    scheduler = ASHAScheduler(metric="accuracy", mode="max", time_attr="training_iteration",
-                              max_t=space.epochs, grace_period=min(space.budget.grace_epochs, space.epochs),
-                              reduction_factor=space.budget.reduction_factor)
+    # with fewer than two epochs (e.g. post-training compression of a trained model) there is nothing
+    # to stop early
+    scheduler = FIFOScheduler() if space.epochs < 2 else ASHAScheduler(
+        metric="accuracy", mode="max", time_attr="training_iteration", max_t=space.epochs,
+        grace_period=min(space.budget.grace_epochs, space.epochs), reduction_factor=space.budget.reduction_factor)
     tune_config = tune.TuneConfig(search_alg=_searcher(space), scheduler=scheduler,
                                   num_samples=space.budget.trials,
                                   max_concurrent_trials=space.budget.concurrency, reuse_actors=True,
@@ -173,39 +180,41 @@ def prepare_run_dir(out: Path, force: bool) -> Path:
 
 
 def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool,
-         costing: Optional[Costing] = None) -> SearchOutcome:
-    task = get_task(space.task, file=space.source)  # fail fast, before Ray starts
+         costing: Optional[Costing] = None, task=None) -> SearchOutcome:
+    task = task if task is not None else space.build_task()  # fail fast, before Ray starts
     started = time.time()
+    baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
     _init_ray(address, space.budget.concurrency)
-    grid = _tuner(space, run_dir, task, restore=restore, costing=costing).fit()
+    grid = _tuner(space, run_dir, task, restore=restore, costing=costing, baseline=baseline).fit()
     rows = _rows(grid, space)
     versions = library_versions()
     profile = profile_report(costing, space) if costing is not None else None
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
-                           profile=profile)
+                           profile=profile, baseline=baseline)
     if costing is not None and costing.measure_front:
         from automl.search.frontcheck import measure_front
 
         check = measure_front(run_dir, space, front_rows(rows, space), costing, task=task,
                               log=lambda m: print(m, flush=True))
         report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
-                               profile=profile, front_check=check)
+                               profile=profile, front_check=check, baseline=baseline)
     return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
 
 
 def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force: bool = False, profile=None,
-               measure_trials: bool = False, measure_front: bool = False) -> SearchOutcome:
+               measure_trials: bool = False, measure_front: bool = False, task=None) -> SearchOutcome:
     """Run the joint search and write the run directory.
 
     ``profile`` (a profile file or a loaded HardwareProfile) makes the search hardware-aware: each
     trial's latency_ms and energy_mj are predicted from it (see ``automl.search.costing``);
     ``measure_trials`` keeps the latency measured in each trial as measured_latency_ms, and
-    ``measure_front`` re-applies and measures every Pareto point after the search."""
+    ``measure_front`` re-applies and measures every Pareto point after the search. ``task`` replaces
+    the space's task (e.g. a LoaderTask over DataLoaders given to the Python API)."""
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     run_dir = prepare_run_dir(Path(out), force)
     write_yaml(run_dir / "space.yaml", space.raw)
     save_costing(run_dir, costing)
-    return _run(space, run_dir, address=address, restore=False, costing=costing)
+    return _run(space, run_dir, address=address, restore=False, costing=costing, task=task)
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:

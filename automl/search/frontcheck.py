@@ -60,11 +60,10 @@ def measure_front(run_dir, space, front: Sequence[Dict], costing: Costing, *, ta
     """Apply each front recipe (``recipes/<trial>.yaml``) into ``front_measured/<trial>/``, time the
     deployed models and compare with the trials' predicted ``latency_ms``."""
     from automl.recipe import Recipe, apply_recipe
-    from automl.tasks import get_task
 
     run_dir = Path(run_dir)
     apply_fn = apply_fn or apply_recipe
-    task = task if task is not None else get_task(space.task)
+    task = task if task is not None else space.build_task()
     applied = []
     for i, r in enumerate(front):
         tid = r["trial_id"]

@@ -47,7 +47,7 @@ def front_rows(rows: Sequence[Dict], space: SearchSpace) -> List[Dict]:
 
 
 def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: SearchSpace,
-               x_source: str = "measured, deployed model"):
+               x_source: str = "measured, deployed model", baseline: Optional[Dict] = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,6 +62,9 @@ def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: S
     pts = sorted((r["metrics"][x_key], 100 * r["metrics"]["accuracy"]) for r in front)
     if pts:
         ax.scatter(*zip(*pts), s=40, c="#d62728", zorder=3, label=f"Pareto front ({len(pts)})")
+    if baseline and x_key in baseline:
+        ax.scatter([baseline[x_key]], [100 * baseline["accuracy"]], s=90, marker="*", c="black", zorder=4,
+                   label="uncompressed model (baseline)")
     ax.set_xscale("log")
     ax.set_xlabel(f"{x_key} ({x_source}; log scale)")
     ax.set_ylabel("validation accuracy (%)")
@@ -140,6 +143,42 @@ def _front_check_markdown(check: Dict) -> List[str]:
     return lines
 
 
+def within_budget(rows: Sequence[Dict], baseline: Optional[Dict]) -> Dict[str, Dict]:
+    """The fastest and the smallest completed, feasible trial (the constraints, e.g. accuracy_drop,
+    are the budget), with their speed-up and size reduction against the baseline."""
+    ok = [r for r in rows if r["status"] == "completed" and r.get("feasible")]
+    out = {}
+    for label, key in (("fastest", "latency_ms"), ("smallest", "size_kb")):
+        have = [r for r in ok if isinstance(r["metrics"].get(key), (int, float))]
+        if have:
+            m = min(have, key=lambda r: r["metrics"][key])
+            out[label] = {"trial_id": m["trial_id"], **{k: m["metrics"].get(k) for k in (
+                "accuracy", "accuracy_drop", "latency_ms", "size_kb", "speedup", "size_reduction", "precision")}}
+    return out
+
+
+def _baseline_markdown(report: Dict) -> List[str]:
+    base = report["baseline"]
+    lines = ["## Against the uncompressed model", "",
+             f"Baseline (the model as given, measured once): accuracy {_fmt(base.get('accuracy'))}, test accuracy "
+             f"{_fmt(base.get('test_accuracy'))}, latency {_fmt(base.get('latency_ms'))} ms, size "
+             f"{_fmt(base.get('size_kb'))} kB, {_fmt(base.get('params'))} parameters, {_fmt(base.get('macs'))} MACs.", ""]
+    picks = report.get("within_budget") or {}
+    if not picks:
+        return lines + ["No completed trial meets the constraints (the accuracy budget).", ""]
+    lines += ["Within the constraints (the accuracy budget):", "",
+              "| pick | trial | accuracy | accuracy drop | latency ms | speed-up | size kB | size reduction | precision |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for label, p in picks.items():
+        lines.append(f"| {label} | {p['trial_id']} | {_fmt(p['accuracy'])} | {_fmt(p['accuracy_drop'])} | "
+                     f"{_fmt(p['latency_ms'])} | {_fmt(p['speedup'])}x | {_fmt(p['size_kb'])} | "
+                     f"{_fmt(p['size_reduction'])}x | {p['precision']} |")
+    slower = [label for label, p in picks.items() if (p.get("speedup") or 1.0) < 1.0]
+    if slower:
+        lines += ["", f"Note: the {' and '.join(slower)} pick is SLOWER than the uncompressed model."]
+    return lines + [""]
+
+
 def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
     keys = list(space.objectives) + ["test_accuracy", "precision", "nonzero_params"]
     if "profile" in report:
@@ -161,9 +200,14 @@ def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
         "| trial | " + " | ".join(keys) + " | recipe |",
         "|---" * (len(keys) + 2) + "|",
     ]
+    if report.get("baseline"):
+        vals = [_fmt(report["baseline"].get(k)) for k in keys]
+        lines.append("| **baseline** | " + " | ".join(str(v) for v in vals) + " | (uncompressed) |")
     for r in front:
         vals = [_fmt(r["metrics"].get(k)) for k in keys]
         lines.append(f"| {r['trial_id']} | " + " | ".join(str(v) for v in vals) + f" | recipes/{r['trial_id']}.yaml |")
+    if report.get("baseline"):
+        lines += [""] + _baseline_markdown(report)
     lines += ["", "## Best per objective", ""]
     lines += [f"- {m} ({space.objectives[m]}): {b['value']:.6g} (trial {b['trial_id']})"
               for m, b in report["best"].items()]
@@ -176,18 +220,20 @@ def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
 
 
 def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: float, versions: Dict,
-                  profile: Optional[Dict] = None, front_check: Optional[Dict] = None) -> Dict:
+                  profile: Optional[Dict] = None, front_check: Optional[Dict] = None,
+                  baseline: Optional[Dict] = None) -> Dict:
     """trials.csv, front.csv, pareto.png, recipes/*.yaml, report.json, report.md. Returns the report.
 
     ``profile`` (``costing.profile_report``) marks a profiled search: the report names the profile and
     says which metrics are predicted; ``front_check`` (``frontcheck.measure_front``) adds the table of
-    predicted vs measured latency over the front."""
+    predicted vs measured latency over the front; ``baseline`` (a search over a user's model) adds the
+    uncompressed model as the reference row and the fastest / smallest trial within the constraints."""
     out = Path(out)
     columns = columns_for(rows, space)
     atomic_write_text(out / "trials.csv", _csv([flatten(r) for r in rows], columns))
     front = front_rows(rows, space)
     atomic_write_text(out / "front.csv", _csv([flatten(r) for r in front], columns))
-    plot_front(out / "pareto.png", rows, front, space,
+    plot_front(out / "pareto.png", rows, front, space, baseline=baseline,
                **({"x_source": f"predicted from the profile of {profile['device']['cpu_model']}"} if profile else {}))
     for r in front:
         extra = {"profile": profile["path"], "profile_device": profile["device"]["cpu_model"]} if profile else {}
@@ -209,6 +255,9 @@ def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_
                                    f"onnxruntime CPU, {space.deploy.threads} thread(s)",
                         "size_kb": "deflate-compressed size of the deployed ONNX file"},
     }
+    if baseline:
+        report["baseline"] = {k: v for k, v in baseline.items() if isinstance(v, (int, float, str))}
+        report["within_budget"] = within_budget(rows, baseline)
     if profile:
         report["profile"] = profile
         report["measurement"]["latency"] = profile["metric_sources"]["latency_ms"]

@@ -9,16 +9,19 @@ import torch
 from ray import tune
 
 from automl.recipe import apply_recipe, recipe_from_config
+from automl.search.baseline import relative_metrics
 from automl.search.costing import example_batch
 from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
-def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, cache_dir=None):
+def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, cache_dir=None, baseline=None):
     """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
 
     With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
-    compressed model; a profile that cannot price it fails the trial with its ProfileError."""
+    compressed model; a profile that cannot price it fails the trial with its ProfileError. With a
+    ``baseline`` (a search over a user's model) the trial also reports accuracy_drop, speedup and
+    size_reduction against it."""
     torch.set_num_threads(space.deploy.threads)
     trial_id = tune.get_context().get_trial_id()
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
@@ -38,5 +41,6 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
     if costing is not None:
         metrics = costing.trial_metrics(metrics, result.model, result.artifact.precision,
                                         example_batch(task, space.deploy.batch), space.source)
+    metrics.update(relative_metrics(metrics, baseline))
     metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))
     tune.report(metrics)

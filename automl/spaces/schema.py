@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
+from automl.arch.user import ModelSource
 from automl.compress import CATEGORIES, get_method, methods_in
 from automl.compress.base import INCOMPATIBLE
 from automl.configs import check_field, field_names, parse_config
 from automl.io import load_yaml, parse_yaml
 from automl.registry import did_you_mean, unknown_name
-from automl.settings import METRICS, Budget, DeploySettings, TrainSettings
+from automl.settings import BASELINE_METRICS, METRICS, Budget, DeploySettings, TrainSettings
 from automl.spaces.conditions import Condition, parse_when
 from automl.spaces.domains import DOMAIN_KEYS, Choice, Domain, Fixed, FloatRange, IntRange, parse_domain
-from automl.tasks import TASKS
+from automl.tasks import LOADERS_TASK, TASKS
+from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
-TOP_KEYS = ("version", "task", "arch", "train", "compression", "objectives", "constraints", "budget", "deploy")
+TOP_KEYS = ("version", "task", "data", "arch", "model", "train", "compression", "objectives", "constraints", "budget",
+            "deploy")
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -56,6 +59,8 @@ class SearchSpace:
     deploy: DeploySettings
     source: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    model: Optional[ModelSource] = None  # a user's model: the search compresses it (no architecture params)
+    data: Optional[DataSpec] = None      # the task's data, when it is a data folder or arrays
 
     @property
     def hash(self) -> str:
@@ -73,6 +78,12 @@ class SearchSpace:
 
     def names(self):
         return [p.name for p in self.params]
+
+    def build_task(self):
+        """The task trials train and evaluate on (the ``data:`` section's, or the named task)."""
+        from automl.tasks import build_task
+
+        return build_task(self.task, self.data, file=self.source)
 
 
 def check_domain(cls, name: str, domain: Domain, where: Where):
@@ -269,21 +280,23 @@ def _check_combinations(params, where: Where):
 
 
 def parse_space(data: Any, source: str | None = None) -> SearchSpace:
+    from automl.recipe.schema import model_section, task_section
+
     where = Where(source)
     data = expect_mapping(data, where)
-    expect_keys(data, where, TOP_KEYS, required=("version", "task", "arch", "objectives"))
+    expect_keys(data, where, TOP_KEYS, required=("version", "objectives"))
     if isinstance(data["version"], bool) or data["version"] not in SUPPORTED_VERSIONS:
         raise (where / "version").error("unsupported space version", data["version"], "use version: 1")
-    task = expect_type(data["task"], where / "task", str)
-    if ":" not in task and task not in TASKS:
+    task, data_spec = task_section(data, where)
+    if data_spec is None and ":" not in task and task not in TASKS and task != LOADERS_TASK:
         raise unknown_name("task", task, TASKS.names(), file=source, key="task")
-    arch = expect_mapping(data["arch"], where / "arch")
-    if "family" not in arch:
-        raise (where / "arch" / "family").error("missing required key", no_value=True,
-                                                 fix=f"add 'family:' with one of {', '.join(ARCHS.names())}")
-    family = ARCHS.get(arch["family"], file=source, key="arch.family")
+    family, _, model = model_section(data, where)
     earlier: dict = {}  # parameter name -> domain, in sampling order
-    params = _section_params(arch, where / "arch", "arch", family.params_cls, earlier, skip=("family",))
+    params = []
+    if model is None:
+        arch = expect_mapping(data["arch"], where / "arch")
+        params = _section_params(arch, where / "arch", "arch", ARCHS.get(family).params_cls, earlier,
+                                 skip=("family",))
     train = expect_mapping(data.get("train") or {}, where / "train")
     train = {"epochs": TrainSettings.epochs, **train} if "epochs" not in train else train
     params += _section_params(train, where / "train", "train", TrainSettings, earlier)
@@ -295,14 +308,30 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     params += _compression_params(expect_mapping(data.get("compression") or {}, where / "compression"),
                                   where / "compression", earlier)
     _check_combinations(params, where / "compression")
+    objectives = _objectives(data["objectives"], where / "objectives")
+    constraints = _constraints(data.get("constraints"), where / "constraints")
+    _check_baseline_metrics(model, objectives, constraints, where)
+    # files the space names are kept as resolved paths (with the checkpoint's sha256), so the copy a
+    # run directory keeps resumes from anywhere and its hash changes with the weights
+    raw = {**data, **({"model": model.to_dict()} if model is not None else {}),
+           **({"data": data_spec.to_dict()} if data_spec is not None else {})}
     return SearchSpace(
-        task=task, family=family.name, params=tuple(params),
-        objectives=_objectives(data["objectives"], where / "objectives"),
-        constraints=_constraints(data.get("constraints"), where / "constraints"),
+        task=task, family=family, params=tuple(params), objectives=objectives, constraints=constraints,
         budget=parse_config(Budget, data.get("budget"), where / "budget"),
         deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
-        source=source, raw=data,
+        source=source, raw=raw, model=model, data=data_spec,
     )
+
+
+def _check_baseline_metrics(model, objectives, constraints, where: Where):
+    """Metrics relative to the uncompressed model exist only where there is one: a user's model."""
+    for section, metrics in (("objectives", objectives), ("constraints", constraints)):
+        for metric in metrics:
+            if metric in BASELINE_METRICS and model is None:
+                raise (where / section / metric).error(
+                    f"'{metric}' compares each trial with the uncompressed model, which only a search over your "
+                    "own model has", metric, "add 'model: {builder: ..., checkpoint: ...}', or use accuracy "
+                    "(e.g. constraints: {accuracy: {min: 0.95}})")
 
 
 def load_space(path) -> SearchSpace:

@@ -5,7 +5,7 @@ import importlib
 
 from automl.errors import ConfigError
 from automl.registry import Registry
-from automl.tasks.base import TASK_METHODS, Task, TensorClassificationTask
+from automl.tasks.base import TASK_METHODS, DatasetTask, Task, TensorClassificationTask
 from automl.tasks.digits import Digits32Task, DigitsTask
 
 TASKS: Registry = Registry("task")
@@ -44,4 +44,22 @@ def get_task(name: str, *, file=None, key="task") -> Task:
     return task
 
 
-__all__ = ["TASKS", "Task", "TensorClassificationTask", "DigitsTask", "Digits32Task", "get_task"]
+LOADERS_TASK = "loaders"  # the task of a search run on DataLoaders given to the Python API
+
+
+def build_task(name: str | None, data=None, *, file=None) -> Task:
+    """The task of a space or recipe: its ``data:`` section when it has one, else the named task."""
+    if name == LOADERS_TASK and data is None:
+        raise ConfigError("this was searched on DataLoaders given to the Python API, which a file cannot rebuild",
+                          file=file, key="task", value=name,
+                          fix="pass task=automl.tasks.data.LoaderTask(train_loader, val_loader) (automl.apply_recipe "
+                              "and run_search take task=), or replace task: with a 'data:' section")
+    if data is not None:
+        from automl.tasks.data import data_task
+
+        return data_task(data)
+    return get_task(name, file=file)
+
+
+__all__ = ["TASKS", "Task", "DatasetTask", "TensorClassificationTask", "DigitsTask", "Digits32Task", "LOADERS_TASK", "build_task",
+           "get_task"]

@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from automl.errors import ConfigError
+
 # (inputs, targets, model output, task loss) -> the loss to minimise (penalties, distillation ...)
 LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,29 +43,32 @@ class Task(Protocol):
     def evaluate(self, predict, loader: DataLoader) -> float: ...
 
 
-class TensorClassificationTask:
-    """Classification over tensors held in memory: subclasses fill the three splits."""
+class DatasetTask:
+    """Classification over torch Datasets of (input, label) pairs, one per split.
 
-    name = "tensor"
+    ``num_classes`` and ``input_shape`` are read off the data when not given."""
 
-    def __init__(self, x_train, y_train, x_val, y_val, x_test, y_test):
-        self.splits = {
-            "train": (torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long)),
-            "val": (torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.long)),
-            "test": (torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long)),
-        }
-        self.input_shape = tuple(self.splits["train"][0].shape[1:])
-        self.num_classes = int(max(int(y.max()) for _, y in self.splits.values()) + 1)
+    name = "dataset"
+
+    def __init__(self, train, val, test=None, *, num_classes: Optional[int] = None,
+                 input_shape: Optional[Tuple[int, ...]] = None, name: Optional[str] = None):
+        self.datasets = {"train": train, "val": val, "test": val if test is None else test}
+        if name:
+            self.name = name
+        self.input_shape = tuple(input_shape) if input_shape else tuple(self.example_input(1).shape[1:])
+        self.num_classes = num_classes
 
     def build_model(self, family: str, params: Mapping) -> nn.Module:
         from automl.arch import ARCHS
 
+        if self.num_classes is None:
+            raise ConfigError("a built-in architecture needs the number of classes of the task", key="task",
+                              value=self.name, fix="give the task num_classes")
         return ARCHS.get(family, key="arch.family").build(params, self.input_shape, self.num_classes)
 
     def _loader(self, split, batch_size, shuffle, seed=0):
-        x, y = self.splits[split]
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator)
 
     def train_loader(self, batch_size: int, seed: int) -> DataLoader:
         return self._loader("train", batch_size, True, seed)
@@ -75,7 +80,13 @@ class TensorClassificationTask:
         return self._loader("test", batch_size, False)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return self.splits["val"][0][:batch].clone()
+        """Up to ``batch`` validation inputs (fewer when the split is smaller)."""
+        rows = []
+        for x, _ in self.val_loader(batch_size=batch):
+            rows.append(torch.as_tensor(x))
+            if sum(len(r) for r in rows) >= batch:
+                break
+        return torch.cat(rows)[:batch].clone()
 
     def loss(self, logits, target):
         return F.cross_entropy(logits, target)
@@ -109,6 +120,25 @@ class TensorClassificationTask:
         for x, y in loader:
             logits = predict(x)
             pred = np.asarray(logits.detach() if isinstance(logits, torch.Tensor) else logits).argmax(axis=1)
-            correct += int((pred == y.numpy()).sum())
+            correct += int((pred == np.asarray(y)).sum())
             count += len(y)
         return correct / max(count, 1)
+
+
+class TensorClassificationTask(DatasetTask):
+    """Classification over tensors held in memory: subclasses fill the three splits."""
+
+    name = "tensor"
+
+    def __init__(self, x_train, y_train, x_val, y_val, x_test, y_test):
+        self.splits = {
+            "train": (torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=torch.long)),
+            "val": (torch.as_tensor(x_val, dtype=torch.float32), torch.as_tensor(y_val, dtype=torch.long)),
+            "test": (torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long)),
+        }
+        classes = int(max(int(y.max()) for _, y in self.splits.values()) + 1)
+        super().__init__(*(TensorDataset(*self.splits[s]) for s in ("train", "val", "test")),
+                         num_classes=classes, input_shape=tuple(self.splits["train"][0].shape[1:]))
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return self.splits["val"][0][:batch].clone()

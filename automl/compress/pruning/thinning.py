@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from automl.compress.pruning.groups import (conv_blocks, group_problem, guarded_reshape, merge_channels,
+                                            opaque_ops)
 from automl.errors import ConfigError, UnknownNameError
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -38,18 +40,25 @@ class CoupledGroup:
     inputs: Tuple[str, ...]
     couplings: Tuple[str, ...]  # residual, concat, gating (SE), depthwise, grouped, batchnorm
     members: tuple = field(repr=False, default=())  # (module, side, idxs, root_idxs) for scoring
+    blocked: str = ""  # why the group cannot be thinned ('' = it can); see groups.py
+    blocks: tuple = ()  # grouped convs: channel blocks that must each lose the same number of channels
 
 
 def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph, with ``dg.opaque_ops`` {op node: why} for the ops whose
+    channel mapping it gets wrong (see groups.py); groups crossing one are never thinned."""
     was_training = model.training  # tracing puts the model in eval mode and leaves it there
     # A model with side outputs (early-exit heads) is traced through all of them, so the layers
     # that read a pruned feature map are cut with it.
     all_outputs = getattr(model, "all_exits", None)
     forward = (lambda m, x: all_outputs(x)) if all_outputs is not None else None
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
-                                                   verbose=False)
-    model.train(was_training)
+    try:
+        with torch.enable_grad(), guarded_reshape({}) as problems:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
+                                                       verbose=False)
+    finally:
+        model.train(was_training)
+    dg.opaque_ops = opaque_ops(dg, problems)
     return dg
 
 
@@ -145,8 +154,13 @@ def _plan(model: nn.Module, example, keep: Mapping[str, Keep], require_coupled: 
         if not pruned:
             continue
         pruner = dg.get_pruner_of_module(layer)
-        for module, side, idxs, _, dep in _members(dg, dg.get_pruning_group(layer, pruner.prune_out_channels,
-                                                                         pruned), names):
+        group = dg.get_pruning_group(layer, pruner.prune_out_channels, pruned)
+        why = group_problem(group, dg.opaque_ops)
+        if why:
+            raise ConfigError(f"the channels of '{name}' cannot be thinned: they pass through {why}", key="keep",
+                              value=raw, fix=f"leave '{name}' and its coupled layers out (structured pruning: "
+                              "exclude them with `layers:`)")
+        for module, side, idxs, _, dep in _members(dg, group, names):
             if side == "out" and module in heads:
                 raise ConfigError(f"removing channels of '{name}' would change the model's outputs (it is or "
                                   f"is coupled with the output layer '{names[module]}')", key="keep", value=raw,
@@ -195,25 +209,44 @@ def _cut_grouped(module: nn.Conv2d, side: str, idxs: List[int], dep, name: str):
     module.in_channels -= len(idxs)
 
 
-def coupled_groups(model: nn.Module, example: torch.Tensor) -> List[CoupledGroup]:
-    """Every structure group of Conv/Linear output channels, except the classifier's outputs."""
+def coupled_groups(model: nn.Module, example: torch.Tensor, *, include_blocked: bool = False
+                   ) -> List[CoupledGroup]:
+    """Every structure group of Conv/Linear output channels, except the classifier's outputs.
+
+    Channels tied inside a group (a ghost module's two halves) are merged into one channel. Groups
+    that cannot be thinned (they cross an op Torch-Pruning maps wrongly) are left out unless
+    ``include_blocked``. ``blocked`` says why a group is not pruned automatically: those, and groups
+    whose grouped convs need a balance with other groups (thin() accepts a balanced keep for them)."""
     names = {m: n for n, m in model.named_modules()}
     dg = _graph(model, example)
     heads = _output_layers(dg, names)
     groups = []
     for group in dg.get_all_groups(root_module_types=PRUNABLE):
-        members = _members(dg, group, names)
+        try:
+            members = _members(dg, group, names)
+        except ConfigError as exc:  # a bare parameter, a transposed conv ... in the channel path
+            root = group[0].dep.target.module
+            if include_blocked and root not in heads:
+                groups.append(CoupledGroup(root=names[root], channels=len(group[0].idxs), outputs=(names[root],),
+                                           inputs=(), couplings=(), blocked=f"{exc.message} ({exc.value})"))
+            continue
         if any(side == "out" and m in heads for m, side, *_ in members):
             continue
+        why = group_problem(group, dg.opaque_ops)
+        channels, merged = merge_channels([m[:4] for m in members])
+        blocks, problem = conv_blocks(merged, channels)
+        if why and not include_blocked:
+            continue  # thin() refuses it too
+        why = why and f"it passes through {why}" or problem
         ops = [repr(item.dep.target.module) for item in group]
         layers = [m[0] for m in members]
         tags = {"residual": any("AddBackward" in o for o in ops), "concat": any("_ConcatOp" in o for o in ops),
                 "gating": any("MulBackward" in o for o in ops), "depthwise": any(map(_is_depthwise, layers)),
                 "grouped": any(map(_is_grouped, layers)), "batchnorm": any(isinstance(m, NORMS) for m in layers)}
         unique = lambda side: tuple(dict.fromkeys(names[m] for m, s, *_ in members if s == side))  # noqa: E731
-        groups.append(CoupledGroup(root=names[members[0][0]], channels=len(group[0].idxs), outputs=unique("out"),
+        groups.append(CoupledGroup(root=names[members[0][0]], channels=channels, outputs=unique("out"),
                                    inputs=unique("in"), couplings=tuple(t for t, on in tags.items() if on),
-                                   members=tuple(m[:4] for m in members)))
+                                   members=tuple(merged), blocked=why, blocks=blocks))
     return groups
 
 

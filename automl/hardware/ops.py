@@ -1,0 +1,304 @@
+"""The tracer's op handlers: one small function per kind of fx node, turning it into profile entries.
+
+A handler is registered for the torch.nn module classes, the functions (``torch.cat``,
+``operator.add``) and the tensor method names (``'view'``) it handles::
+
+    @handles(nn.ZeroPad2d, F.pad)
+    def pad(ctx: Context, node: fx.Node) -> List[Layer]: ...
+
+It receives the node after shape propagation (``node.meta['tensor_meta']``) and returns the layers it
+starts -- usually one, none for an op that costs nothing at deployment. A module class is looked up
+along its MRO, so a subclass of a registered torch.nn class reuses its handler; a module class of your
+own that has a handler is traced as a leaf (its forward is not traced into). Activations register
+with :func:`activation` instead: they become standalone ``act`` layers and fuse into a preceding
+conv, linear or residual add. Nodes whose result holds no tensor (``x.size()``, ``c // groups``) are
+Python arithmetic on shapes and never reach a handler.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from automl.errors import ConfigError
+from automl.hardware.keys import LayerKey, pool_size
+from automl.registry import Registry
+
+
+class Layer(NamedTuple):
+    key: LayerKey
+    last: fx.Node       # the last node the layer absorbs (a fused BatchNorm / activation), else the node
+    name: Optional[str] = None   # the layer's name when not the node's (a functional conv: its module)
+
+
+Handler = Callable[["Context", fx.Node], List[Layer]]
+HANDLERS: Registry[Handler] = Registry("profiler op")
+ACTIVATIONS: Registry[Callable[[fx.Node, Optional[nn.Module]], str]] = Registry("profiler activation")
+
+
+def target_name(target) -> str:
+    """The registry name of a module class, a function or a tensor method name."""
+    if isinstance(target, str):
+        return f"method:{target}"
+    if isinstance(target, type):
+        return f"module:{target.__module__}.{target.__qualname__}"
+    return f"function:{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _register(registry: Registry, targets, fn) -> None:
+    for name in dict.fromkeys(target_name(t) for t in targets):   # aliases (torch.relu_ ...) once
+        registry.register(name)(fn)
+
+
+def handles(*targets) -> Callable[[Handler], Handler]:
+    """Register a handler for module classes, functions and tensor method names."""
+    def decorator(fn: Handler) -> Handler:
+        _register(HANDLERS, targets, fn)
+        return fn
+    return decorator
+
+
+def activation(*targets):
+    """Register ``fn(node, module) -> act name`` (one of keys.ACTS) for activation targets."""
+    def decorator(fn):
+        _register(ACTIVATIONS, targets, fn)
+        _register(HANDLERS, targets, _standalone_act)
+        return fn
+    return decorator
+
+
+def lookup(registry: Registry, node: fx.Node, module: Optional[nn.Module]):
+    """The registered object for ``node``'s target, or None."""
+    if node.op == "call_module":
+        names = [target_name(cls) for cls in type(module).__mro__]
+    elif node.op in ("call_function", "call_method"):
+        names = [target_name(node.target)]
+    else:
+        return None
+    return next((registry.get(n) for n in names if n in registry), None)
+
+
+def is_handled_class(cls: type) -> bool:
+    return target_name(cls) in HANDLERS
+
+
+class Context:
+    """What a handler needs besides its node: the modules, the key maker, shapes, fusion."""
+
+    def __init__(self, modules: dict, precision: str, batch: int):
+        self.modules, self.precision, self.batch = modules, precision, batch
+        self.folded_pads = {}    # pad node -> (its input node, padding) for the conv that absorbs it
+
+    def make(self, op: str, **fields) -> LayerKey:
+        return LayerKey.make(op, self.precision, self.batch, **fields)
+
+    def module(self, node: fx.Node) -> Optional[nn.Module]:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def name(self, node: fx.Node) -> str:
+        return str(node.target) if node.op == "call_module" else node.name
+
+    def owner(self, node: fx.Node) -> Optional[str]:
+        """The path of the module whose forward called ``node`` (None at the top level)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack), None) or None
+
+    def where(self, node: fx.Node) -> str:
+        """The node for a message: its name, and the module it is in when it is a function call."""
+        owner = self.owner(node) if node.op != "call_module" else None
+        return f"'{self.name(node)}'" + (f" (in module '{owner}')" if owner else "")
+
+    def act(self, node: Optional[fx.Node]) -> Optional[str]:
+        fn = lookup(ACTIVATIONS, node, self.module(node)) if node is not None else None
+        return fn(node, self.module(node)) if fn else None
+
+    def fuse(self, node: fx.Node, bn: bool) -> Tuple[fx.Node, bool, str]:
+        """Absorb a following BatchNorm (when ``bn``) and activation; returns (last node, bn?, act)."""
+        nxt, has_bn = sole_user(node), False
+        if bn and nxt is not None and isinstance(self.module(nxt), nn.BatchNorm2d):
+            node, nxt, has_bn = nxt, sole_user(nxt), True
+        act = self.act(nxt)
+        return (nxt, has_bn, act) if act else (node, has_bn, "none")
+
+    def refuse(self, node: fx.Node, what: str, value, fix: str) -> ConfigError:
+        return ConfigError(f"layer {self.where(node)}: the profiler cannot price {what}", key=self.name(node),
+                           value=value, fix=fix)
+
+
+def sole_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def shape(node) -> Optional[tuple]:
+    """The shape of a tensor node (None for anything else: a number, a tuple of tensors, a size)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def chw(node: fx.Node, what: str = "") -> Tuple[int, int, int]:
+    """(C, H, W) of an (N, C, H, W) tensor; (F, 1, 1) of an (N, F) one."""
+    dims = shape(node)
+    dims = None if dims is None else dims[1:]
+    if dims is not None and len(dims) == 1:
+        return dims[0], 1, 1
+    if dims is None or len(dims) != 3:
+        raise ConfigError("the profiler handles (N, C, H, W) and (N, F) tensors only", key=str(node.name),
+                          value=dims, fix="use 2-d convolutions and linear layers" + (f" ({what})" if what else ""))
+    return tuple(dims)
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``name`` of a call, given by position ``index`` (counting the tensor) or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def channel_dim(node: fx.Node, dim) -> bool:
+    """Whether ``dim`` of ``node``'s (N, C, ...) tensor is its channel dimension."""
+    rank = len(shape(node) or ())
+    return isinstance(dim, int) and rank >= 2 and dim % rank == 1
+
+
+def square(value, what: str, name: str) -> int:
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(set(value)) != 1 or not isinstance(value[0], int):
+        raise ConfigError(f"the profiler handles square {what}s only", key=name, value=value,
+                          fix="use one integer for kernel_size, stride and padding")
+    return value[0]
+
+
+def _standalone_act(ctx: Context, node: fx.Node) -> List[Layer]:
+    c, h, w = chw(node)
+    return [Layer(ctx.make("act", channels=c, h=h, w=w, act=ctx.act(node)), node)]
+
+
+# shape-only ops ------------------------------------------------------------------------------------
+# A view, reshape, flatten, squeeze or contiguous (after a transpose it is part of the shuffle
+# entry), dropout and identity run no kernel in the deployed graph (an ONNX Reshape only relabels
+# the buffer); their cost, if any, is left to the predictor's whole-model correction.
+@handles(nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity, torch.flatten, torch.squeeze,
+         torch.unsqueeze, torch.reshape, "flatten", "view", "view_as", "reshape", "reshape_as", "contiguous",
+         "squeeze", "unsqueeze", "size")
+def free(ctx: Context, node: fx.Node) -> List[Layer]:
+    return []
+
+
+# convolutions, linear layers, BatchNorm -------------------------------------------------------------
+def _conv(ctx: Context, node: fx.Node, weight: tuple, stride, padding, dilation, groups: int,
+          padding_mode: str = "zeros", name: Optional[str] = None) -> List[Layer]:
+    name, source = name or ctx.name(node), node.args[0]
+    c, h, w = chw(source)
+    out_ch, _, kh, kw = weight
+    kernel = square((kh, kw), "kernel_size", name)
+    if square(dilation, "dilation", name) != 1 or padding_mode != "zeros":
+        raise ConfigError("the profiler handles zero-padded, undilated convs only", key=name,
+                          value=(dilation, padding_mode), fix="use dilation=1 and padding_mode='zeros'")
+    stride = square(stride, "stride", name)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        if stride != 1 or kernel % 2 == 0:
+            raise ConfigError("padding='same' with an even kernel or a stride pads unevenly", key=name,
+                              value=(kernel, stride), fix="give the padding as a number")
+        padding = kernel // 2
+    padding = square(padding, "padding", name)
+    if source in ctx.folded_pads:      # onnxruntime fuses a zero Pad into the conv (PadFusion)
+        source, extra = ctx.folded_pads[source]
+        c, h, w = chw(source)
+        padding += extra
+    last, bn, act = ctx.fuse(node, bn=True)
+    geo = dict(kernel=kernel, stride=stride, padding=padding)
+    if groups == c == out_ch > 1:
+        return [Layer(ctx.make("dwconv", channels=c, h=h, w=w, bn=bn, act=act, **geo), last, name)]
+    return [Layer(ctx.make("conv", in_ch=c, out_ch=out_ch, h=h, w=w, groups=groups, bn=bn, act=act, **geo), last,
+                  name)]
+
+
+@handles(nn.Conv2d)
+def conv_module(ctx: Context, node: fx.Node) -> List[Layer]:
+    m = ctx.module(node)
+    return _conv(ctx, node, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+
+
+@handles(F.conv2d)
+def conv_function(ctx: Context, node: fx.Node) -> List[Layer]:
+    weight = shape(node.args[1])
+    if weight is None or len(weight) != 4:
+        raise ctx.refuse(node, "a conv2d whose weight is not a 4-d tensor", weight, "pass a parameter tensor")
+    return _conv(ctx, node, weight, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0),
+                 arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1), name=ctx.owner(node))
+
+
+@handles(nn.Linear, F.linear)
+def linear(ctx: Context, node: fx.Node) -> List[Layer]:
+    m = ctx.module(node)
+    out_f, in_f = tuple(m.weight.shape) if m is not None else shape(node.args[1])
+    last, bn, act = ctx.fuse(node, bn=False)
+    name = ctx.owner(node) if m is None else None      # a functional linear: named by its module
+    return [Layer(ctx.make("linear", in_features=in_f, out_features=out_f, bn=bn, act=act), last, name)]
+
+
+@handles(nn.BatchNorm2d)
+def batchnorm(ctx: Context, node: fx.Node) -> List[Layer]:
+    c, h, w = chw(node.args[0])
+    return [Layer(ctx.make("bn", channels=c, h=h, w=w), node)]
+
+
+# pools ---------------------------------------------------------------------------------------------
+def _pool(ctx: Context, node: fx.Node, op: str, kernel, stride, padding, ceil: bool, dilation=1) -> List[Layer]:
+    name = ctx.name(node)
+    c, h, w = chw(node.args[0])
+    if square(dilation, "dilation", name) != 1:
+        raise ConfigError("the profiler handles pools without dilation", key=name, value=dilation,
+                          fix="use dilation=1")
+    k, p = square(kernel, "kernel_size", name), square(padding, "padding", name)
+    s = square(stride if stride not in (None, ()) else kernel, "stride", name)
+    if ceil and all(pool_size(n, k, s, p, True) == pool_size(n, k, s, p) for n in (h, w)):
+        ceil = False      # ceil_mode changes nothing on this map: the plain pool
+    key = ctx.make(op, channels=c, h=h, w=w, kernel=k, stride=s, padding=p, ceil=bool(ceil))
+    return [Layer(key, node)]
+
+
+@handles(nn.MaxPool2d, nn.AvgPool2d)
+def pool_module(ctx: Context, node: fx.Node) -> List[Layer]:
+    m = ctx.module(node)
+    op = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
+    return _pool(ctx, node, op, m.kernel_size, m.stride, m.padding, m.ceil_mode, getattr(m, "dilation", 1))
+
+
+@handles(F.max_pool2d, F.avg_pool2d)
+def pool_function(ctx: Context, node: fx.Node) -> List[Layer]:
+    op = "maxpool" if node.target is F.max_pool2d else "avgpool"
+    ceil = arg(node, 5 if op == "maxpool" else 4, "ceil_mode", False)
+    dilation = arg(node, 4, "dilation", 1) if op == "maxpool" else 1
+    return _pool(ctx, node, op, arg(node, 1, "kernel_size"), arg(node, 2, "stride"), arg(node, 3, "padding", 0),
+                 ceil, dilation)
+
+
+@handles(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+def adaptive_pool(ctx: Context, node: fx.Node) -> List[Layer]:
+    c, h, w = chw(node.args[0])
+    gh, gw = shape(node)[2:]
+    if (gh, gw) == (1, 1):
+        return [Layer(ctx.make("gap", channels=c, h=h, w=w), node)]
+    if h % gh == 0 and w % gw == 0 and h // gh == w // gw:
+        # to a grid that divides the map: the plain average pool the ONNX export writes
+        k = h // gh
+        return [Layer(ctx.make("avgpool", channels=c, h=h, w=w, kernel=k, stride=k, padding=0), node)]
+    raise ConfigError("the profiler handles AdaptiveAvgPool2d to 1x1 or to a grid that divides the map evenly",
+                      key=ctx.name(node), value=(gh, gw), fix="pool to 1, or to a divisor of the map")
+
+
+@handles(torch.mean, "mean")
+def mean(ctx: Context, node: fx.Node) -> List[Layer]:
+    """x.mean((2, 3)) is the global average pool (a ReduceMean, as the GAP's layer model)."""
+    dims = arg(node, 1, "dim")
+    rank = len(shape(node.args[0]) or ())
+    if rank != 4 or not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3]:
+        raise ctx.refuse(node, "a mean over other dimensions than H and W", dims, "use x.mean((2, 3))")
+    c, h, w = chw(node.args[0])
+    return [Layer(ctx.make("gap", channels=c, h=h, w=w), node)]

@@ -1,0 +1,109 @@
+"""What ``automl apply`` leaves in its output directory, and loading the compressed model back.
+
+``model.pt`` (the compressed model's state_dict) + ``structure.json`` (its layers' shapes and
+replaced modules, see ``automl.arch.structure``) load into a fresh model from the recipe's builder or
+family: :func:`load_model` returns the nn.Module, to train further or evaluate in PyTorch.
+``model.pt2`` (torch.export) and the ONNX files load without the model's class.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from automl.arch.structure import record_structure
+from automl.arch.user import APPLY_STRUCTURE, APPLY_WEIGHTS, load_checkpoint
+from automl.errors import ConfigError, RunDirError
+from automl.io import atomic_write_bytes, write_json
+from automl.recipe.apply import ApplyResult, apply_recipe
+from automl.recipe.build import recipe_model, recipe_task
+from automl.recipe.schema import Recipe
+from automl.validate import Where
+
+RECIPE_FILE, METRICS_FILE, EXPORTED = "recipe.yaml", "metrics.json", "model.pt2"
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RunDirError(f"output directory {out} exists and is not empty. Fix: choose another --out "
+                              "or pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Optional[str]:
+    """Save a torch.export program (loads without the model's class); the reason when it cannot."""
+    logging.getLogger("torch.export").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model.eval(), (example,))
+            torch.export.save(program, str(path))
+        return None
+    except Exception as exc:  # early exit's control flow, custom ops ...: the ONNX files still load
+        path.unlink(missing_ok=True)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def save_result(recipe: Recipe, result: ApplyResult, out: Path, task) -> dict:
+    """model.pt, structure.json, model.pt2, recipe.yaml and metrics.json; returns the metrics written."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(result.model.state_dict(), buffer)
+    atomic_write_bytes(out / APPLY_WEIGHTS, buffer.getvalue())
+    record_structure(result.model, out / APPLY_STRUCTURE)
+    export_error = export_program(result.model, task.example_input(1), out / EXPORTED)
+    recipe.save(out / RECIPE_FILE)
+    # paths relative to --out: the file that runs (ONNX, or an early-exit manifest) and what ships
+    metrics = {**result.metrics, "artifact": str(result.artifact.path.relative_to(out)),
+               "deployed_files": [str(f.relative_to(out)) for f in result.artifact.deployed_files()],
+               "torch_files": [APPLY_WEIGHTS, APPLY_STRUCTURE] + ([] if export_error else [EXPORTED]),
+               "recorded": {k: v for k, v in recipe.metrics.items() if k in result.metrics}}
+    if export_error:
+        metrics["torch_export_error"] = export_error
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, task=None, model=None):
+    """``automl apply``: replay ``recipe`` into ``out`` and save everything there. ``model`` is the
+    model object a recipe from the Python API was searched on; ``task`` replaces the recipe's task."""
+    out = prepare_output(Path(out), force)
+    if model is not None:
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, model=recipe.model.with_object(model))
+    task = task if task is not None else recipe_task(recipe)
+    result = apply_recipe(recipe, out, task=task, on_epoch=on_epoch)
+    return result, save_result(recipe, result, out, task)
+
+
+def load_model(directory, *, model: Optional[nn.Module] = None) -> nn.Module:
+    """The compressed model of an ``automl apply`` directory as an nn.Module (eval mode).
+
+    It is rebuilt from the recipe (the user's builder, or the built-in family) without the original
+    checkpoint, given the recorded structure and loaded with model.pt. ``model``: a fresh instance of
+    the original class, for recipes searched on a model object given to the Python API."""
+    directory = Path(directory)
+    if not (directory / RECIPE_FILE).is_file():
+        raise ConfigError(f"not an `automl apply` output directory (no {RECIPE_FILE})", file=directory,
+                          fix="give the --out directory of `automl apply`")
+    recipe = Recipe.load(directory / RECIPE_FILE)
+    if recipe.model is not None:
+        import dataclasses
+
+        source = recipe.model.with_object(model) if model is not None else recipe.model
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(source, checkpoint=None, sha256=None))
+        base = recipe_model(recipe, None)
+    else:
+        base = recipe_model(recipe, recipe_task(recipe))
+    return load_checkpoint(base, directory, Where(str(directory), "model.pt")).eval()

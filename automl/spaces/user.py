@@ -1,0 +1,65 @@
+"""The space of a search over a user's own model: a space file (or the embedded default compression
+space) with the model, the data and the accuracy budget filled in from the command line or the API."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from automl.errors import ConfigError
+from automl.io import load_yaml, parse_yaml
+from automl.spaces.schema import SearchSpace, parse_space
+
+USER_SPACE = "embedded:user_model.yaml"
+
+
+def user_space_path() -> Path:
+    return Path(__file__).parent / "builtin" / "user_model.yaml"
+
+
+def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optional[str] = None,
+               object_class: Optional[str] = None, data: Optional[str] = None, task: Optional[str] = None,
+               max_drop: Optional[float] = None, epochs: Optional[int] = None) -> SearchSpace:
+    """``space`` (a file; default: the embedded compression space) with these settings replacing its own.
+
+    ``builder`` / ``object_class`` and ``checkpoint`` set ``model:``; ``data`` (a folder or .npz) or
+    ``task`` (a task name) set the task; ``max_drop`` adds the constraint accuracy_drop <= max_drop;
+    ``epochs`` sets the fine-tune epochs of every trial."""
+    source = str(space) if space is not None else USER_SPACE
+    raw: Dict[str, Any] = copy.deepcopy(load_yaml(space) if space is not None
+                                        else parse_yaml(user_space_path().read_text(), USER_SPACE))
+    if not isinstance(raw, dict):
+        return parse_space(raw, source)  # reports the malformed file
+    if builder or object_class or checkpoint:
+        model = dict(raw.get("model") or {})
+        model.pop("sha256", None)  # the weights are given anew
+        if builder or object_class:
+            model.pop("builder", None)
+            model.pop("object", None)
+        model.update({"builder": builder} if builder else {}, **({"object": object_class} if object_class else {}))
+        if checkpoint:
+            model["checkpoint"] = str(checkpoint)
+        raw["model"] = model
+    if data is not None:
+        given = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        raw["data"] = {**given, "path": str(data)}
+        raw.pop("task", None)
+    elif task is not None:
+        raw["task"] = task
+        raw.pop("data", None)
+    if space is None and "data" not in raw and "task" not in raw:
+        raise ConfigError("the default compression space needs your data", key="--data",
+                          fix="pass --data DIR (class folders, or train/ val/ [test/] folders of them) or --data "
+                              "arrays.npz, or --task NAME, or --space with a 'data:' section")
+    if max_drop is not None:
+        if not 0.0 <= max_drop < 1.0:
+            raise ConfigError("--max-drop is an accuracy share in [0, 1)", key="--max-drop", value=max_drop,
+                              fix="use e.g. 0.01 for one percentage point")
+        constraints = raw.get("constraints") if isinstance(raw.get("constraints"), dict) else {}
+        raw["constraints"] = {**constraints, "accuracy_drop": {"max": float(max_drop)}}
+    if epochs is not None:
+        if epochs < 0:
+            raise ConfigError("must be at least 0", key="--epochs", value=epochs)
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        raw["train"] = {**train, "epochs": int(epochs)}
+    return parse_space(raw, source)
