@@ -71,7 +71,7 @@ def _search_profile(args):
                               + " or ".join(given), key="--no-profile", value=True,
                               fix=f"drop --no-profile or {' and '.join(given)}")
         return None, False
-    if args.profile is not None or args.space is not None or args.model is not None:
+    if args.profile is not None or args.space is not None or getattr(args, "model", None) is not None:
         return args.profile, args.measure_front
     from automl.hardware.shipped import shipped_profile_here
 

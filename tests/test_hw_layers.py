@@ -50,7 +50,7 @@ def test_key_identity_signature_and_replace():
 @pytest.mark.parametrize("make, words", [
     (lambda: LayerKey.make("convv", channels=1), "unknown layer op"),
     (lambda: LayerKey.make("gap", channels=4, h=2), "exactly the fields"),
-    (lambda: conv(act="gelu"), "act"),
+    (lambda: conv(act="mish"), "act"),
     (lambda: conv(out_ch=0), "out_ch"),
     (lambda: conv(bn=1), "bn"),
     (lambda: LayerKey.make("gap", "int4", channels=4, h=2, w=2), "unknown precision"),
@@ -111,8 +111,8 @@ def test_trace_batch_precision_and_dedupe():
 
 
 def test_unknown_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU())
-    with pytest.raises(ConfigError, match="'1' \\(GELU\\)"):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Upsample(scale_factor=2))
+    with pytest.raises(ConfigError, match="'1' \\(Upsample\\)"):
         trace_layers(model, X)
 
 

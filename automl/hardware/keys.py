@@ -45,17 +45,18 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "cat": ("channels", "inputs", "h", "w"),    # channels: of the output, from ``inputs`` tensors
     "split": ("channels", "parts", "h", "w"),   # channels: of the input, into ``parts`` tensors
     "slice": ("channels", "out_ch", "h", "w"),  # the first out_ch of channels (x[:, a:b])
-    "pad": ("channels", "h", "w", "top", "bottom", "left", "right", "mode"),
+    "pad": ("channels", "h", "w", "top", "bottom", "left", "right", "mode", "front", "back"),  # front/back: channels
     "shuffle": ("channels", "groups", "h", "w"),  # view(N, g, C/g, H, W).transpose(1, 2).view(N, C, H, W)
 }
-OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpool": {"ceil": False}}
+OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpool": {"ceil": False},
+                                              "pad": {"front": 0, "back": 0}}
 # Fields the predictor interpolates over (latency is close to linear in each of them).
 CHANNEL_FIELDS: Dict[str, Tuple[str, ...]] = {
     op: tuple(f for f in fields if f in ("in_ch", "out_ch", "channels", "in_features", "out_features"))
     for op, fields in SHAPE_FIELDS.items()}
 _TEXT = {"act": ACTS, "gate": ("channel", "full"), "fn": ELTWISE_FNS, "operand": OPERANDS, "mode": PAD_MODES}
 _BOOL = ("bn", "ceil")
-_NON_NEGATIVE = ("padding", "top", "bottom", "left", "right")
+_NON_NEGATIVE = ("padding", "top", "bottom", "left", "right", "front", "back")
 
 
 def bit_pair(precision) -> Optional[Tuple[int, int]]:
@@ -234,8 +235,10 @@ def layer_cost(key: LayerKey) -> LayerCost:
     if key.op == "slice":
         moved = key["out_ch"] * key["h"] * key["w"]
         return LayerCost(macs=0, weights=0, input_elems=moved, output_elems=moved)
-    if key.op in ("cat", "split", "pad", "shuffle"):
-        return LayerCost(macs=0, weights=0, input_elems=inputs, output_elems=c * oh * ow)
+    if key.op == "pad":
+        return LayerCost(macs=0, weights=0, input_elems=inputs, output_elems=(c + key["front"] + key["back"]) * oh * ow)
+    if key.op in ("cat", "split", "shuffle"):
+        return LayerCost(macs=0, weights=0, input_elems=inputs, output_elems=inputs)
     weights = c if key.op == "act" and key["act"] == "prelu" else 0
     return LayerCost(macs=inputs, weights=weights, input_elems=inputs + _second_operand(key),
                      output_elems=c * oh * ow)

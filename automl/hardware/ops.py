@@ -13,6 +13,11 @@ own that has a handler is traced as a leaf (its forward is not traced into). Act
 with :func:`activation` instead: they become standalone ``act`` layers and fuse into a preceding
 conv, linear or residual add. Nodes whose result holds no tensor (``x.size()``, ``c // groups``) are
 Python arithmetic on shapes and never reach a handler.
+
+This module holds the registry, the shape-only ops, convs, linear layers, BatchNorm and pools;
+automl.hardware.ops_tensor holds activations, elementwise arithmetic and data movement (cat, split,
+slice, pad, channel shuffle). A new op kind also needs its fields in keys.SHAPE_FIELDS, a cost in
+keys.layer_cost and a one-layer model in layer_models.BUILDERS (a contract test checks the last).
 """
 from __future__ import annotations
 
@@ -180,9 +185,9 @@ def _standalone_act(ctx: Context, node: fx.Node) -> List[Layer]:
 # A view, reshape, flatten, squeeze or contiguous (after a transpose it is part of the shuffle
 # entry), dropout and identity run no kernel in the deployed graph (an ONNX Reshape only relabels
 # the buffer); their cost, if any, is left to the predictor's whole-model correction.
-@handles(nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity, torch.flatten, torch.squeeze,
-         torch.unsqueeze, torch.reshape, "flatten", "view", "view_as", "reshape", "reshape_as", "contiguous",
-         "squeeze", "unsqueeze", "size")
+@handles(nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+         nn.Identity, torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, getattr, "flatten", "view",
+         "view_as", "reshape", "reshape_as", "contiguous", "squeeze", "unsqueeze", "size")
 def free(ctx: Context, node: fx.Node) -> List[Layer]:
     return []
 

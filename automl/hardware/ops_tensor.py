@@ -158,6 +158,8 @@ def split(ctx: Context, node: fx.Node) -> List[Layer]:
         raise ctx.refuse(node, f"a chunk/split along dim {dim}", dim, "split (N, C, H, W) tensors along dim 1")
     c, h, w = chw(source)
     return [Layer(ctx.make("split", channels=c, parts=len(parts), h=h, w=w), node)]
+
+
 @handles(operator.getitem)
 def getitem(ctx: Context, node: fx.Node) -> List[Layer]:
     """An element of a tuple (chunk / split outputs) is free; a channel slice of a tensor copies."""
@@ -181,7 +183,7 @@ def transpose(ctx: Context, node: fx.Node) -> List[Layer]:
     dims = shape(node.args[0])
     rank = len(dims)
     if node.target in ("transpose", torch.transpose):
-        a, b = (d % rank for d in node.args[1:3])
+        a, b = (d % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
         perm = list(range(rank))
         perm[a], perm[b] = b, a
     else:
@@ -201,24 +203,25 @@ _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
 def _pad(ctx: Context, node: fx.Node, pads, mode: str, value) -> List[Layer]:
-    """A pad is its own entry (a copy into a larger map) -- except a symmetric zero pad feeding a conv,
-    which onnxruntime folds into the conv's padding (PadFusion): the conv then absorbs it."""
-    pads = list(pads) + [0] * (4 - len(pads))
-    if len(pads) > 4 and any(pads[4:]) or mode not in _PAD_MODES or min(pads) < 0:
-        raise ctx.refuse(node, f"a {mode} pad {tuple(pads)}", tuple(pads),
-                         "pad H and W only, by non-negative amounts, in constant, reflect or replicate mode")
-    left, right, top, bottom = pads[:4]
+    """A pad is its own entry (a copy into a larger tensor) -- except a symmetric zero pad of H and W
+    feeding a conv, which onnxruntime folds into the conv's padding (PadFusion): the conv absorbs it."""
+    pads = list(pads) + [0] * (6 - len(pads))      # (left, right, top, bottom, front, back): W, H, C
+    if len(shape(node.args[0]) or ()) != 4 or any(pads[6:]) or mode not in _PAD_MODES or min(pads) < 0:
+        raise ctx.refuse(node, f"a {mode} pad {tuple(pads)} of a {shape(node.args[0])} tensor", tuple(pads),
+                         "pad the C, H and W of an (N, C, H, W) tensor by non-negative amounts, in constant, "
+                         "reflect or replicate mode")
+    left, right, top, bottom, front, back = pads[:6]
     c, h, w = chw(node.args[0])
     user = sole_user(node)
     conv = user is not None and (user.op == "call_function" and user.target is F.conv2d or
                                  isinstance(ctx.module(user), nn.Conv2d)) and user.args[0] is node
-    if mode == "constant" and not value and conv and len({left, right, top, bottom}) == 1:
+    if mode == "constant" and not value and conv and len({left, right, top, bottom}) == 1 and not front + back:
         ctx.folded_pads[node] = (node.args[0], left)
         return []
     if not any(pads):
         return []
     return [Layer(ctx.make("pad", channels=c, h=h, w=w, top=top, bottom=bottom, left=left, right=right,
-                           mode=_PAD_MODES[mode]), node)]
+                           front=front, back=back, mode=_PAD_MODES[mode]), node)]
 
 
 @handles(nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)

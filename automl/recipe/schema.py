@@ -158,6 +158,6 @@ def task_section(data: dict, where: Where):
         return DATA_TASK, parse_data(data["data"], where / "data")
     if "task" not in data:
         raise (where / "task").error("missing required key", no_value=True,
-                                     fix="add 'task: digits' (or 'package.module:function'), or a 'data:' section "
-                                         "naming a folder of class folders or an .npz file")
+                                     fix="add 'task:' (a task name such as digits, or 'package.module:function'), or a "
+                                         "'data:' section naming a folder of class folders or an .npz file")
     return expect_type(data["task"], where / "task", str), None

@@ -105,9 +105,12 @@ def _ao() -> types.SimpleNamespace:
 
 
 def quantization_config(*, per_channel: bool = True, qat: bool = False):
-    """The x86 int8 config (uint8 activations, int8 symmetric weights); per-tensor weights on request."""
+    """The x86 int8 config (uint8 activations, int8 symmetric weights); per-tensor weights on request.
+    Activations keep 7 bits on x86 CPUs without VNNI (see runtime.int8_reduce_range)."""
+    from automl.runtime import int8_reduce_range
+
     ao = _ao()
-    config = ao.x86.get_default_x86_inductor_quantization_config(is_qat=qat)
+    config = ao.x86.get_default_x86_inductor_quantization_config(is_qat=qat, reduce_range=int8_reduce_range())
     if per_channel:
         return config
     extra = {"eps": 2 ** -12}

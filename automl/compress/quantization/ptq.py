@@ -22,7 +22,7 @@ import numpy as np
 
 from automl.compress.base import Method, register_method
 from automl.configs import option
-from automl.runtime import Artifact
+from automl.runtime import Artifact, int8_reduce_range
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetri
     """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from automl.runtime import OrtModel
+    from automl.runtime import OrtModel, int8_reduce_range
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration_method]
@@ -72,7 +72,8 @@ def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetri
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                        calibrate_method=method, extra_options={"ActivationSymmetric": symmetric_activations})
+                        calibrate_method=method, reduce_range=int8_reduce_range(),
+                        extra_options={"ActivationSymmetric": symmetric_activations})
 
 
 def _fmt(ops) -> str:
@@ -97,7 +98,8 @@ class Int8PTQ(Method):
         cfg = self.config
         try:
             if cfg.mode == "dynamic":
-                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=cfg.per_channel)
+                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+                                 reduce_range=int8_reduce_range())
             else:
                 batches = calibration_arrays(ctx.task, cfg.calibration_batches, seed=ctx.seed)
                 quantize_static_qdq(pre, out, batches, per_channel=cfg.per_channel,
@@ -108,4 +110,5 @@ class Int8PTQ(Method):
         # What onnxruntime actually runs after its fusions: a model that stayed mostly float shows here.
         int8_ops, float_ops = onnx_op_counts(out)
         return Artifact(path=out, precision=f"int8_{cfg.mode}",
-                        notes={"kernels": "onnxruntime int8", "int8_ops": _fmt(int8_ops), "float_ops": _fmt(float_ops)})
+                        notes={"kernels": "onnxruntime int8", "int8_ops": _fmt(int8_ops), "float_ops": _fmt(float_ops),
+                               "weight_bits": "7 (no VNNI on this CPU)" if int8_reduce_range() else "8"})
