@@ -35,6 +35,7 @@ KEYS = ("builder", "kwargs", "checkpoint", "sha256", "object")
 # keys under which training scripts commonly nest the state_dict in a checkpoint
 NESTED_STATE = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 APPLY_WEIGHTS, APPLY_STRUCTURE = "model.pt", "structure.json"
+FILE_MODULE_PREFIX = "automl_user_"  # modules imported from a file path are named this + a hash of it
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def import_builder(spec: str, where: Where) -> Callable[..., nn.Module]:
             path = Path(module_name).expanduser().resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
-            name = f"automl_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            name = f"{FILE_MODULE_PREFIX}{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
             module = sys.modules.get(name)
             if module is None:
                 spec_obj = importlib.util.spec_from_file_location(name, path)

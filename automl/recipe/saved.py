@@ -42,10 +42,14 @@ def prepare_output(out: Path, force: bool) -> Path:
 def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Optional[str]:
     """Save a torch.export program (loads without the model's class); the reason when it cannot."""
     logging.getLogger("torch.export").setLevel(logging.ERROR)
+    batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model.eval(), (example,))
+            try:
+                program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+            except Exception:  # a forward that fixes the batch size: export it as it is
+                program = torch.export.export(model.eval(), (example,))
             torch.export.save(program, str(path))
         return None
     except Exception as exc:  # early exit's control flow, custom ops ...: the ONNX files still load
@@ -61,7 +65,8 @@ def save_result(recipe: Recipe, result: ApplyResult, out: Path, task) -> dict:
     torch.save(result.model.state_dict(), buffer)
     atomic_write_bytes(out / APPLY_WEIGHTS, buffer.getvalue())
     record_structure(result.model, out / APPLY_STRUCTURE)
-    export_error = export_program(result.model, task.example_input(1), out / EXPORTED)
+    # batch 2: torch.export specializes a dimension of size 1, and the program should take any batch
+    export_error = export_program(result.model, task.example_input(2), out / EXPORTED)
     recipe.save(out / RECIPE_FILE)
     # paths relative to --out: the file that runs (ONNX, or an early-exit manifest) and what ships
     metrics = {**result.metrics, "artifact": str(result.artifact.path.relative_to(out)),

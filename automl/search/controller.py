@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,23 @@ def _init_ray(address: Optional[str], concurrency: int):
                           "authentication, set RAY_AUTH_TOKEN; check --address.") from None
 
 
+def _ship_file_modules():
+    """Modules imported from a file path (a builder such as models.py:build) do not exist on Ray's
+    workers under their generated names: objects of their classes travel by value."""
+    from ray import cloudpickle
+
+    from automl.arch.user import FILE_MODULE_PREFIX
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(FILE_MODULE_PREFIX):
+            cloudpickle.register_pickle_by_value(module)
+
+
 def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None,
            baseline: Optional[Dict] = None):
     from automl.search.trainable import run_trial
 
+    _ship_file_modules()
     # trials that distil from the same teacher train it once and share it through this cache
     params = {"space": space, "task": task, "cache_dir": str(run_dir / "cache"),
               **({"costing": costing} if costing is not None else {}),
