@@ -28,3 +28,102 @@ def build(width: int = 16, num_classes: int = 10) -> nn.Module:
 
 def not_a_model():
     return "model"
+
+
+# -- the contract set: one small graph per construct a real model has (inputs 1x8x8, 10 classes) -----------
+def _cbr(cin, cout, k=3, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = _cbr(1, 16), _cbr(16, 16), _cbr(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b(self.a(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.l1, self.l2 = _cbr(1, 16), _cbr(16, 8), _cbr(24, 8)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.l1(x)], 1)
+        x = torch.cat([x, self.l2(x)], 1)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _cbr(1, 16)
+        self.expand, self.dw = _cbr(16, 32, 1), _cbr(32, 32, 3, groups=32)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.g, self.pw = _cbr(1, 16), _cbr(16, 32, 3, groups=4), _cbr(32, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.pw(self.g(self.stem(x))).mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = _cbr(1, 16), _cbr(16, 32)
+        self.fc1, self.fc2 = nn.Linear(32, 8), nn.Linear(8, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return self.head((x * s[:, :, None, None]).mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.g1, self.g2 = _cbr(1, 16), _cbr(16, 32, 1, groups=2), _cbr(32, 32, 1, groups=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.g1(self.stem(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(self.g2(x).mean((2, 3)))
+
+
+class LinearOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+GRAPHS = {"residual": Residual, "dense": Dense, "inverted_residual": InvertedResidual, "grouped": Grouped,
+          "se": SqueezeExcite, "shuffle": Shuffle, "linear": LinearOnly}
+
+
+def graph(kind: str) -> nn.Module:
+    return GRAPHS[kind]()

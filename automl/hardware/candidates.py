@@ -143,11 +143,13 @@ def deployed_precision(recipe, runtime: str = "onnxruntime") -> str:
 def thinned_count(channels: int, ratio: float, round_to: int = 1) -> int:
     """Channels a group keeps under uniform structured pruning: ``round(ratio * channels)`` go (at
     least one stays), then the count moves to a multiple of ``round_to`` as the method does
-    (``allocation.rounded_count``), so the candidate has the shapes the method produces."""
+    (``allocation.rounded_count`` on the group's grid, ``groups.grid_step``), so the candidate has the
+    shapes the method produces."""
     from automl.compress.pruning.allocation import rounded_count
+    from automl.compress.pruning.groups import grid_step
 
     kept = channels - min(int(round(ratio * channels)), channels - 1)
-    return rounded_count(kept, channels, round_to)
+    return rounded_count(kept, channels, grid_step(channels, round_to))
 
 
 def _thin_uniform(model: nn.Module, example, ratio: float, patterns, round_to: int = 1) -> nn.Module:

@@ -137,12 +137,121 @@ def round_keep(scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tens
     return out
 
 
+def _blocks(grid, n: int):
+    step, blocks = grid
+    return step, [list(b) for b in blocks] if blocks else [list(range(n))]
+
+
+def grid_keep(scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], grids: Mapping[str, tuple]
+              ) -> Dict[str, torch.Tensor]:
+    """Each unit with a grid (step, blocks) keeps its best structures in every block (``blocks``:
+    index tuples partitioning the unit, e.g. the groups of a grouped conv; () = one block), the same
+    number in each: the unit's kept count shared out, then moved to the step grid as in
+    ``rounded_count`` (never below one step, never above what is still alive in any block)."""
+    out = {}
+    for u, k in keep.items():
+        if u not in grids:
+            out[u] = k
+            continue
+        s = scores[u].detach().float()
+        step, blocks = _blocks(grids[u], s.numel())
+        size = len(blocks[0])
+        alive = min(int(torch.isfinite(s[b]).sum()) for b in blocks) or 1
+        n = rounded_count(max(int(round(int(k.sum()) / len(blocks))), 1), size, step, cap=alive)
+        if len(blocks) == 1 and n == int(k.sum()):
+            out[u] = k
+            continue
+        mask = torch.zeros(s.numel(), dtype=torch.bool)
+        for b in blocks:
+            idx = torch.tensor(b, dtype=torch.long)
+            mask[idx[torch.argsort(s[idx], descending=True, stable=True)[:n]]] = True
+        out[u] = mask
+    return out
+
+
+def top_up(scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], grids: Mapping[str, tuple],
+           macs_of: Callable[[Dict[str, torch.Tensor]], float], target_macs: float, *, max_ratio: float = 0.9,
+           tol: float = 0.02) -> Dict[str, torch.Tensor]:
+    """Remove one more grid step (``step`` structures in every block of one unit) at a time until
+    ``macs_of(keep) <= target_macs``: each time from the unit whose step costs least, in its scores
+    (divided by the unit's mean, as ``global_keep`` does) per MAC saved; a step that lands within
+    ``tol`` below the target MACs is taken first, one that overshoots more only when no other is
+    left (the smallest). No unit goes below
+    ``1 - max_ratio`` of its structures. Uniform levels move every unit at once, so the MACs they
+    reach jump (one channel of every 12-channel DenseNet group is 8%); this closes the gap."""
+    keep = {u: k.clone() for u, k in keep.items()}
+    norm = {}
+    for u, s in scores.items():
+        finite = s.detach().float()[torch.isfinite(s)]
+        norm[u] = float(finite.abs().mean()) if finite.numel() and float(finite.abs().mean()) > 0 else 1.0
+    current = macs_of(keep)
+    while current > target_macs:
+        best = None
+        for u, k in keep.items():
+            s = scores[u].detach().float()
+            step, blocks = _blocks(grids.get(u, (1, ())), k.numel())
+            kept = int(k[blocks[0]].sum())
+            if kept - step < max(step, (1 - max_ratio) * len(blocks[0])):
+                continue
+            cand, cost = k.clone(), 0.0
+            for b in blocks:
+                idx = torch.tensor(b, dtype=torch.long)[k[b]]
+                drop = idx[torch.argsort(s[idx], stable=True)[:step]]
+                cand[drop] = False
+                cost += float(s[drop].clamp(min=0).sum()) / norm[u]
+            saved = current - macs_of({**keep, u: cand})
+            if saved <= 0:
+                continue
+            after = current - saved  # first a step that lands in [target (1 - tol), target], then any
+            rank = ((0 if after >= target_macs * (1 - tol) else 2, saved) if after <= target_macs  # short one,
+                    else (1, cost / saved))  # the cheapest per MAC; overshooting: the smallest step
+            if best is None or rank < best[0]:
+                best = (rank, u, cand, current - saved)
+        if best is None:
+            break
+        _, u, keep[u], current = best
+    return keep
+
+
+def keep_for_mac_target(keep_at: Callable[[float], Dict[str, torch.Tensor]], macs_of: Callable, base_macs: float,
+                        target: float, scores, grids, *, tol: float = 0.02, high: float = 0.9, max_iter: int = 30,
+                        check_only: bool = False) -> Tuple[Dict[str, torch.Tensor], float, float]:
+    """(keep, level, factor) for dense MACs / kept MACs = ``target``: bisection on the shared level;
+    when no level lands within ``tol``, the last level below the target plus ``top_up``, so the
+    result reaches the target (overshooting by at most one unit's grid step) instead of stopping
+    short of it. Raises ConfigError with the reachable factor (at level ``high``) when it is below;
+    ``check_only``: only that check, returning (the keep at ``high``, ``high``, its factor)."""
+    deepest = keep_at(high)
+    top = base_macs / max(macs_of(deepest), 1e-12)
+    if top < target * (1 - tol):
+        raise ConfigError(f"the MAC target is out of reach: pruning at level {high:g} reduces MACs only "
+                          f"{top:.2f}x", key="mac_reduction", value=target,
+                          fix=f"ask for at most {top:.2f}, or select more layers")
+    if check_only:
+        return deepest, high, top
+    lo, hi = 0.0, high
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        keep = keep_at(mid)
+        factor = base_macs / max(macs_of(keep), 1e-12)
+        if abs(factor / target - 1) <= tol:
+            return keep, mid, factor
+        lo, hi = (mid, hi) if factor < target else (lo, mid)
+    keep = top_up(scores, keep_at(lo), grids, macs_of, base_macs / target, max_ratio=high, tol=tol)
+    return keep, lo, base_macs / max(macs_of(keep), 1e-12)
+
+
 def allocate(scores: Mapping[str, torch.Tensor], level: float, allocation: str = "uniform", *,
              costs: Optional[Mapping[str, float]] = None, sensitivity: Optional[Mapping[str, float]] = None,
-             fixed: Optional[Mapping[str, float]] = None, max_ratio: float = 0.9, round_to: int = 1
-             ) -> Dict[str, torch.Tensor]:
+             fixed: Optional[Mapping[str, float]] = None, max_ratio: float = 0.9, round_to: int = 1,
+             grids: Optional[Mapping[str, tuple]] = None) -> Dict[str, torch.Tensor]:
     """Keep-masks for every unit: those in ``fixed`` at their own ratio, the rest by ``allocation``;
-    with ``round_to`` > 1 every unit's kept count is then rounded (``round_keep``)."""
+    with ``grids`` ({unit: (step, blocks)}) every unit's kept count then goes on its grid
+    (``grid_keep``), else with ``round_to`` > 1 it is rounded (``round_keep``)."""
+    if grids:
+        keep = allocate(scores, level, allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
+                        max_ratio=max_ratio)
+        return grid_keep(scores, keep, grids)
     if round_to > 1:
         keep = allocate(scores, level, allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
                         max_ratio=max_ratio)

@@ -22,7 +22,6 @@ those groups, which the allocation keeps balanced (``allocation.grid_keep``).
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from math import gcd
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,6 +40,7 @@ KEEPS_CHANNELS = {
     "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
     "UpsampleNearest2D", "UpsampleBilinear2D", "UpsampleNearest1D", "UpsampleNearest3D", "ReflectionPad1D",
     "ReflectionPad2D", "ReplicationPad1D", "ReplicationPad2D", "ReplicationPad3D", "T", "Expand",
+    "Round", "Floor", "Ceil", "Sign", "Trunc", "Frac", "Maximum", "Minimum", "Square",  # fake quantizers
 }
 REDUCTIONS = {"Mean", "Sum", "Amax", "Amin", "Std", "Var", "Max", "Min"}  # fine unless over channels
 
@@ -143,26 +143,46 @@ def _op_problem(node) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def guarded_reshape(problems: Dict):
-    """While building a graph: reshapes Torch-Pruning cannot map (or crashes on: a channel shuffle
-    divides by zero there) are recorded in ``problems`` {node: why} instead of mapped."""
-    original = tp_index_mapping.update_reshape_index_mapping
+def _split_problem(node) -> str:
+    """'' when Torch-Pruning's offsets of a channel split (chunk) cover the input in as many pieces as
+    the split has outputs (else its mapping indexes past the offsets and raises)."""
+    gf, offsets = node.grad_fn, getattr(node.module, "offsets", None)
+    dim = getattr(gf, "_saved_dim", 1)
+    ins = _in_shapes(gf)
+    rank = len(ins[0]) if ins else 0
+    if rank >= 2 and int(dim) % rank != 1:
+        return ""
+    if offsets is None or len(offsets) != len(node.outputs) + 1 or (ins and offsets[-1] != ins[0][1]):
+        return "a channel split (chunk) whose pieces could not be traced"
+    return ""
 
-    def guarded(graph, node):
-        why = _reshape_problem(node.grad_fn)
-        if not why:
-            try:
-                return original(graph, node)
-            except (ZeroDivisionError, IndexError, ValueError, TypeError) as exc:
-                why = f"a reshape Torch-Pruning cannot map ({type(exc).__name__})"
-        problems[node] = why
 
-    tp_index_mapping.update_reshape_index_mapping = guarded
-    try:
-        yield problems
-    finally:
-        tp_index_mapping.update_reshape_index_mapping = original
+def install_guards():
+    """Make Torch-Pruning's reshape and split mappings safe for graphs that carry ``reshape_problems``
+    (a dict): an op it cannot map (a channel shuffle's reshape divides by zero there; a chunk whose
+    pieces it miscounts indexes past its offsets) is recorded there {node: why} and left unmapped.
+    Torch-Pruning re-runs the mappings at every get_pruning_group, hence lasting wrappers; graphs
+    without the attribute behave as before."""
+    for fn_name, check in (("update_reshape_index_mapping", lambda n: _reshape_problem(n.grad_fn)),
+                           ("update_split_index_mapping", _split_problem)):
+        original = getattr(tp_index_mapping, fn_name)
+        if getattr(original, "automl_guard", False):
+            continue
+
+        def guarded(graph, node, _original=original, _check=check):
+            problems = getattr(graph, "reshape_problems", None)
+            if problems is None:
+                return _original(graph, node)
+            why = problems.get(node) or _check(node)
+            if not why:
+                try:
+                    return _original(graph, node)
+                except (ZeroDivisionError, IndexError, ValueError, TypeError) as exc:
+                    why = f"an op Torch-Pruning cannot map ({type(exc).__name__} in {fn_name})"
+            problems[node] = why
+
+        guarded.automl_guard = True
+        setattr(tp_index_mapping, fn_name, guarded)
 
 
 def opaque_ops(dg, reshape_problems: Dict) -> Dict:
@@ -179,12 +199,10 @@ def opaque_ops(dg, reshape_problems: Dict) -> Dict:
 
 
 def group_problem(group, opaque: Dict) -> str:
-    """Why a Torch-Pruning group cannot be thinned as traced (it crosses an opaque op), or ''."""
-    for item in group:
-        for node in (item.dep.source, item.dep.target):
-            if node in opaque:
-                return opaque[node]
-    return ""
+    """Why a Torch-Pruning group cannot be thinned as traced (it crosses an opaque op), or ''. The
+    root cause first: a concat whose offsets fail to trace is mostly a consequence of a reshape."""
+    found = [opaque[node] for item in group for node in (item.dep.source, item.dep.target) if node in opaque]
+    return min(found, key=lambda why: ("offsets" in why or "pieces" in why, found.index(why))) if found else ""
 
 
 def merge_channels(members: Sequence[tuple]) -> Tuple[int, List[tuple]]:

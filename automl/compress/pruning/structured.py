@@ -18,7 +18,14 @@ over what the side's masks zero (filter: producers' weights, biases and BN; chan
 gradients summed over ``calib_batches`` in eval mode; apoz/mean_activation on the rectified BN output
 of each producer, pooled over the group's producers; bn_scale = sum of |gamma| (groups without BN
 are left alone); random, seeded by the run's seed. ``allocation``, ``round_to`` and ``mac_reduction``:
-see allocation.py.
+see allocation.py (the grid per group: groups.grid_step).
+
+Third-party graphs (structured_checks.py, at prepare, before any training): a group Torch-Pruning
+traces wrongly (channel shuffle, a slice that cuts channels ...; see groups.py) is left whole and
+listed in stats structured_skipped / structured_groups_skipped, or refused when one of its layers is
+named exactly in ``layers``; the thinned model is checked against the masked one on a synthetic
+keep; a ``mac_reduction`` the remaining groups cannot reach is a ConfigError. stats mac_reduction is
+always the reduction reached (1.0 for masks only).
 """
 from __future__ import annotations
 
@@ -29,14 +36,16 @@ from typing import Dict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 from automl.compress.base import register_method
-from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs, ratio_for_mac_target
+from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs
 from automl.compress.pruning.base import PruningConfig, PruningMethod
+from automl.compress.pruning.channels import ChannelMaskSet, MacModel, _norm_after, _param, _slices, channel_keep, parity
 from automl.compress.pruning.criteria import CRITERIA, ActivationStats
 from automl.compress.pruning.granularity import _check_block, expand_mask, group_view
-from automl.compress.pruning.masks import MaskSet, _StraightThroughMask
+from automl.compress.pruning.groups import grid_step
+from automl.compress.pruning.masks import MaskSet
+from automl.compress.pruning.structured_checks import GroupChecks
 from automl.compress.pruning.thinning import NORMS, PRUNABLE, coupled_groups, thin_from_masks
 from automl.configs import option
 from automl.errors import ConfigError
@@ -66,46 +75,6 @@ class StructuredPruningConfig(PruningConfig):
     calib_batches: int = option(4, low=1, high=10_000, doc="training batches for taylor/apoz/mean_activation")
 
 
-class ChannelMaskSet(MaskSet):
-    """A MaskSet whose layers also lose the bias (conv/linear bias, BN beta) of every fully masked
-    output channel, with the weight's mode rules, so a masked channel outputs exactly zero."""
-
-    def __init__(self, layers, *, mode: str = "hard"):
-        super().__init__(layers, mode=mode)
-        self.biases = {n: m for n, m in layers.items() if isinstance(getattr(m, "bias", None), torch.Tensor)}
-        if mode == "dual":
-            for m in self.biases.values():
-                parametrize.register_parametrization(m, "bias", _StraightThroughMask(torch.ones_like(
-                    m.bias, dtype=torch.bool)))
-        self._apply_biases()
-
-    @torch.no_grad()
-    def _apply_biases(self):
-        for name, m in self.biases.items():
-            mask = self.layers[name].mask
-            keep = mask.reshape(mask.shape[0], -1).any(1)
-            if self.mode == "dual":
-                m.parametrizations.bias[0].mask.copy_(keep)
-            else:
-                m.bias.mul_(keep.to(m.bias.device))
-
-    def apply(self):
-        super().apply()
-        self._apply_biases()
-
-    def update(self, new_masks):
-        super().update(new_masks)
-        self._apply_biases()
-
-    def _remove_all(self, make_permanent: bool):
-        for m in getattr(self, "biases", {}).values():
-            if self.mode == "dual":
-                parametrize.remove_parametrizations(m, "bias", leave_parametrized=make_permanent)
-        if make_permanent and self.mode != "dual" and hasattr(self, "biases"):
-            self._apply_biases()
-        super()._remove_all(make_permanent)
-
-
 def parse_block(text: str):
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(text))
     if not match or min(int(match[1]), int(match[2])) < 1:
@@ -114,36 +83,8 @@ def parse_block(text: str):
     return int(match[1]), int(match[2])
 
 
-def _param(module: nn.Module, name: str):
-    """The trainable tensor behind ``module.<name>`` (the dense copy when it is parametrized)."""
-    if parametrize.is_parametrized(module, name):
-        return getattr(module.parametrizations, name).original
-    return getattr(module, name, None)
-
-
-def _slices(module, side: str, idxs, t: torch.Tensor) -> torch.Tensor:
-    """(len(idxs), features) rows of ``t`` (weight, grad or bias) belonging to each channel."""
-    idx = torch.tensor(idxs, dtype=torch.long)
-    if side == "out" or t.dim() == 1:
-        return t.index_select(0, idx).reshape(len(idxs), -1)
-    groups = getattr(module, "groups", 1)
-    if groups > 1 and module.groups != module.out_channels:  # grouped conv: columns of own group's filters
-        per, out_per = module.in_channels // groups, module.out_channels // groups
-        return torch.stack([t[(i // per) * out_per:(i // per + 1) * out_per, i % per].flatten() for i in idxs])
-    return t.index_select(1, idx).transpose(0, 1).reshape(len(idxs), -1)
-
-
-def _norm_after(model: nn.Module, name: str):
-    """The norm registered right after layer ``name`` in the same parent, or None."""
-    parent_name, _, child = name.rpartition(".")
-    siblings = list((model.get_submodule(parent_name) if parent_name else model).named_children())
-    index = [n for n, _ in siblings].index(child)
-    follower = siblings[index + 1][1] if index + 1 < len(siblings) else None
-    return follower if isinstance(follower, NORMS) else None
-
-
 @register_method("structured", "pruning", StructuredPruningConfig)
-class StructuredPruning(PruningMethod):
+class StructuredPruning(GroupChecks, PruningMethod):
     """Units are structure groups (thinned path) or layers (masks only); see the module docstring."""
 
     # setup -------------------------------------------------------------------------------------------
@@ -163,7 +104,7 @@ class StructuredPruning(PruningMethod):
         if needs in ("activations", "bn_weight") and not self.grouped and cfg.granularity not in ("filter", "row"):
             raise ConfigError(f"criterion {cfg.criterion} scores output channels", key="granularity",
                               value=cfg.granularity, fix="use granularity filter/row, or channel with thin: true")
-        self.batches, self.skipped, self.last_keep = None, [], {}
+        self.batches, self.skipped, self.last_keep, self.groups_skipped = None, [], {}, 0
         return super()._prepare(model, ctx)
 
     def _example(self):
@@ -177,13 +118,17 @@ class StructuredPruning(PruningMethod):
         names = {m: n for n, m in model.named_modules()}
         example = self._example() if (self.grouped or self.config.granularity in ("filter", "row")
                                       or self.config.allocation == "energy") else None
-        groups = coupled_groups(model, example) if example is not None else []
+        groups = coupled_groups(model, example, include_blocked=self.grouped) if example is not None else []
         self._all_layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
         self.example, self.layer_macs = example, layer_macs(model, example) if example is not None else {}
         if self.grouped:
             self.units = self._select_groups(model, groups, names)
+            self._check_thinning(model)
+            if self.config.mac_reduction:
+                self._check_reachable(model)
             masked = {n: m for u in self.units.values() for n, m, *_ in u["producers"]}
             return ChannelMaskSet(masked, mode=self.config.mode)
+        groups = [g for g in groups if not g.blocked]
         producers = {n for g in groups for n in g.outputs}
         heads = {n for n in self.layers if n not in producers} if groups else set()
         self.units = {}
@@ -226,14 +171,22 @@ class StructuredPruning(PruningMethod):
                          if side == "out" and isinstance(_param(m, "weight"), torch.Tensor)]
             if not hit:
                 continue
+            if g.blocked:
+                self._skip_group(g, g.blocked)
+                continue
             if self.config.criterion == "bn_scale" and not any(isinstance(m, NORMS) for _, m, *_ in producers):
                 self.skipped.append(g.root)
                 continue
             units[g.root] = {"group": g, "layers": hit, "producers": producers}
+        # the kept-channel grid of each group: round_to per block (see groups.grid_step); the blocks
+        # of a grouped conv must each keep as many channels as the others
+        self.grids = {u: (grid_step(len(unit["group"].blocks[0]) if unit["group"].blocks else unit["group"].channels,
+                                    self.config.round_to), unit["group"].blocks) for u, unit in units.items()}
         if not units:
+            skipped = f"; skipped: {'; '.join(self.skipped[:5])}" if self.skipped else ""
             raise ConfigError("no structure group to prune among the selected layers", key="layers",
-                              value=list(self.layers), fix="select layers whose outputs feed other layers "
-                              "(the classifier's outputs are never pruned; bn_scale needs a BatchNorm)")
+                              value=list(self.layers)[:10], fix="select layers whose outputs feed other layers "
+                              f"(the classifier's outputs are never pruned; bn_scale needs a BatchNorm){skipped}")
         return units
 
     # scoring -----------------------------------------------------------------------------------------
@@ -373,29 +326,29 @@ class StructuredPruning(PruningMethod):
         if hard:  # what is pruned goes first: rankings stay nested across events
             scores = {u: s.float().masked_fill(~previous[u], float("-inf")) for u, s in scores.items()}
         fixed, shared = self._levels(levels)
-        costs = self._costs() if self.config.allocation == "energy" else None
-        sensitivity = self._sensitivity() if self.config.allocation == "energy" else None
-        round_to = self.config.round_to if self.grouped else 1
-
-        def keep_at(level):
-            keep = allocate(scores, level, self.config.allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
-                            round_to=round_to)
-            return {u: k & previous[u] for u, k in keep.items()} if hard else keep
+        keep_at = self._keeper(scores, fixed, previous if hard else None)
         if self.config.mac_reduction:
-            try:
-                final, _ = ratio_for_mac_target(model, self.example, self.config.mac_reduction,
-                                                lambda lv: self._predicted_macs(keep_at(lv)),
-                                                base_macs=sum(self.layer_macs.values()))
-            except ConfigError as exc:
-                if round_to == 1:
-                    raise
-                raise ConfigError(exc.message, key=exc.key, value=exc.value, fix=f"{exc.fix}; or lower round_to "
-                                  f"({round_to}): a group keeps a multiple of it") from None
-            shared = self.level(final, self._progress)
-        keep = keep_at(shared)
+            keep, final, _ = self._keep_for_target(scores, keep_at)
+            if self._progress < 1.0:
+                keep = keep_at(self.level(final, self._progress))
+        else:
+            keep = keep_at(shared)
         if self.grouped:
             return self._producer_masks(keep)
         return {n: expand_mask(k, weights[n].shape, self.cut, self.block) for n, k in keep.items()}
+
+    def _keeper(self, scores, fixed, previous):
+        """keep_at(level) -> {unit: keep mask}: the allocation on each unit's grid, intersected with
+        ``previous`` (hard mode: nothing comes back)."""
+        cfg = self.config
+        costs = self._costs() if cfg.allocation == "energy" else None
+        sensitivity = self._sensitivity() if cfg.allocation == "energy" else None
+
+        def keep_at(level):
+            keep = allocate(scores, level, cfg.allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
+                            grids=self.grids if self.grouped else None)
+            return {u: k & previous[u] for u, k in keep.items()} if previous is not None else keep
+        return keep_at
 
     def _levels(self, levels):
         """({unit: level} for units with a per_layer override, the shared level of the rest)."""
@@ -443,23 +396,11 @@ class StructuredPruning(PruningMethod):
         return {n: expand_mask(k, shapes[n], "filter") if len(shapes[n]) > 1 else k for n, k in local.items()}
 
     def _predicted_macs(self, keep) -> int:
-        """MACs after thinning with ``keep`` (exact: conv/linear MACs scale with kept in x out channels)."""
-        removed = {}
-        for u, unit in self.units.items():
-            drop = ~keep[u]
-            for m, side, idxs, root in dict.fromkeys(unit["group"].members):
-                if isinstance(m, PRUNABLE):
-                    removed[(m, side)] = removed.get((m, side), 0) + int(drop[list(root)].sum())
-        modules, total = self._all_layers, 0.0
-        for n, macs in self.layer_macs.items():
-            m = modules[n]
-            n_out, n_in = (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.out_channels,
-                                                                                             m.in_channels)
-            frac = 1 - removed.get((m, "out"), 0) / n_out
-            if not (getattr(m, "groups", 1) == n_out > 1):  # depthwise: inputs shrink with outputs
-                frac *= 1 - removed.get((m, "in"), 0) / n_in
-            total += macs * frac
-        return round(total)
+        """MACs after thinning with ``keep`` (channels.MacModel; built once the units are final)."""
+        if getattr(self, "_mac_model", None) is None:
+            self._mac_model = MacModel({u: unit["group"] for u, unit in self.units.items()}, self.layer_macs,
+                                       self._all_layers)
+        return self._mac_model(keep)
 
     # finalize ----------------------------------------------------------------------------------------
     def _after_masks(self, model, ctx):
@@ -468,25 +409,30 @@ class StructuredPruning(PruningMethod):
                            "structured_allocation": cfg.allocation, "structured_units": len(self.units)})
         if self.skipped:
             self.stats["structured_skipped"] = ", ".join(self.skipped)
+        self.stats["structured_groups_skipped"] = self.groups_skipped
+        if cfg.mac_reduction:
+            self.stats["mac_reduction_target"] = cfg.mac_reduction
         if not self.grouped:
             pruned = sum(int((~k).sum()) for k in self.last_keep.values())
             self.stats.update({"pruned_layers": len(self.units), "structures_pruned": pruned,
-                               "structured_speedup": "none (masks only)"})
+                               "structured_speedup": "none (masks only)", "mac_reduction": 1.0})
             return model
         layers = {n for u in self.units.values() for n in u["group"].outputs + u["group"].inputs}
         self.stats["pruned_layers"] = len(layers & set(self._all_layers))
         self.stats["channels_kept"] = {u: f"{int(k.sum())}/{k.numel()}" for u, k in self.last_keep.items()}
         # names as the model has them now: a later stage (early exit) may have re-parented the layers
         now = {id(m): n for n, m in model.named_modules()}
-        conv_masks = {now.get(id(self._all_layers[n]), n): k.reshape(k.shape[0], -1).any(1)
-                      for n, k in self._producer_masks(self.last_keep).items()
-                      if isinstance(self._all_layers.get(n), PRUNABLE)}
+        conv_masks = {now.get(id(self._all_layers[n]), n): k
+                      for n, k in channel_keep(self._producer_masks(self.last_keep), self._all_layers).items()}
         dense_params, dense_macs = count_params(model), count_macs(model, self.example)
         thinned = thin_from_masks(model, self.example, conv_masks)
         macs = count_macs(thinned, self.example)
+        x = torch.randn((2,) + tuple(self.example.shape[1:]), generator=torch.Generator().manual_seed(1))
         self.stats.update({"dense_params": dense_params, "thinned_params": count_params(thinned),
                            "dense_macs": dense_macs, "thinned_macs": macs, "mac_reduction": dense_macs / max(macs, 1),
-                           "structured_speedup": "thinned (channels removed)"})
-        if cfg.mac_reduction:
-            self.stats["mac_reduction_target"] = cfg.mac_reduction
+                           "structured_speedup": "thinned (channels removed)",
+                           "thinned_parity": parity(model, thinned, x)})
+        if self.stats["thinned_parity"] > 1e-3:  # prepare checked the same groups: should never happen
+            raise RuntimeError(f"structured: the thinned model differs from the masked one by "
+                               f"{self.stats['thinned_parity']:.2g} (relative); please report this model")
         return thinned

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from automl.compress.pruning.groups import (conv_blocks, group_problem, guarded_reshape, merge_channels,
-                                            opaque_ops)
+from automl.compress.pruning.groups import (conv_blocks, group_problem, install_guards,
+                                            merge_channels, opaque_ops)
 from automl.errors import ConfigError, UnknownNameError
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -52,13 +52,15 @@ def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     # that read a pruned feature map are cut with it.
     all_outputs = getattr(model, "all_exits", None)
     forward = (lambda m, x: all_outputs(x)) if all_outputs is not None else None
+    install_guards()
+    dg = tp.DependencyGraph()
+    dg.reshape_problems = {}
     try:
-        with torch.enable_grad(), guarded_reshape({}) as problems:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward,
-                                                       verbose=False)
+        with torch.enable_grad():
+            dg.build_dependency(model, example_inputs=example, forward_fn=forward, verbose=False)
     finally:
         model.train(was_training)
-    dg.opaque_ops = opaque_ops(dg, problems)
+    dg.opaque_ops = opaque_ops(dg, dg.reshape_problems)
     return dg
 
 
@@ -209,6 +211,21 @@ def _cut_grouped(module: nn.Conv2d, side: str, idxs: List[int], dep, name: str):
     module.in_channels -= len(idxs)
 
 
+def _reroot(dg, group, members, names):
+    """The group traced again from its producer with the fewest channels in it, when that is fewer
+    than the root's: from a layer reading a ghost module's cat(x1, dw(x1)), channels j and j + C1 are
+    two root channels that Torch-Pruning's merge never links; from x1's conv they are one."""
+    channels = len(group[0].idxs)
+    sizes = [(len(idxs), i) for i, (m, side, idxs, *_) in enumerate(members) if side == "out"
+             and isinstance(m, PRUNABLE) and len(idxs) == (m.out_features if isinstance(m, nn.Linear) else m.out_channels)]
+    if not sizes or min(sizes)[0] >= channels:
+        return group, members
+    module = members[min(sizes)[1]][0]
+    again = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
+                                 list(range(min(sizes)[0])))
+    return again, _members(dg, again, names)
+
+
 def coupled_groups(model: nn.Module, example: torch.Tensor, *, include_blocked: bool = False
                    ) -> List[CoupledGroup]:
     """Every structure group of Conv/Linear output channels, except the classifier's outputs.
@@ -232,6 +249,7 @@ def coupled_groups(model: nn.Module, example: torch.Tensor, *, include_blocked: 
             continue
         if any(side == "out" and m in heads for m, side, *_ in members):
             continue
+        group, members = _reroot(dg, group, members, names)
         why = group_problem(group, dg.opaque_ops)
         channels, merged = merge_channels([m[:4] for m in members])
         blocks, problem = conv_blocks(merged, channels)

@@ -1,0 +1,42 @@
+"""Contract: every registered compression method, on a user model of every construct it may meet
+(residual, concat, depthwise, grouped, squeeze-excitation, channel shuffle, Linear-only), either
+compresses it into a deployable model or refuses with a ConfigError that names the key and the fix."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from automl.compress import METHODS
+from automl.configs import parse_config
+from automl.errors import ConfigError
+from automl.recipe import Recipe, apply_recipe
+from automl.recipe.from_config import start_epoch_for
+from automl.validate import Where
+
+GRAPH = f"{Path(__file__).parent / 'byom_models.py'}:graph"
+KINDS = ("residual", "dense", "inverted_residual", "grouped", "se", "shuffle", "linear")
+EPOCHS = 2
+
+
+def recipe(method: str, kind: str) -> Recipe:
+    info = METHODS.get(method)
+    config = parse_config(info.config_cls, {}, Where(key=method))
+    return Recipe.from_dict({
+        "version": 1, "task": "digits", "model": {"builder": GRAPH, "kwargs": {"kind": kind}},
+        "train": {"epochs": EPOCHS, "lr": 0.003, "batch_size": 64},
+        "stages": [{"method": method, "start_epoch": start_epoch_for(config, EPOCHS), "config": {}}]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", [name for name, _ in METHODS.items()])
+def test_method_compresses_or_refuses_clearly(method, kind, task, tmp_path):
+    try:
+        result = apply_recipe(recipe(method, kind), tmp_path, task=task)
+    except ConfigError as exc:  # a refusal: one paragraph with the rule and the fix
+        assert "Fix:" in str(exc), str(exc)
+        return
+    m = result.metrics
+    assert m["latency_ms"] > 0 and m["size_kb"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+    assert result.artifact.path.is_file()
+    assert torch.isfinite(result.model(task.example_input(2))).all() if method != "exits" else True
