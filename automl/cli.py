@@ -16,24 +16,14 @@ def _space(path):
     return load_default_space() if path is None else load_space(path)
 
 
-USER_FLAGS = ("model", "checkpoint", "data", "task", "max_drop", "epochs")
-
-
 def _search_space(args):
-    """The space of ``automl search``: --space (or the embedded default) with --model, --checkpoint,
-    --data, --task, --max-drop and --epochs applied; with --model and no --space, the embedded
-    compression space for a user's model."""
+    """The space of ``automl search``: --space (or the embedded default) with the flags of a search over
+    a user's model applied (automl.spaces.user.space_from_flags)."""
+    from automl.spaces.user import USER_FLAGS, space_from_flags
+
     if not any(getattr(args, k, None) is not None for k in USER_FLAGS):
         return _space(args.space)
-    from automl.spaces.user import user_space
-
-    if args.space is None and args.model is None:
-        raise ConfigError("the embedded default searches built-in architectures on digits; --checkpoint, --data, "
-                          "--task, --max-drop and --epochs apply to a model of yours or to a --space",
-                          key="--model", fix="add --model package.module:function (a function returning your "
-                                             "model), or --space SPACE.yaml")
-    return user_space(space=args.space, builder=args.model, checkpoint=args.checkpoint, data=args.data,
-                      task=args.task, max_drop=args.max_drop, epochs=args.epochs)
+    return space_from_flags(args.space, **{k: getattr(args, k) for k in USER_FLAGS})
 
 
 def _override_budget(space, args):

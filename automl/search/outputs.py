@@ -143,7 +143,7 @@ def _front_check_markdown(check: Dict) -> List[str]:
     return lines
 
 
-def within_budget(rows: Sequence[Dict], baseline: Optional[Dict]) -> Dict[str, Dict]:
+def within_budget(rows: Sequence[Dict]) -> Dict[str, Dict]:
     """The fastest and the smallest completed, feasible trial (the constraints, e.g. accuracy_drop,
     are the budget), with their speed-up and size reduction against the baseline."""
     ok = [r for r in rows if r["status"] == "completed" and r.get("feasible")]
@@ -257,7 +257,7 @@ def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_
     }
     if baseline:
         report["baseline"] = {k: v for k, v in baseline.items() if isinstance(v, (int, float, str))}
-        report["within_budget"] = within_budget(rows, baseline)
+        report["within_budget"] = within_budget(rows)
     if profile:
         report["profile"] = profile
         report["measurement"]["latency"] = profile["metric_sources"]["latency_ms"]

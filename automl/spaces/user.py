@@ -18,7 +18,7 @@ def user_space_path() -> Path:
 
 
 def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optional[str] = None,
-               object_class: Optional[str] = None, data: Optional[str] = None, task: Optional[str] = None,
+               object_class: Optional[str] = None, data=None, task: Optional[str] = None,
                max_drop: Optional[float] = None, epochs: Optional[int] = None) -> SearchSpace:
     """``space`` (a file; default: the embedded compression space) with these settings replacing its own.
 
@@ -40,9 +40,9 @@ def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optiona
         if checkpoint:
             model["checkpoint"] = str(checkpoint)
         raw["model"] = model
-    if data is not None:
+    if data is not None:  # a path (the space's other data settings stay) or a whole data: mapping
         given = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-        raw["data"] = {**given, "path": str(data)}
+        raw["data"] = dict(data) if isinstance(data, dict) else {**given, "path": str(data)}
         raw.pop("task", None)
     elif task is not None:
         raw["task"] = task
@@ -63,3 +63,17 @@ def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optiona
         train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
         raw["train"] = {**train, "epochs": int(epochs)}
     return parse_space(raw, source)
+
+
+USER_FLAGS = ("model", "checkpoint", "data", "task", "max_drop", "epochs")
+
+
+def space_from_flags(space, *, model=None, checkpoint=None, data=None, task=None, max_drop=None, epochs=None):
+    """``automl search`` with --model / --checkpoint / --data / --task / --max-drop / --epochs."""
+    if space is None and model is None:
+        raise ConfigError("the embedded default searches built-in architectures on digits; --checkpoint, --data, "
+                          "--task, --max-drop and --epochs apply to a model of yours or to a --space",
+                          key="--model", fix="add --model package.module:function (a function returning your "
+                                             "model), or --space SPACE.yaml")
+    return user_space(space=space, builder=model, checkpoint=checkpoint, data=data, task=task, max_drop=max_drop,
+                      epochs=epochs)

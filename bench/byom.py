@@ -1,0 +1,274 @@
+"""Bring your own model: third-party zoo models, trained once, then compressed from their checkpoint.
+
+For each pytorchcv model (bench/zoo.py; random init, no download) on digits as a folder of 32x32 PNG
+images (val 20 %, test 20 %):
+
+1. the user's side: train it (``--train-epochs``) and save a state_dict checkpoint;
+2. baseline: the checkpoint exported as is (fp32 ONNX), measured;
+3. automl: ``structured`` 2x MACs (thinned, 16-channel grid) + ``int8_ptq`` static, ``kd`` from the
+   checkpoint, ``--finetune-epochs`` of fine-tuning, all through ``apply_recipe`` (what
+   ``automl apply`` runs) with only the model builder and the data folder;
+4. hand-written: what a user chaining the tools would write -- Torch-Pruning's MagnitudePruner (L1)
+   to the same MACs as (3), the same fine-tune epochs and learning rate (plain cross-entropy),
+   torch.onnx export, onnxruntime ``quantize_static`` (QDQ, per channel, its defaults otherwise);
+5. search: ``automl search --model ... --checkpoint ... --data ... --max-drop 0.01`` with the
+   embedded compression space, ``--trials`` trials of ``--finetune-epochs`` each; the fastest point
+   within the budget.
+
+Latency: onnxruntime, 1 thread, batch 1 and batch 32, rounds interleaved over the deployed files,
+median; ratios against the baseline in the same run. Writes bench/results/byom.json.
+
+    python bench/byom.py                       # every model (about 40 minutes on 2 cores)
+    python bench/byom.py --models resnet20 --trials 2 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo import MODELS  # noqa: E402
+
+from automl.recipe import Recipe, apply_recipe  # noqa: E402
+from automl.recipe.apply import train_with_stages  # noqa: E402
+from automl.compress import ApplyContext  # noqa: E402
+from automl.modelstats import count_macs, count_params  # noqa: E402
+from automl.runtime import OrtModel, export_onnx, measure_latency  # noqa: E402
+from automl.tasks.data import data_task, parse_data  # noqa: E402
+from automl.validate import Where  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+BUILDER = f"{BENCH / 'zoo.py'}:build"
+LR = 1e-3
+
+
+def write_digits(root: Path):
+    """scikit-learn's digits as 32x32 RGB PNG files, one folder per class (what a user's data looks like)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if root.is_dir():
+        return
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        pixels = (image / 16.0 * 255).astype(np.uint8).repeat(4, 0).repeat(4, 1)
+        folder = root / f"{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(folder / f"{i:04d}.png")
+
+
+def recipe(name, data, *, checkpoint=None, epochs=0, stages=()):
+    model = {"builder": BUILDER, "kwargs": {"name": name}, **({"checkpoint": str(checkpoint)} if checkpoint else {})}
+    return Recipe.from_dict({"version": 1, "data": data, "model": model,
+                             "train": {"epochs": epochs, "lr": LR if checkpoint else 3e-3, "batch_size": 32},
+                             "stages": list(stages)})
+
+
+def train_user_model(name, data, task, epochs, path: Path):
+    started = time.time()
+    model, _ = train_with_stages(recipe(name, data, epochs=epochs), task,
+                                 ApplyContext(task=task, work_dir=path.parent, epochs=epochs))
+    torch.save(model.state_dict(), path)
+    return {"seconds": time.time() - started, "torch_val_accuracy": task.evaluate(model, task.val_loader())}
+
+
+def automl_stages(finetune):
+    return [{"method": "kd", "start_epoch": 0, "config": {"temperature": 4.0, "alpha": 0.5}},
+            {"method": "structured", "start_epoch": 0,
+             "config": {"mac_reduction": 2.0, "criterion": "l1", "allocation": "global", "round_to": 16,
+                        "finetune_epochs": finetune}},
+            {"method": "int8_ptq", "config": {"mode": "static"}}]
+
+
+def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Path):
+    """Torch-Pruning to ``target_macs`` + fine-tune + onnxruntime quantize_static, as a user writes it."""
+    import torch_pruning as tp
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from automl.recipe.build import recipe_model
+
+    dense = recipe_model(recipe(name, data, checkpoint=checkpoint), task).eval()
+    example = task.example_input(1)
+
+    def pruned(ratio):
+        model = copy.deepcopy(dense)
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=[
+                                               m for m in model.modules() if isinstance(m, nn.Linear)
+                                               and m.out_features == 10])
+        pruner.step()
+        return model
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):  # the ratio that gives the MACs automl reached
+        mid = (lo + hi) / 2
+        model = pruned(mid)
+        macs = count_macs(model, example)
+        best = (mid, model, macs) if best is None or abs(macs - target_macs) < abs(best[2] - target_macs) else best
+        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
+    ratio, model, macs = best
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(finetune, 1))
+    for epoch in range(finetune):
+        task.train_epoch(model, optimizer, task.train_loader(batch_size=32, seed=epoch))
+        scheduler.step()
+    model.eval()
+    fp32 = export_onnx(model, example, work / "tp.onnx").path
+    pre, int8 = work / "tp.pre.onnx", work / "tp.int8.onnx"
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader:
+        def __init__(self):
+            batches = [x.numpy() for _, (x, _) in zip(range(8), task.train_loader(32, 0))]
+            self.it = iter({"input": b} for b in batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return {"ratio": ratio, "macs": macs, "params": count_params(model), "torch_val_accuracy":
+            task.evaluate(model, task.val_loader()), "onnx": str(int8)}
+
+
+def onnx_accuracy(path, task):
+    runner = OrtModel(path)
+    return task.evaluate(runner, task.val_loader()), task.evaluate(runner, task.test_loader())
+
+
+def latencies(paths, task, rounds):
+    """Median batch-1 and batch-32 ms per file, rounds interleaved."""
+    sessions = {k: OrtModel(p) for k, p in paths.items()}
+    x1 = task.example_input(1).numpy()
+    x32 = np.repeat(x1, 32, axis=0)
+    times = {k: {1: [], 32: []} for k in paths}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            times[k][1].append(measure_latency(s, x1, warmup=20, repeats=200, min_seconds=0.2)["median_ms"])
+            times[k][32].append(measure_latency(s, x32, warmup=5, repeats=30, min_seconds=0.2)["median_ms"])
+    return {k: {f"b{b}_ms": statistics.median(v) for b, v in t.items()} for k, t in times.items()}
+
+
+def search(name, checkpoint, data, trials, finetune, out: Path):
+    from automl.search import run_search
+    from automl.spaces.user import user_space
+
+    space = user_space(builder=BUILDER, checkpoint=str(checkpoint), data=data, max_drop=0.01,
+                       epochs=finetune)
+    import dataclasses
+
+    space = dataclasses.replace(space, model=dataclasses.replace(space.model, kwargs={"name": name}),
+                                budget=dataclasses.replace(space.budget, trials=trials))
+    started = time.time()
+    outcome = run_search(space, out, force=True)
+    picks = outcome.report.get("within_budget", {})
+    counts = outcome.report["status_counts"]
+    return {"wall_s": time.time() - started, "trials": trials, "status": counts, "fastest": picks.get("fastest"),
+            "smallest": picks.get("smallest")}
+
+
+def run_model(name, args, data, task, work: Path):
+    work.mkdir(parents=True, exist_ok=True)
+    row = {"model": name, "graph": MODELS[name][2]}
+    checkpoint = work / "weights.pt"
+    row["train"] = train_user_model(name, data, task, args.train_epochs, checkpoint)
+    base = apply_recipe(recipe(name, data, checkpoint=checkpoint), work / "baseline", task=task)
+    row["baseline"] = {k: base.metrics[k] for k in ("accuracy", "test_accuracy", "params", "macs")}
+    ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
+                               stages=automl_stages(args.finetune_epochs)), work / "automl", task=task)
+    row["automl"] = {k: ours.metrics.get(k) for k in ("accuracy", "test_accuracy", "params", "macs", "mac_reduction",
+                                                       "precision", "structured_groups_skipped")}
+    paths = {"baseline": base.artifact.path, "automl": ours.artifact.path}
+    try:
+        hand = hand_pipeline(name, data, task, checkpoint, ours.metrics["macs"], args.finetune_epochs, work)
+        val, test = onnx_accuracy(hand["onnx"], task)
+        row["torch_pruning"] = {**{k: v for k, v in hand.items() if k != "onnx"}, "accuracy": val,
+                                "test_accuracy": test, "mac_reduction": row["baseline"]["macs"] / hand["macs"]}
+        paths["torch_pruning"] = hand["onnx"]
+    except Exception as exc:  # Torch-Pruning fails on some graphs: that is a result too
+        row["torch_pruning"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    lat = latencies(paths, task, args.rounds)
+    for key in paths:
+        row.setdefault(key, {}).update(lat[key])
+        if key != "baseline":
+            row[key]["speedup_b1"] = lat["baseline"]["b1_ms"] / lat[key]["b1_ms"]
+            row[key]["speedup_b32"] = lat["baseline"]["b32_ms"] / lat[key]["b32_ms"]
+            row[key]["param_ratio"] = row["baseline"]["params"] / row[key]["params"]
+    if args.trials:
+        row["search"] = search(name, checkpoint, data, args.trials, args.finetune_epochs, work / "search")
+    return row
+
+
+def table(rows):
+    print("\n| model | graph | variant | val % | test % | MACs x | params x | b1 x | b32 x |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for key in ("baseline", "automl", "torch_pruning"):
+            v = r.get(key, {})
+            if "error" in v:
+                print(f"| {r['model']} | {r['graph']} | {key} | failed: {v['error'][:60]} | | | | | |")
+                continue
+            macs = 1.0 if key == "baseline" else v.get("mac_reduction", 0)
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            print(f"| {r['model']} | {r['graph']} | {key} | {100 * v['accuracy']:.1f} | {100 * v['test_accuracy']:.1f} "
+                  f"| {fmt(macs)} | {fmt(v.get('param_ratio', 1.0))} | {fmt(v.get('speedup_b1', 1.0))} | "
+                  f"{fmt(v.get('speedup_b32', 1.0))} |")
+        s = r.get("search", {}).get("fastest")
+        if s:
+            print(f"| {r['model']} | {r['graph']} | search (fastest within 1 point) | {100 * s['accuracy']:.1f} | | | | "
+                  f"{s['speedup']:.2f} | | ")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["resnet20", "seresnet20", "mobilenetv2", "shufflenetv2",
+                                                        "ghostnet", "regnetx002", "densenet40"])
+    parser.add_argument("--train-epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--work", default="/tmp/automl-byom-bench")
+    parser.add_argument("--out", default=str(BENCH / "results" / "byom.json"))
+    parser.add_argument("--quick", action="store_true", help="1 training epoch, 1 fine-tune epoch, 2 rounds")
+    args = parser.parse_args()
+    if args.quick:
+        args.train_epochs, args.finetune_epochs, args.rounds = 1, 1, 2
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    args.data = work / "digits32"
+    write_digits(args.data)
+    data = {"path": str(args.data), "mean": 0.5, "std": 0.25, "val_fraction": 0.2, "test_fraction": 0.2}
+    task = data_task(parse_data(data, Where("bench", "data")))
+    import platform
+
+    results = {"cpu": platform.processor() or platform.machine(), "args": {k: str(v) for k, v in vars(args).items()},
+               "models": []}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            results["cpu"] = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    for name in args.models:
+        started = time.time()
+        print(f"== {name}", flush=True)
+        row = run_model(name, args, data, task, work / name)
+        row["seconds"] = time.time() - started
+        results["models"].append(row)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        table([row])
+    table(results["models"])
+
+
+if __name__ == "__main__":
+    main()
