@@ -23,7 +23,7 @@ def _search_space(args):
 
     if not any(getattr(args, k, None) is not None for k in USER_FLAGS):
         return _space(args.space)
-    return space_from_flags(args.space, **{k: getattr(args, k) for k in USER_FLAGS})
+    return space_from_flags(args.space, **{k: getattr(args, k, None) for k in USER_FLAGS})
 
 
 def _override_budget(space, args):
@@ -227,7 +227,7 @@ def cmd_profile_measure(args) -> int:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError("must be at least 1", key="--" + key.replace("_", "-"), value=value)
-    space = _space(args.space)
+    space = _search_space(args)
     threads = args.threads or space.deploy.threads
     print(f"automl profile measure: {space.source} on {args.device}, {args.runtime}, {threads} thread(s) -> "
           f"{args.out}", flush=True)
@@ -256,7 +256,7 @@ def cmd_profile_validate(args) -> int:
     if args.samples < 1:
         raise ConfigError("must be at least 1", key="--samples", value=args.samples)
     profile = HardwareProfile.load(args.profile)
-    space = _space(args.space)
+    space = _search_space(args)
     out = Path(args.out or Path(args.profile).with_suffix("").as_posix() + "-validation")
     print(f"automl profile validate: {args.samples} random candidates of {space.source} against {args.profile}",
           flush=True)
@@ -297,6 +297,14 @@ def cmd_profile_model(args) -> int:
           f"{bounds['memory']} memory-bound); other precisions are priced by the model. Latency and energy are "
           f"MODELLED ({profile.device.cpu_model}), not measured -> {args.out}")
     return 0
+
+
+def _user_model_flags(parser):
+    """--model, --checkpoint, --data, --task: the layers and variants of your model (see automl search)."""
+    parser.add_argument("--model", help="your model: 'package.module:function' or 'file.py:function'")
+    parser.add_argument("--checkpoint", help="its trained weights (a state_dict or an `automl apply` directory)")
+    parser.add_argument("--data", help="your data folder or .npz (input shapes and int8 calibration)")
+    parser.add_argument("--task", help="a task name or 'package.module:function', replacing the space's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pr.add_subparsers(dest="profile_command", required=True)
     pm = psub.add_parser("measure", help="measure every distinct layer of a space on this device (resumable)")
     pm.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
+    _user_model_flags(pm)
     pm.add_argument("--device", default="cpu", help="device kind (cpu)")
     pm.add_argument("--threads", type=int, help="intra-op threads (default: the space's deploy.threads)")
     pm.add_argument("--runtime", default="onnxruntime", help="onnxruntime, onnxruntime_int8 or torch")
@@ -372,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv = psub.add_parser("validate", help="predict and measure random whole candidates; store the figures")
     pv.add_argument("--profile", required=True, help="profile YAML from 'automl profile measure'")
     pv.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
+    _user_model_flags(pv)
     pv.add_argument("--samples", type=int, default=100, help="random candidates (default 100)")
     pv.add_argument("--out", help="directory for validation.json and validation.png (default: <profile>-validation)")
     pv.set_defaults(fn=cmd_profile_validate)

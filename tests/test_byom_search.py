@@ -145,3 +145,13 @@ def test_cli_search_and_apply_from_a_checkpoint(api_search, trained, tmp_path, c
     assert "automl.load" in capsys.readouterr().out
     model = automl.load(tmp_path / "model")
     assert type(model).__name__ == "Tiny"
+
+
+def test_profile_commands_take_a_user_model(tmp_path, capsys):
+    assert main(["profile", "measure", "--model", BUILDER, "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "--data" in capsys.readouterr().err
+    from automl.hardware.candidates import space_layer_keys
+
+    space = user_space(builder=BUILDER, task="digits")
+    keys, counts = space_layer_keys(space, samples=6)
+    assert counts["invalid"] == 0 and {"conv", "cat", "linear"} <= {k.op for k in keys}
