@@ -170,3 +170,12 @@ def test_kd_self_teacher_of_a_user_model_is_the_trained_checkpoint(trained, tmp_
     assert task.evaluate(teacher, task.val_loader()) == pytest.approx(accuracy)  # trained, not retrained
     assert not any(p.requires_grad for p in teacher.parameters())
     assert dataclasses.is_dataclass(recipe.model)
+
+
+@pytest.mark.slow
+def test_an_early_exit_model_is_loaded_from_its_deployed_files_not_as_a_module(tmp_path):
+    recipe = Recipe.from_dict({"version": 1, "task": "digits", "arch": {"family": "cnn", "width": 8, "depth": 2},
+                               "train": {"epochs": 1}, "stages": [{"method": "exits", "config": {"exits": 1}}]})
+    apply_to_dir(recipe, tmp_path / "ee")
+    with pytest.raises(ConfigError, match="EarlyExitRunner"):
+        automl.load(tmp_path / "ee")
