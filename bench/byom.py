@@ -159,12 +159,14 @@ def latencies(paths, task, rounds):
     return {k: {f"b{b}_ms": statistics.median(v) for b, v in t.items()} for k, t in times.items()}
 
 
-def search(name, checkpoint, data, trials, finetune, out: Path):
+def search(name, checkpoint, data, trials, epochs, out: Path):
+    """The default compression space over the model: from ``checkpoint`` with ``epochs`` of fine-tuning
+    per trial, or (checkpoint None) from scratch, every trial training the dense model first."""
     from automl.search import run_search
     from automl.spaces.user import user_space
 
-    space = user_space(builder=BUILDER, checkpoint=str(checkpoint), data=data, max_drop=0.01,
-                       epochs=finetune)
+    space = user_space(builder=BUILDER, checkpoint=str(checkpoint) if checkpoint else None, data=data,
+                       max_drop=0.01 if checkpoint else None, epochs=epochs)
     import dataclasses
 
     space = dataclasses.replace(space, model=dataclasses.replace(space.model, kwargs={"name": name}),
@@ -206,6 +208,11 @@ def run_model(name, args, data, task, work: Path):
             row[key]["param_ratio"] = row["baseline"]["params"] / row[key]["params"]
     if args.trials:
         row["search"] = search(name, checkpoint, data, args.trials, args.finetune_epochs, work / "search")
+    if args.trials and name in args.scratch:  # the same trials, each training the dense model first
+        epochs = args.train_epochs + args.finetune_epochs
+        scratch = search(name, None, data, args.trials, epochs, work / "scratch")
+        row["scratch_search"] = {"wall_s": scratch["wall_s"], "epochs": epochs, "status": scratch["status"],
+                                 "finetune_share_s": scratch["wall_s"] * args.finetune_epochs / epochs}
     return row
 
 
@@ -236,6 +243,8 @@ def main():
     parser.add_argument("--train-epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--scratch", nargs="*", default=["resnet20", "mobilenetv2", "shufflenetv2", "regnetx002"],
+                        help="models whose search also runs from scratch (train + fine-tune epochs per trial)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default="/tmp/automl-byom-bench")
     parser.add_argument("--out", default=str(BENCH / "results" / "byom.json"))

@@ -172,6 +172,19 @@ def test_kd_self_teacher_of_a_user_model_is_the_trained_checkpoint(trained, tmp_
     assert dataclasses.is_dataclass(recipe.model)
 
 
+def test_kd_self_teacher_of_a_user_model_without_checkpoint_is_trained_first(tmp_path):
+    from automl.compress import ApplyContext
+    from automl.compress.teacher import load_teacher
+    from automl.tasks import get_task
+
+    recipe = Recipe.from_dict({"version": 1, "task": "digits", "model": {"builder": BUILDER},
+                               "train": {"epochs": 2, "lr": 0.01}, "stages": [{"method": "kd", "config": {}}]})
+    task = get_task("digits")
+    teacher = load_teacher("self", ApplyContext(task=task, work_dir=tmp_path, epochs=2, recipe=recipe,
+                                                cache_dir=tmp_path / "cache"))
+    assert task.evaluate(teacher, task.val_loader()) > 0.5  # trained, not the random initialisation
+
+
 @pytest.mark.slow
 def test_an_early_exit_model_is_loaded_from_its_deployed_files_not_as_a_module(tmp_path):
     recipe = Recipe.from_dict({"version": 1, "task": "digits", "arch": {"family": "cnn", "width": 8, "depth": 2},

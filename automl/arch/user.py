@@ -64,6 +64,11 @@ class ModelSource:
             out["sha256"] = self.sha256 or file_sha256(self.checkpoint)
         return out
 
+    @property
+    def has_weights(self) -> bool:
+        """True when the model comes trained: a checkpoint, or a model object given through the API."""
+        return bool(self.checkpoint) or self.obj is not None
+
     def with_object(self, obj: nn.Module) -> "ModelSource":
         return ModelSource(builder=self.builder, kwargs=dict(self.kwargs), checkpoint=self.checkpoint,
                            sha256=self.sha256, object_class=self.object_class or class_name(obj), obj=obj,

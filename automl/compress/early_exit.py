@@ -27,7 +27,8 @@ CRITERIA = ("max_softmax", "entropy")
 @dataclass(frozen=True)
 class EarlyExitConfig:
     exits: int = option(1, low=0, high=8, doc="number of early exits (the final head is always an exit)")
-    positions: Tuple[str, ...] = option((), doc="block indices, e.g. ['0', '2']; empty: evenly spaced")
+    positions: Tuple[str, ...] = option((), doc="block indices, e.g. ['0', '2'], or for your own model module names, e.g. "
+                                    "['layer2']; empty: evenly spaced")
     head_size: int = option(0, low=0, high=4096, doc="hidden width of each exit head (0: pool -> Linear)")
     head_pool: int = option(1, low=1, high=16, doc="exit heads average-pool to this grid (1: global pool)")
     criterion: str = option("max_softmax", choices=CRITERIA, doc="confidence used for exit decisions")
@@ -322,10 +323,26 @@ def segment_macs(model: EarlyExitModel, example: torch.Tensor) -> List[int]:
     return costs
 
 
+def _is_family(model: nn.Module) -> bool:
+    from automl.arch.cnn import CNN
+    from automl.arch.mobilenet import MobileNetV2
+    from automl.arch.resnet import ResNet
+
+    return isinstance(model, (CNN, ResNet, MobileNetV2))
+
+
 def early_exit_from_config(config: EarlyExitConfig, model: nn.Module, example: torch.Tensor) -> EarlyExitModel:
-    blocks, head = segments_of(model)
-    positions = (parse_positions(config.positions, len(blocks)) if config.positions
-                 else default_positions(len(blocks), config.exits))
+    """A built-in family is cut at its blocks; any other model where torch.fx finds a single-tensor cut
+    (early_exit_split), its positions then being module names or cut indices."""
+    if _is_family(model):
+        blocks, head = segments_of(model)
+        given = parse_positions(config.positions, len(blocks)) if config.positions else None
+    else:
+        from automl.compress.early_exit_split import positions_by_name, split_model
+
+        blocks, head, cuts = split_model(model, example)
+        given = positions_by_name(config.positions, cuts) if config.positions else None
+    positions = given if given is not None else default_positions(len(blocks), config.exits)
     return EarlyExitModel(blocks, head, exits=positions, example=example, head_size=config.head_size,
                           head_pool=config.head_pool)
 

@@ -2,7 +2,8 @@
 
 A teacher spec is one of:
 
-- ``self``: for a user's model (``model:``), that model as given, with its trained weights; for a
+- ``self``: for a user's model (``model:``) with a checkpoint, that model with its trained weights;
+  for a user's model without one (a search from scratch), that model trained first as below; for a
   built-in family, the uncompressed model of the recipe's own architecture, trained first with the
   recipe's training settings (``teacher_epochs`` may override the epochs) and no compression stages;
 - a recipe YAML path: that recipe is replayed (training and compression stages, no export) and its
@@ -34,14 +35,14 @@ def teacher_recipe(spec: str, recipe, teacher_epochs: int = 0):
     """The Recipe that trains the teacher, or None when ``spec`` names a trained checkpoint."""
     from automl.recipe.schema import Recipe
 
-    if spec == "self" and recipe.model is not None:
+    if spec == "self" and recipe.model is not None and recipe.model.has_weights:
         return None  # the user's trained model teaches as it is
     if spec == "self":
         train = recipe.train
         if teacher_epochs:
             train = dataclasses.replace(train, epochs=teacher_epochs)
         return Recipe(task=recipe.task, family=recipe.family, arch=dict(recipe.arch), train=train,
-                      deploy=recipe.deploy)
+                      deploy=recipe.deploy, model=recipe.model, data=recipe.data)
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
