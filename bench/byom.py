@@ -3,22 +3,23 @@
 For each pytorchcv model (bench/zoo.py; random init, no download) on digits as a folder of 32x32 PNG
 images (val 20 %, test 20 %):
 
-1. the user's side: train it (``--train-epochs``) and save a state_dict checkpoint;
+1. the user's side: train it (``--train-epochs``, SGD with momentum, cosine) and save a state_dict;
 2. baseline: the checkpoint exported as is (fp32 ONNX), measured;
-3. automl: ``structured`` 2x MACs (thinned, 16-channel grid) + ``int8_ptq`` static, ``kd`` from the
+3. automl: ``structured`` 2x MACs (thinned, uniform, 16-channel grid) + ``int8_ptq`` static, ``kd`` from the
    checkpoint, ``--finetune-epochs`` of fine-tuning, all through ``apply_recipe`` (what
    ``automl apply`` runs) with only the model builder and the data folder;
 4. hand-written: what a user chaining the tools would write -- Torch-Pruning's MagnitudePruner (L1)
-   to the same MACs as (3), the same fine-tune epochs and learning rate (plain cross-entropy),
+   to the same MACs as (3), the same fine-tune epochs, optimizer and learning rate (plain cross-entropy),
    torch.onnx export, onnxruntime ``quantize_static`` (QDQ, per channel, its defaults otherwise);
 5. search: ``automl search --model ... --checkpoint ... --data ... --max-drop 0.01`` with the
    embedded compression space, ``--trials`` trials of ``--finetune-epochs`` each; the fastest point
-   within the budget.
+   within the budget; for the ``--scratch`` models, the same search with no checkpoint (every trial
+   trains the dense model for train + fine-tune epochs), to compare wall times.
 
 Latency: onnxruntime, 1 thread, batch 1 and batch 32, rounds interleaved over the deployed files,
 median; ratios against the baseline in the same run. Writes bench/results/byom.json.
 
-    python bench/byom.py                       # every model (about 40 minutes on 2 cores)
+    python bench/byom.py                       # every model (about 90 minutes on 2 cores)
     python bench/byom.py --models resnet20 --trials 2 --quick
 """
 from __future__ import annotations
@@ -48,7 +49,9 @@ from automl.validate import Where  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BUILDER = f"{BENCH / 'zoo.py'}:build"
-LR = 1e-3
+# the user's training (SGD, cosine) and the fine-tune both pipelines get (same optimizer, lr and epochs)
+TRAIN = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+FINETUNE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
 
 def write_digits(root: Path):
@@ -69,7 +72,7 @@ def write_digits(root: Path):
 def recipe(name, data, *, checkpoint=None, epochs=0, stages=()):
     model = {"builder": BUILDER, "kwargs": {"name": name}, **({"checkpoint": str(checkpoint)} if checkpoint else {})}
     return Recipe.from_dict({"version": 1, "data": data, "model": model,
-                             "train": {"epochs": epochs, "lr": LR if checkpoint else 3e-3, "batch_size": 32},
+                             "train": {"epochs": epochs, **(FINETUNE if checkpoint else TRAIN), "batch_size": 32},
                              "stages": list(stages)})
 
 
@@ -84,7 +87,7 @@ def train_user_model(name, data, task, epochs, path: Path):
 def automl_stages(finetune):
     return [{"method": "kd", "start_epoch": 0, "config": {"temperature": 4.0, "alpha": 0.5}},
             {"method": "structured", "start_epoch": 0,
-             "config": {"mac_reduction": 2.0, "criterion": "l1", "allocation": "global", "round_to": 16,
+             "config": {"mac_reduction": 2.0, "criterion": "l1", "allocation": "uniform", "round_to": 16,
                         "finetune_epochs": finetune}},
             {"method": "int8_ptq", "config": {"mode": "static"}}]
 
@@ -118,7 +121,8 @@ def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Pat
         lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
     ratio, model, macs = best
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=FINETUNE["lr"], momentum=FINETUNE["momentum"],
+                                weight_decay=FINETUNE["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(finetune, 1))
     for epoch in range(finetune):
         task.train_epoch(model, optimizer, task.train_loader(batch_size=32, seed=epoch))
@@ -240,10 +244,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["resnet20", "seresnet20", "mobilenetv2", "shufflenetv2",
                                                         "ghostnet", "regnetx002", "densenet40"])
-    parser.add_argument("--train-epochs", type=int, default=8)
+    parser.add_argument("--train-epochs", type=int, default=24)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--scratch", nargs="*", default=["resnet20", "mobilenetv2", "shufflenetv2", "regnetx002"],
+    parser.add_argument("--scratch", nargs="*", default=["resnet20"],
                         help="models whose search also runs from scratch (train + fine-tune epochs per trial)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default="/tmp/automl-byom-bench")
