@@ -323,18 +323,10 @@ def segment_macs(model: EarlyExitModel, example: torch.Tensor) -> List[int]:
     return costs
 
 
-def _is_family(model: nn.Module) -> bool:
-    from automl.arch.cnn import CNN
-    from automl.arch.mobilenet import MobileNetV2
-    from automl.arch.resnet import ResNet
-
-    return isinstance(model, (CNN, ResNet, MobileNetV2))
-
-
 def early_exit_from_config(config: EarlyExitConfig, model: nn.Module, example: torch.Tensor) -> EarlyExitModel:
     """A built-in family is cut at its blocks; any other model where torch.fx finds a single-tensor cut
     (early_exit_split), its positions then being module names or cut indices."""
-    if _is_family(model):
+    if type(model).__module__.startswith("automl.arch."):  # a built-in family
         blocks, head = segments_of(model)
         given = parse_positions(config.positions, len(blocks)) if config.positions else None
     else:
