@@ -27,8 +27,8 @@ CRITERIA = ("max_softmax", "entropy")
 @dataclass(frozen=True)
 class EarlyExitConfig:
     exits: int = option(1, low=0, high=8, doc="number of early exits (the final head is always an exit)")
-    positions: Tuple[str, ...] = option((), doc="block indices, e.g. ['0', '2'], or for your own model module names, e.g. "
-                                    "['layer2']; empty: evenly spaced")
+    positions: Tuple[str, ...] = option((), doc="block indices, e.g. ['0', '2'], or for your own model "
+                                        "module names, e.g. ['layer2']; empty: evenly spaced")
     head_size: int = option(0, low=0, high=4096, doc="hidden width of each exit head (0: pool -> Linear)")
     head_pool: int = option(1, low=1, high=16, doc="exit heads average-pool to this grid (1: global pool)")
     criterion: str = option("max_softmax", choices=CRITERIA, doc="confidence used for exit decisions")
