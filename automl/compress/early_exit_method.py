@@ -5,8 +5,9 @@ by torch.fx, ``early_exit_split``) and exit heads are attached after the chosen 
 the training loss adds ``w_i * task_loss(exit_i)`` for every early exit to the final exit's loss.
 finalize: thresholds are calibrated on the validation split to ``max_accuracy_drop``. deploy: one
 ONNX graph per segment plus a manifest; the artifact is run by ``EarlyExitRunner``, so measured
-latency is the mean over test samples of the exits really taken. The stats compare it with the same model without exits, check the expected-cost formula against
-the measurement, and count agreement with the PyTorch early-exit model.
+latency is the mean over test samples of the exits really taken. The stats compare it with the same
+model without exits, check the expected-cost formula against the measurement, and count agreement
+with the PyTorch early-exit model.
 """
 from __future__ import annotations
 
