@@ -41,6 +41,7 @@ def test_int8_ptq_runs_int8_kernels(task, tmp_path, mode, op):
     assert result.metrics["precision"] == f"int8_{mode}"
     # int8 costs little accuracy relative to the float model it came from
     assert result.metrics["accuracy"] >= result.metrics["torch_accuracy"] - 0.02
+    assert result.metrics["int8_parity"] >= 0.95  # the int8 model predicts what the float model predicts
 
 
 def test_magnitude_pruning_reaches_ratio_and_keeps_accuracy(task, tmp_path):

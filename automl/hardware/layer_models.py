@@ -369,7 +369,9 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], input
     ``alone``: the model is one layer cut out of a network. The quantizer leaves a lone pool in fp32
     because its input is not quantized; inside a quantized network it runs on int8 (QLinearAveragePool,
     int8 MaxPool), so the layer is forced to quantize as it would there."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from automl.compress.quantization.ptq import quantize_dynamic_int8
 
     from automl.runtime import int8_reduce_range  # the kernels the deployed int8 models use (see there)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -378,9 +380,8 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], input
     pre = dst.with_name(dst.stem + ".pre.onnx")
     with _quiet():
         quant_pre_process(str(src), str(pre))
-        if precision == "int8_dynamic":
-            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             reduce_range=int8_reduce_range())
+        if precision == "int8_dynamic":  # as deployed: grouped convolutions stay float
+            quantize_dynamic_int8(pre, dst, per_channel=True)
         elif precision == "int8_static":
             quantize_static(str(pre), str(dst), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
