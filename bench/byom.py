@@ -105,10 +105,10 @@ def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Pat
 
     def pruned(ratio):
         model = copy.deepcopy(dense)
+        classifier = [m for m in model.modules()  # a Linear or 1x1 Conv head: its outputs are the classes
+                      if getattr(m, "out_features", getattr(m, "out_channels", None)) == task.num_classes]
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=[
-                                               m for m in model.modules() if isinstance(m, nn.Linear)
-                                               and m.out_features == 10])
+                                           pruning_ratio=ratio, ignored_layers=classifier)
         pruner.step()
         return model
 
