@@ -5,8 +5,8 @@ images (val 20 %, test 20 %):
 
 1. the user's side: train it (``--train-epochs``, SGD with momentum, cosine) and save a state_dict;
 2. baseline: the checkpoint exported as is (fp32 ONNX), measured;
-3. automl: ``structured`` 2x MACs (thinned, uniform, 16-channel grid) + ``int8_ptq`` static, ``kd`` from the
-   checkpoint, ``--finetune-epochs`` of fine-tuning, all through ``apply_recipe`` (what
+3. automl: ``structured`` 2x MACs (thinned, uniform, 16-channel grid, BatchNorm-scale criterion) + ``int8_ptq``
+   static, ``kd`` from the checkpoint, ``--finetune-epochs`` of fine-tuning, all through ``apply_recipe`` (what
    ``automl apply`` runs) with only the model builder and the data folder;
 4. hand-written: what a user chaining the tools would write -- Torch-Pruning's MagnitudePruner (L1)
    to the same MACs as (3), the same fine-tune epochs, optimizer and learning rate (plain cross-entropy),
@@ -87,7 +87,7 @@ def train_user_model(name, data, task, epochs, path: Path):
 def automl_stages(finetune):
     return [{"method": "kd", "start_epoch": 0, "config": {"temperature": 4.0, "alpha": 0.5}},
             {"method": "structured", "start_epoch": 0,
-             "config": {"mac_reduction": 2.0, "criterion": "l1", "allocation": "uniform", "round_to": 16,
+             "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": "uniform", "round_to": 16,
                         "finetune_epochs": finetune}},
             {"method": "int8_ptq", "config": {"mode": "static"}}]
 
