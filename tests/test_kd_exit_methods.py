@@ -30,7 +30,9 @@ def test_kd_teacher_is_frozen_cached_and_unchanged(task, tmp_path, monkeypatch):
     r = recipe("- {method: kd, config: {alpha: 0.7, temperature: 3.0, teacher_epochs: 1}}\n")
     ctx = ApplyContext(task=task, work_dir=tmp_path, epochs=2, recipe=r, cache_dir=tmp_path / "cache")
     teacher = load_teacher("self", ctx, 1)
-    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1, "a trained teacher is cached"
+    entries = list((tmp_path / "cache").glob("teacher-*"))
+    assert len(entries) == 1, "a trained teacher is cached"
+    assert sorted(f.name for f in entries[0].iterdir()) == ["model.pt", "structure.json"]  # weights, no pickle
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
     trainings, seen = [], {}
@@ -82,12 +84,26 @@ def test_teacher_specs_give_clear_errors(task, tmp_path):
     Recipe.loads(BASE).save(other / "recipe.yaml")
     wrong = task.build_model("cnn", {"width": 8, "depth": 3, "kernel": 3, "pooling": "max"})
     torch.save(wrong.state_dict(), other / "model.pt")
-    with pytest.raises(ConfigError, match="do not fit the architecture"):
+    with pytest.raises(ConfigError, match="parameter 'features.0.weight' has shape"):
+        load_teacher(str(other), ctx)
+    torch.save(wrong, other / "model.pt")  # a whole pickled module: refused, never unpickled
+    with pytest.raises(ConfigError, match=r"weights_only=True.*automl never unpickles"):
         load_teacher(str(other), ctx)
     right = task.build_model("cnn", Recipe.loads(BASE).arch)
     torch.save(right.state_dict(), other / "model.pt")
     loaded = load_teacher(str(other / "model.pt"), ctx)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), right.state_dict().values()))
+
+
+def test_damaged_teacher_cache_is_an_error_not_a_retraining(task, tmp_path):
+    r = recipe("- {method: kd, config: {teacher_epochs: 1}}\n")
+    ctx = ApplyContext(task=task, work_dir=tmp_path, epochs=1, recipe=r, cache_dir=tmp_path / "cache")
+    load_teacher("self", ctx, 1)
+    (entry,) = (tmp_path / "cache").glob("teacher-*")
+    (entry / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cached distillation teacher does not load") as info:
+        load_teacher("self", ctx, 1)
+    assert str(entry) in str(info.value) and "delete that directory" in str(info.value)
 
 
 def test_teacher_with_other_output_shape_is_refused(task, tmp_path):

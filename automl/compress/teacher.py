@@ -11,8 +11,10 @@ A teacher spec is one of:
 - an ``automl apply`` output directory, or the ``model.pt`` in one: the architecture comes from the
   ``recipe.yaml`` beside it and the weights from ``model.pt``.
 
-Trained teachers (``self`` and recipe teachers) are pickled into the cache directory under a hash of
-everything that determines them, written atomically; a later trial with the same teacher loads it.
+Trained teachers (``self`` and recipe teachers) are stored in the cache directory under a hash of
+everything that determines them, as a state_dict and the layers' structure (nothing pickled, read
+with weights_only=True), written as one directory renamed into place; a later trial with the same
+teacher rebuilds the model from the recipe and loads them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,8 +32,10 @@ import torch.nn as nn
 
 from automl.errors import ConfigError
 from automl.io import atomic_write_bytes
+from automl.validate import Where
 
 KEY = "distillation.teacher"
+LOG = logging.getLogger(__name__)
 
 
 def teacher_recipe(spec: str, recipe, teacher_epochs: int = 0):
@@ -65,24 +72,16 @@ def _checkpoint_files(spec: str):
 
 
 def load_checkpoint(spec: str, task) -> nn.Module:
-    """A model rebuilt from an ``automl apply`` directory's recipe.yaml with its model.pt weights."""
+    """A model rebuilt from an ``automl apply`` directory: recipe.yaml's architecture, the thinned
+    shapes in structure.json, the weights of model.pt (read with weights_only=True)."""
+    from automl.arch.user import APPLY_STRUCTURE, load_checkpoint as load_weights
+    from automl.recipe.saved import untrained_model
     from automl.recipe.schema import Recipe
 
-    from automl.recipe.build import recipe_model
-
     weights, recipe_path = _checkpoint_files(spec)
-    recipe = Recipe.load(recipe_path)
-    model = recipe_model(recipe, task)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"the teacher weights do not fit the architecture in {recipe_path} ({first})",
-                          key=KEY, value=spec,
-                          fix="a thinned, factorized or quantized model changes its layers: give the recipe "
-                              "YAML as the teacher instead, so it is rebuilt by replaying the recipe") from None
-    return model
+    model = untrained_model(Recipe.load(recipe_path), task)
+    source = weights.parent if (weights.parent / APPLY_STRUCTURE).is_file() else weights
+    return load_weights(model, source, Where(str(weights), KEY))
 
 
 def _cache_key(recipe) -> str:
@@ -96,12 +95,9 @@ def train_teacher(recipe, task, work_dir: Path, cache_dir: Path) -> nn.Module:
     from automl.compress.base import ApplyContext
     from automl.recipe.apply import train_with_stages
 
-    path = Path(cache_dir) / f"teacher-{_cache_key(recipe)}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a cache file from another version: train again and overwrite it
-            pass
+    entry = Path(cache_dir) / f"teacher-{_cache_key(recipe)}"
+    if entry.is_dir():
+        return _cached(recipe, task, entry)
     rng = torch.get_rng_state()  # the student's run must not depend on whether the cache was warm
     try:
         ctx = ApplyContext(task=task, work_dir=Path(work_dir) / "teacher", epochs=recipe.train.epochs,
@@ -109,13 +105,45 @@ def train_teacher(recipe, task, work_dir: Path, cache_dir: Path) -> nn.Module:
         model, _ = train_with_stages(recipe, task, ctx)
     finally:
         torch.set_rng_state(rng)
-    buffer = io.BytesIO()
-    try:
-        torch.save(model, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-    except Exception:  # a model that cannot be pickled is simply not cached
-        pass
+    _store(model, recipe, task, entry)
     return model
+
+
+def _cached(recipe, task, entry: Path) -> nn.Module:
+    """The teacher stored in ``entry``: weights only, into a model rebuilt from the recipe."""
+    from automl.arch.user import load_checkpoint as load_weights
+    from automl.recipe.saved import untrained_model
+
+    try:
+        return load_weights(untrained_model(recipe, task), entry, Where(str(entry), KEY))
+    except ConfigError as exc:
+        raise ConfigError(f"the cached distillation teacher does not load: {exc.message}", file=entry,
+                          fix="delete that directory; the teacher is trained again") from None
+
+
+def _store(model: nn.Module, recipe, task, entry: Path):
+    """Write the teacher's state_dict and structure into a fresh directory, renamed into place once it
+    is known to load back (a model whose layers automl cannot rebuild is not cached: it is said)."""
+    from automl.arch.structure import record_structure
+    from automl.arch.user import APPLY_STRUCTURE, APPLY_WEIGHTS
+
+    staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        atomic_write_bytes(staging / APPLY_WEIGHTS, buffer.getvalue())
+        record_structure(model, staging / APPLY_STRUCTURE)
+        _cached(recipe, task, staging)
+        os.replace(staging, entry)
+    except ConfigError as exc:
+        LOG.warning("the distillation teacher is not cached (%s); each trial trains it again", exc.message)
+    except OSError as exc:
+        if not entry.is_dir():  # another trial stored the same teacher first: that one is kept
+            LOG.warning("the distillation teacher is not cached (%s)", exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_teacher(spec: str, ctx, teacher_epochs: int = 0) -> nn.Module:

@@ -102,13 +102,17 @@ def load_model(directory, *, model: Optional[nn.Module] = None) -> nn.Module:
     if not (directory / RECIPE_FILE).is_file():
         raise ConfigError(f"not an `automl apply` output directory (no {RECIPE_FILE})", file=directory,
                           fix="give the --out directory of `automl apply`")
-    recipe = Recipe.load(directory / RECIPE_FILE)
+    base = untrained_model(Recipe.load(directory / RECIPE_FILE), model=model)
+    return load_checkpoint(base, directory, Where(str(directory), "model.pt")).eval()
+
+
+def untrained_model(recipe: Recipe, task=None, *, model: Optional[nn.Module] = None) -> nn.Module:
+    """A fresh model of ``recipe``'s architecture, before any weights are loaded: the user's builder
+    (not its checkpoint; ``model`` replaces a model object of the Python API) or the built-in family."""
     if recipe.model is not None:
         import dataclasses
 
         source = recipe.model.with_object(model) if model is not None else recipe.model
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(source, checkpoint=None, sha256=None))
-        base = recipe_model(recipe, None)
-    else:
-        base = recipe_model(recipe, recipe_task(recipe))
-    return load_checkpoint(base, directory, Where(str(directory), "model.pt")).eval()
+        return recipe_model(recipe, None)
+    return recipe_model(recipe, task if task is not None else recipe_task(recipe))
