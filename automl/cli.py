@@ -110,6 +110,7 @@ def cmd_apply(args) -> int:
 
 def cmd_check(args) -> int:
     space = _space(args.space)
+    space.build_task()  # a task that does not import, or is not a Task, is not OK
     print(f"{space.source}: OK (hash {space.hash}), task {space.task}, family {space.family}")
     for p in space.params:
         cond = " when " + ", ".join(f"{c.param} {c.op} {c.operand!r}" for c in p.conditions) if p.conditions else ""

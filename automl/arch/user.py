@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from automl.errors import ConfigError
+from automl.imports import check_module
 from automl.validate import Where, expect_keys, expect_mapping, expect_type
 
 KEYS = ("builder", "kwargs", "checkpoint", "sha256", "object")
@@ -134,6 +135,8 @@ def _split_spec(spec: str, where: Where):
 def import_builder(spec: str, where: Where) -> Callable[..., nn.Module]:
     """The builder function ``spec`` names. The current directory is importable, as for ``python -m``."""
     module_name, attr = _split_spec(spec, where)
+    if not module_name.endswith(".py"):
+        check_module(module_name, file=where.file, key=where.key, value=spec, what="model builder")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser().resolve()

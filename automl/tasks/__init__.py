@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from automl.errors import ConfigError
+from automl.imports import check_module
 from automl.registry import Registry
 from automl.tasks.base import TASK_METHODS, DatasetTask, Task, TensorClassificationTask
 from automl.tasks.digits import Digits32Task, DigitsTask
@@ -21,6 +22,7 @@ def get_task(name: str, *, file=None, key="task") -> Task:
     if ":" not in name:
         return TASKS.get(name, file=file, key=key)()
     module_name, _, attr = name.partition(":")
+    check_module(module_name, file=file, key=key, value=name, what="task factory")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, but also a SyntaxError or any error raised at import
