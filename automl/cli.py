@@ -46,8 +46,7 @@ def cmd_search(args) -> int:
     print(f"automl search: {space.budget.trials} trials of '{space.source}'{cost} -> {out}", flush=True)
     outcome = run_search(space, out, address=args.address, force=args.force, profile=profile,
                          measure_trials=args.measure_trials, measure_front=measure_front)
-    _summary(outcome)
-    return 0
+    return _summary(outcome)
 
 
 def _search_profile(args):
@@ -75,8 +74,7 @@ def _search_profile(args):
 def cmd_resume(args) -> int:
     from automl.search import resume_search
 
-    _summary(resume_search(args.run_dir, address=args.address))
-    return 0
+    return _summary(resume_search(args.run_dir, address=args.address))
 
 
 def _summary(outcome):
@@ -90,6 +88,12 @@ def _summary(outcome):
         print(f"  predicted vs measured latency over the front: {100 * check['within_10pct']:.0f}% of "
               f"{check['points']} points within +-10% (mean error {100 * check['mean_error']:+.1f}%)")
     print(f"results: {outcome.run_dir}/report.md, front.csv, pareto.png, recipes/")
+    if report["trials"] and not report["status_counts"].get("completed"):
+        errors = list(dict.fromkeys(r["error"] for r in outcome.rows if r.get("error")))
+        why = "; ".join(e.splitlines()[0][:300] for e in errors[:3]) or "no trial reached its last epoch"
+        print(f"automl: no trial completed, so there is no model to ship. First errors: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_apply(args) -> int:

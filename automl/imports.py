@@ -23,7 +23,7 @@ def check_module(module_name: str, *, file=None, key: str, value: str, what: str
     if top in REFUSED_PACKAGES:
         raise ConfigError(f"the {what} '{value}' is in Python's standard library ('{top}'), which automl does not "
                           "call from a file", file=file, key=key, value=value,
-                          fix=f"name a {what} in your own package or file (e.g. {EXAMPLES.get(what, 'mypkg.module:function')})")
+                          fix=f"name a {what} in your own package or file (e.g. {EXAMPLES[what]})")
     if module_name not in _ANNOUNCED:
         _ANNOUNCED.add(module_name)
         origin = f" named in {file}" if file else ""

@@ -105,3 +105,28 @@ def test_searcher_marks_early_stopped_and_nan_trials(space):
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
                       optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.ray
+def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
+    from automl.cli import main
+
+    broken = SPACE.replace("    method: {choice: [none, magnitude]}\n",
+                           "    method: magnitude\n    layers: {fixed: [no_such_layer]}\n")
+    broken = broken.replace("trials: 4", "trials: 2")
+    (tmp_path / "broken.yaml").write_text(broken)
+    code = main(["search", "--space", str(tmp_path / "broken.yaml"), "--out", str(tmp_path / "run"), "--no-profile"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no trial completed" in err and "no_such_layer" in err
+
+
+def test_chance_accuracy_fails_the_trial():
+    from automl.errors import MeasurementError
+    from automl.search.trainable import check_above_chance
+
+    with pytest.raises(MeasurementError, match=r"at chance level \(1/10 classes"):
+        check_above_chance(0.1, 10)
+    check_above_chance(0.5, 10)
+    check_above_chance(None, 10)
+    with pytest.raises(MeasurementError):
+        check_above_chance(0.51, 2)

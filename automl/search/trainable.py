@@ -8,6 +8,7 @@ from typing import Dict
 import torch
 from ray import tune
 
+from automl.errors import MeasurementError
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.search.baseline import relative_metrics
 from automl.search.costing import example_batch
@@ -43,4 +44,19 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
                                         example_batch(task, space.deploy.batch), space.source)
     metrics.update(relative_metrics(metrics, baseline))
     metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))
+    check_above_chance(metrics.get("accuracy"), getattr(task, "num_classes", None))
     tune.report(metrics)
+
+
+CHANCE_MARGIN = 0.02
+
+
+def check_above_chance(accuracy, num_classes) -> None:
+    """A model no better than guessing fails its trial: being fast, it would otherwise land on the front."""
+    if accuracy is None or not num_classes:
+        return
+    chance = 1.0 / num_classes
+    if accuracy <= chance + CHANCE_MARGIN:
+        raise MeasurementError(f"validation accuracy {accuracy:.4f} is at chance level (1/{num_classes} classes "
+                               f"= {chance:.4f}, margin {CHANCE_MARGIN}): the model does not predict. Fix: lower "
+                               "train.lr or remove the stage that broke it (see the trial's metrics)")

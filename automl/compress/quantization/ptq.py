@@ -152,7 +152,8 @@ class Int8PTQ(Method):
         # What onnxruntime actually runs after its fusions: a model that stayed mostly float shows here.
         int8_ops, float_ops = onnx_op_counts(out)
         return Artifact(path=out, precision=f"int8_{cfg.mode}",
-                        notes={**notes, "kernels": "onnxruntime int8", "int8_ops": _fmt(int8_ops), "float_ops": _fmt(float_ops),
+                        notes={**notes, "kernels": "onnxruntime int8", "int8_ops": _fmt(int8_ops),
+                               "float_ops": _fmt(float_ops),
                                "weight_bits": "7 (no VNNI on this CPU)" if int8_reduce_range() else "8"})
 
     def _check_parity(self, src, out, ctx):
