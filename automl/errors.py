@@ -4,6 +4,8 @@ The CLI maps ``exit_code`` to the process exit status and prints ``str(error)`` 
 """
 from __future__ import annotations
 
+import reprlib
+
 _UNSET = object()
 
 
@@ -11,6 +13,19 @@ class AutoMLError(Exception):
     """Base of every error automl raises on purpose."""
 
     exit_code = 1
+
+
+VALUE_LIMIT, MESSAGE_LIMIT = 300, 2000
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 8, 10, 10, 10
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = VALUE_LIMIT
+
+
+def shown(value) -> str:
+    """``repr(value)`` bounded in work and length: a value built from YAML aliases or a 1 MB string
+    must not make a message of millions of characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= VALUE_LIMIT else text[:VALUE_LIMIT] + "..."
 
 
 class ConfigError(AutoMLError):
@@ -31,9 +46,9 @@ class ConfigError(AutoMLError):
         where = ": ".join(str(p) for p in (self.file, key) if p)
         if where:
             parts.append(f"{where}: ")
-        parts.append(message)
+        parts.append(message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + " ...")
         if value is not _UNSET:
-            parts.append(f" (got {value!r})")
+            parts.append(f" (got {shown(value)})")
         parts.append(".")
         if fix:
             parts.append(f" Fix: {fix}")

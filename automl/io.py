@@ -77,12 +77,48 @@ def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool 
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+MAX_NODES = 200_000  # far beyond any space, recipe or profile; an alias bomb expands to billions
+
+
+def _expanded_size(node, memo) -> int:
+    """Nodes ``node`` stands for once every alias and merge key is expanded (linear in the file: each
+    node is counted once and its count reused where an alias repeats it)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive anchor counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def _check_size(node, source: str):
+    try:
+        size = _expanded_size(node, {})
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", file=source, fix="flatten the file") from None
+    if size > MAX_NODES:
+        raise ConfigError(f"the YAML expands to {size:.3g} nodes through its aliases (at most {MAX_NODES:,})",
+                          file=source, fix="write the values out instead of nesting aliases (&name / *name / <<)")
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse YAML text strictly; syntax errors become ConfigError naming ``source``."""
+    """Parse YAML text strictly; syntax errors become ConfigError naming ``source``, and a file whose
+    aliases expand beyond MAX_NODES is refused before anything is built from it."""
     loader = StrictLoader(text)
     loader.name = source
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply", file=source, fix="flatten the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark else None
@@ -102,7 +138,13 @@ def load_yaml(path) -> Any:
     except FileNotFoundError:
         raise ConfigError("file not found", file=path, fix="check the path") from None
     except IsADirectoryError:
-        raise ConfigError("expected a YAML file, got a directory", file=path) from None
+        raise ConfigError("expected a YAML file, got a directory", file=path, fix="give the file inside it") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})", file=path,
+                          fix="save the file as UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=path,
+                          fix="check its permissions and that it is a regular file") from None
     return parse_yaml(text, str(path))
 
 

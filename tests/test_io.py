@@ -231,3 +231,41 @@ def test_atomic_write_through_a_symbolic_link(tmp_path):
     atomic_write_text(link, "new\n")
     assert link.is_symlink() and target.read_text() == "new\n" and link.read_text() == "new\n"
     assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["p.yaml"]
+
+
+def _nested_aliases(levels: int, width: int = 9) -> str:
+    lines = ["a0: &a0 [" + ", ".join(["x"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines + ["top: [" + ", ".join([f"*a{levels - 1}"] * width) + "]"]) + "\n"
+
+
+def test_alias_bomb_is_refused_quickly():
+    import time
+
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: the YAML expands to 4.41e\+09 nodes through its aliases"):
+        parse_yaml(_nested_aliases(9), "bomb.yaml")
+    assert time.time() - started < 5
+    assert parse_yaml(_nested_aliases(3), "small.yaml")["top"][0][0][0] == ["x"] * 9  # aliases still work
+
+
+def test_merge_key_bomb_is_refused():
+    lines = ["m0: &m0 {k: 1}"]
+    lines += [f"m{i}: &m{i} {{<<: [" + ", ".join([f"*m{i - 1}"] * 9) + f"], k{i}: 1}}" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="expands to .* nodes"):
+        parse_yaml("\n".join(lines) + "\n", "merge.yaml")
+
+
+def test_non_utf8_file_names_the_byte(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"version: 1\ntask: \"\xff\"\n")
+    with pytest.raises(ConfigError, match=r"space.yaml: not UTF-8 text \(byte 0xff at offset 17\).*Fix: save"):
+        load_yaml(path)
+
+
+def test_values_in_messages_are_bounded():
+    huge = "t" * 1_000_000
+    nested = [[[[list(range(1000))]]]] * 1000
+    for value in (huge, nested):
+        assert len(str(ConfigError("bad task", key="task", value=value, fix="shorter"))) < 600
+    assert "(got ['int8_ptq', 'magnitude'])" in str(ConfigError("x", value=["int8_ptq", "magnitude"]))
