@@ -259,7 +259,7 @@ def test_merge_key_bomb_is_refused():
 def test_non_utf8_file_names_the_byte(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_bytes(b"version: 1\ntask: \"\xff\"\n")
-    with pytest.raises(ConfigError, match=r"space.yaml: not UTF-8 text \(byte 0xff at offset 17\).*Fix: save"):
+    with pytest.raises(ConfigError, match=r"space.yaml: not UTF-8 text \(byte 0xff at offset 18\).*Fix: save"):
         load_yaml(path)
 
 
