@@ -7,7 +7,9 @@ family: :func:`load_model` returns the nn.Module, to train further or evaluate i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -21,6 +23,7 @@ from automl.arch.user import APPLY_STRUCTURE, APPLY_WEIGHTS, load_checkpoint
 from automl.errors import ConfigError, RunDirError
 from automl.io import atomic_write_bytes, write_json
 from automl.recipe.apply import ApplyResult, apply_recipe
+from automl.runtime import Artifact
 from automl.recipe.build import recipe_model, recipe_task
 from automl.recipe.schema import Recipe
 from automl.validate import Where
@@ -28,15 +31,24 @@ from automl.validate import Where
 RECIPE_FILE, METRICS_FILE, EXPORTED = "recipe.yaml", "metrics.json", "model.pt2"
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RunDirError(f"output directory {out} exists and is not empty. Fix: choose another --out "
-                              "or pass --force to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_output(out: Path, force: bool) -> Path:
+    """Refuse an --out that cannot receive the result; deletes nothing."""
+    out = Path(out).resolve()
+    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise RunDirError(f"--out {out}: {blocker} is a file, not a directory. Fix: choose another --out")
+    if blocker is not None and not os.access(blocker, os.W_OK):
+        raise RunDirError(f"--out {out}: cannot write in {blocker}. Fix: choose a directory you can write to")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise RunDirError(f"output directory {out} exists and is not empty. Fix: choose another --out "
+                          "or pass --force to replace it")
     return out
+
+
+def _rebased(artifact: Artifact, old: Path, new: Path) -> Artifact:
+    move = (lambda p: None if p is None else new / Path(p).relative_to(old))  # noqa: E731
+    return dataclasses.replace(artifact, path=move(artifact.path), shipped=move(artifact.shipped),
+                               files=tuple(move(f) for f in artifact.files))
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> Optional[str]:
@@ -82,14 +94,24 @@ def save_result(recipe: Recipe, result: ApplyResult, out: Path, task) -> dict:
 def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, task=None, model=None):
     """``automl apply``: replay ``recipe`` into ``out`` and save everything there. ``model`` is the
     model object a recipe from the Python API was searched on; ``task`` replaces the recipe's task."""
-    out = prepare_output(Path(out), force)
+    out = check_output(Path(out), force)
     if model is not None:
-        import dataclasses
-
         recipe = dataclasses.replace(recipe, model=recipe.model.with_object(model))
     task = task if task is not None else recipe_task(recipe)
-    result = apply_recipe(recipe, out, task=task, on_epoch=on_epoch)
-    return result, save_result(recipe, result, out, task)
+    # Everything is written to a staging directory beside --out and renamed into place at the end:
+    # a bad recipe, a crash or Ctrl+C never costs the user the directory they had.
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        result = apply_recipe(recipe, staging, task=task, on_epoch=on_epoch)
+        metrics = save_result(recipe, result, staging, task)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(result, artifact=_rebased(result.artifact, staging, out)), metrics
 
 
 def load_model(directory, *, model: Optional[nn.Module] = None) -> nn.Module:
@@ -110,8 +132,6 @@ def untrained_model(recipe: Recipe, task=None, *, model: Optional[nn.Module] = N
     """A fresh model of ``recipe``'s architecture, before any weights are loaded: the user's builder
     (not its checkpoint; ``model`` replaces a model object of the Python API) or the built-in family."""
     if recipe.model is not None:
-        import dataclasses
-
         source = recipe.model.with_object(model) if model is not None else recipe.model
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(source, checkpoint=None, sha256=None))
         return recipe_model(recipe, None)

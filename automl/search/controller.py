@@ -182,12 +182,30 @@ def error_text(error, limit: int = 600) -> str:
     return " ".join(lines)[:limit]
 
 
-def prepare_run_dir(out: Path, force: bool) -> Path:
+def _never_started(out: Path) -> bool:
+    """A run directory whose search stopped before its first trial (e.g. Ray failed to start): it
+    holds only what is written before the trials, and a new search may take it over."""
+    return (out / "space.yaml").is_file() and not (out / TUNE_DIR).exists() and not (out / "trials.csv").exists()
+
+
+def check_run_dir(out: Path, force: bool) -> Path:
+    """Refuse an --out that cannot become a new run directory; deletes nothing."""
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RunDirError(f"run directory {out} already exists and is not empty. Fix: choose another "
-                              f"--out, continue it with 'automl resume {out}', or pass --force to replace it")
+    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise RunDirError(f"--out {out}: {blocker} is a file, not a directory. Fix: choose another --out")
+    if blocker is not None and not os.access(blocker, os.W_OK):
+        raise RunDirError(f"--out {out}: cannot write in {blocker}. Fix: choose a directory you can write to")
+    if out.is_dir() and any(out.iterdir()) and not force and not _never_started(out):
+        raise RunDirError(f"run directory {out} already exists and is not empty. Fix: choose another "
+                          f"--out, continue it with 'automl resume {out}', or pass --force to replace it")
+    return out
+
+
+def prepare_run_dir(out: Path, force: bool) -> Path:
+    """The empty run directory (call once everything else is validated: --force deletes the old one)."""
+    out = check_run_dir(out, force)
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -224,7 +242,9 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     ``measure_trials`` keeps the latency measured in each trial as measured_latency_ms, and
     ``measure_front`` re-applies and measures every Pareto point after the search. ``task`` replaces
     the space's task (e.g. a LoaderTask over DataLoaders given to the Python API)."""
+    check_run_dir(Path(out), force)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
+    task = task if task is not None else space.build_task()  # a bad task must not cost the old run
     run_dir = prepare_run_dir(Path(out), force)
     write_yaml(run_dir / "space.yaml", space.raw)
     save_costing(run_dir, costing)
