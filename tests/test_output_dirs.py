@@ -76,3 +76,18 @@ def test_cli_apply_out_is_a_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out",
                            str(tmp_path / "f" / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    import os
+    import socket
+
+    from automl.search.rundir import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"):
+            with run_lock(out):
+                pass
+    with run_lock(out):  # released at the end of the block
+        pass

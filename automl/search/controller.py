@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, RunDirError
+from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, run_lock
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
@@ -25,7 +25,6 @@ from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
 
-TUNE_DIR = "tune"
 
 
 @dataclass
@@ -182,35 +181,6 @@ def error_text(error, limit: int = 600) -> str:
     return " ".join(lines)[:limit]
 
 
-def _never_started(out: Path) -> bool:
-    """A run directory whose search stopped before its first trial (e.g. Ray failed to start): it
-    holds only what is written before the trials, and a new search may take it over."""
-    return (out / "space.yaml").is_file() and not (out / TUNE_DIR).exists() and not (out / "trials.csv").exists()
-
-
-def check_run_dir(out: Path, force: bool) -> Path:
-    """Refuse an --out that cannot become a new run directory; deletes nothing."""
-    out = Path(out).resolve()
-    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise RunDirError(f"--out {out}: {blocker} is a file, not a directory. Fix: choose another --out")
-    if blocker is not None and not os.access(blocker, os.W_OK):
-        raise RunDirError(f"--out {out}: cannot write in {blocker}. Fix: choose a directory you can write to")
-    if out.is_dir() and any(out.iterdir()) and not force and not _never_started(out):
-        raise RunDirError(f"run directory {out} already exists and is not empty. Fix: choose another "
-                          f"--out, continue it with 'automl resume {out}', or pass --force to replace it")
-    return out
-
-
-def prepare_run_dir(out: Path, force: bool) -> Path:
-    """The empty run directory (call once everything else is validated: --force deletes the old one)."""
-    out = check_run_dir(out, force)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool,
          costing: Optional[Costing] = None, task=None) -> SearchOutcome:
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
@@ -245,10 +215,11 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     check_run_dir(Path(out), force)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     task = task if task is not None else space.build_task()  # a bad task must not cost the old run
-    run_dir = prepare_run_dir(Path(out), force)
-    write_yaml(run_dir / "space.yaml", space.raw)
-    save_costing(run_dir, costing)
-    return _run(space, run_dir, address=address, restore=False, costing=costing, task=task)
+    with run_lock(Path(out)):
+        run_dir = prepare_run_dir(Path(out), force)
+        write_yaml(run_dir / "space.yaml", space.raw)
+        save_costing(run_dir, costing)
+        return _run(space, run_dir, address=address, restore=False, costing=costing, task=task)
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
@@ -258,4 +229,5 @@ def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
         raise RunDirError(f"{run_dir} is not a resumable run directory (needs space.yaml and {TUNE_DIR}/). "
                           "Fix: pass the --out directory of an earlier 'automl search'")
     space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
-    return _run(space, run_dir, address=address, restore=True, costing=restore_costing(run_dir))
+    with run_lock(run_dir):
+        return _run(space, run_dir, address=address, restore=True, costing=restore_costing(run_dir))
