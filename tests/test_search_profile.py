@@ -26,7 +26,7 @@ from automl.tasks import get_task
 SPACE = """
 version: 1
 task: digits
-arch: {family: cnn, width: {choice: [8, 16]}, depth: 1}
+arch: {family: cnn, width: {choice: [8, 16]}, depth: 2}
 train: {epochs: 1}
 compression:
   quantization: {method: {choice: [none, int8_ptq]}}
@@ -75,7 +75,7 @@ def profile_path(space, tmp_path_factory):
 def model_and_example(width=8):
     torch.manual_seed(0)
     task = get_task("digits")
-    return task.build_model("cnn", {"width": width, "depth": 1}).eval(), task.example_input(1)
+    return task.build_model("cnn", {"width": width, "depth": 2}).eval(), task.example_input(1)
 
 
 MEASURED = {"accuracy": 0.9, "latency_ms": 0.05, "latency_p10_ms": 0.04, "latency_p90_ms": 0.06, "size_kb": 3.0}
