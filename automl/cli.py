@@ -30,9 +30,12 @@ def _override_budget(space, args):
     import dataclasses
 
     changes = {k: getattr(args, k) for k in ("trials", "concurrency") if getattr(args, k, None) is not None}
+    bounds = {f.name: (f.metadata["low"], f.metadata["high"]) for f in dataclasses.fields(space.budget)}
     for key, value in changes.items():
-        if value < 1:
-            raise ConfigError("must be at least 1", key=f"--{key}", value=value)
+        low, high = bounds[key]
+        if not low <= value <= high:
+            raise ConfigError(f"must be between {low} and {high:,}", key=f"--{key}", value=value,
+                              fix=f"give --{key} a value in {low}..{high}")
     return dataclasses.replace(space, budget=dataclasses.replace(space.budget, **changes)) if changes else space
 
 

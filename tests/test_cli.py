@@ -49,6 +49,8 @@ def test_check_lists_default_parameters():
     assert "pruning.ratio" in proc.stdout and "when pruning.method eq 'magnitude'" in proc.stdout
 
 
-def test_bad_budget_override(tmp_path):
-    proc = _run("search", "--trials", "0", "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2 and "--trials" in proc.stderr
+@pytest.mark.parametrize("flag,value", [("--trials", "0"), ("--trials", "2000000"), ("--concurrency", "0")])
+def test_bad_budget_override(tmp_path, flag, value):
+    proc = _run("search", flag, value, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and f"{flag}: must be between 1 and" in proc.stderr and value in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -226,3 +226,20 @@ def test_load_names_the_file(tmp_path):
     with pytest.raises(UnknownNameError) as info:
         Recipe.load(path)
     assert str(info.value).startswith(f"{path}: stages.0.method: unknown compression method")
+
+
+@pytest.mark.parametrize("start", [99, -3, 5])
+def test_start_epoch_outside_training_is_refused(start):
+    data = base_dict()
+    data["stages"][0]["start_epoch"] = start
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(data, "r.yaml")
+    text = str(info.value)
+    assert "r.yaml" in text and "stages.0.start_epoch" in text and str(start) in text and "0..4" in text
+
+
+def test_start_epoch_at_the_bounds_is_kept():
+    for start in (0, 4):
+        data = base_dict()
+        data["stages"][0]["start_epoch"] = start
+        assert Recipe.from_dict(data, "r.yaml").stages[0].start_epoch == start

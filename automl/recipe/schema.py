@@ -106,6 +106,11 @@ class Recipe:
             raise (where / "stages").error("stages must follow the category order", [s.method for s in stages],
                                            f"order them as {' -> '.join(CATEGORIES)}")
         train = parse_config(TrainSettings, data.get("train"), where / "train")
+        for i, stage in enumerate(stages):
+            if stage.start_epoch is not None and not 0 <= stage.start_epoch <= train.epochs:
+                raise (where / "stages" / i / "start_epoch").error(
+                    f"must be between 0 and train.epochs ({train.epochs})", stage.start_epoch,
+                    f"give an epoch in 0..{train.epochs}, or leave it out to act after training")
         schedule = parse_schedule(data.get("schedule"), where / "schedule")
         check_schedule_epochs(schedule, train.epochs, where / "schedule")
         return cls(
