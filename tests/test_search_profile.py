@@ -296,3 +296,27 @@ def test_thinned_candidate_has_the_shapes_structured_pruning_produces(tmp_path):
     result = apply_recipe(recipe_from_config(pruned, config), tmp_path, task=get_task("digits"))
     real = trace_layers(result.model, get_task("digits").example_input(1))
     assert shapes(candidate.layers) == shapes(real) == [(1, 16), (16, 32)]
+
+
+def test_received_run_dir_cannot_point_resume_at_other_files(space, profile_path, tmp_path):
+    """search_options.yaml names no path that is read: a copy outside the run directory, a symlink
+    and a malformed options file are refused; the secret's content never reaches a message."""
+    from automl.errors import RunDirError
+    from automl.search.costing import OPTIONS_FILE, PROFILE_COPY
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_costing(run, load_costing(profile_path, space))
+    options = run / OPTIONS_FILE
+    options.write_text(options.read_text().replace(f"profile_copy: {PROFILE_COPY}", "profile_copy: ../secret.txt"))
+    assert restore_costing(run).source == str(profile_path)  # the stored path is not followed
+    (run / PROFILE_COPY).unlink()
+    (run / PROFILE_COPY).symlink_to(secret)
+    with pytest.raises(RunDirError) as info:
+        restore_costing(run)
+    assert "plain file inside the run directory" in str(info.value) and "TOP-SECRET" not in str(info.value)
+    options.write_text("- a list\n")
+    with pytest.raises(RunDirError, match="not a search options file"):
+        restore_costing(run)

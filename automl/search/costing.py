@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from automl.configs import config_to_dict
-from automl.errors import ConfigError, ProfileError
+from automl.errors import ConfigError, ProfileError, RunDirError
 from automl.hardware.accelerator import float_precision
 from automl.hardware.layers import MAC_OPS, PRECISIONS, TracedLayer, trace_layers
 from automl.hardware.predict import (Prediction, assign_precisions, predict_early_exit, predict_keys,
@@ -279,7 +279,17 @@ def restore_costing(run_dir: Path) -> Optional[Costing]:
     if not path.is_file():
         return None
     opts = load_yaml(path)
-    profile = HardwareProfile.load(Path(run_dir) / opts["profile_copy"])
+    keys = ("profile", "measure_trials", "measure_front")
+    if not isinstance(opts, dict) or any(k not in opts for k in keys) or not isinstance(opts["profile"], str):
+        raise RunDirError(f"{path}: not a search options file written by automl (needs {', '.join(keys)}). "
+                          "Fix: start a new search; this run directory cannot be resumed")
+    # the copy is always the run directory's own file: a path stored in a received directory could
+    # name any file on this machine
+    copy = Path(run_dir) / PROFILE_COPY
+    if copy.is_symlink() or not copy.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise RunDirError(f"{copy}: the profile copy must be a plain file inside the run directory. "
+                          "Fix: start a new search; this run directory cannot be resumed")
+    profile = HardwareProfile.load(copy)
     profile.source = opts["profile"]   # errors and re-profile commands name the user's file
     return Costing(profile, opts["profile"], bool(opts["measure_trials"]), bool(opts["measure_front"]))
 
