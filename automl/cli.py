@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -263,9 +264,19 @@ def cmd_profile_validate(args) -> int:
 
     if args.samples < 1:
         raise ConfigError("must be at least 1", key="--samples", value=args.samples)
+    from automl.search.costing import check_profile
+
     profile = HardwareProfile.load(args.profile)
     space = _search_space(args)
+    if not profile.modelled:  # measured with other threads/runtime/batch, its figures would be wrong
+        check_profile(profile, space)
+    stored = (profile.validation or {}).get("samples") or 0
+    if stored > args.samples and not args.replace_figures:
+        raise ConfigError(f"the profile's stored validation figures come from {stored} samples; {args.samples} "
+                          "would replace them with weaker ones", key="--samples", value=args.samples,
+                          fix=f"use --samples {stored} or more, or add --replace-figures")
     out = Path(args.out or Path(args.profile).with_suffix("").as_posix() + "-validation")
+    _check_out(out, directory=True, key="--out")
     print(f"automl profile validate: {args.samples} random candidates of {space.source} against {args.profile}",
           flush=True)
     figures = validate_profile(profile, space, out, samples=args.samples)
@@ -282,6 +293,24 @@ def cmd_profile_validate(args) -> int:
     return 0
 
 
+def _check_out(out: Path, *, directory: bool, key: str, force: bool = False):
+    """Refuse, before any work, an output the command could not write or would destroy."""
+    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
+    if blocker is not None and blocker != out and not blocker.is_dir():
+        raise ConfigError(f"{blocker} is a file, so {out} cannot be created", key=key, value=str(out),
+                          fix="choose another path")
+    if directory and out.exists() and not out.is_dir():
+        raise ConfigError("is an existing file, not a directory", key=key, value=str(out),
+                          fix="choose a directory path (it is created)")
+    if not directory and out.is_dir():
+        raise ConfigError("is a directory, not a file", key=key, value=str(out), fix="give a file path")
+    if not directory and out.exists() and not force:
+        raise ConfigError("exists; it would be overwritten", key=key, value=str(out),
+                          fix="choose a new file, or add --force to replace it")
+    if blocker is not None and not os.access(blocker, os.W_OK):
+        raise ConfigError(f"cannot write in {blocker}", key=key, value=str(out), fix="choose a writable path")
+
+
 def cmd_profile_model(args) -> int:
     from collections import Counter
 
@@ -295,6 +324,7 @@ def cmd_profile_model(args) -> int:
         if value is not None and value < 1:
             raise ConfigError("must be at least 1", key="--" + key, value=value)
     space = _space(args.space)
+    _check_out(Path(args.out), directory=False, key="--out", force=args.force)
     print(f"automl profile model: {space.source} on the modelled {args.accelerator} accelerator -> {args.out}",
           flush=True)
     profile = build_modelled_profile(space, accelerator=args.accelerator, batch=args.batch, samples=args.samples,
@@ -392,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     _user_model_flags(pv)
     pv.add_argument("--samples", type=int, default=100, help="random candidates (default 100)")
     pv.add_argument("--out", help="directory for validation.json and validation.png (default: <profile>-validation)")
+    pv.add_argument("--replace-figures", action="store_true",
+                    help="store figures from fewer samples than the profile's current ones")
     pv.set_defaults(fn=cmd_profile_validate)
     pmo = psub.add_parser("model", help="build a MODELLED profile of an accelerator for a space (no device needed)")
     pmo.add_argument("--accelerator", required=True, help="accelerator model (bitfusion)")
@@ -401,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     pmo.add_argument("--reference", default="w8a8", help="precision the stored entries are computed at (default "
                      "w8a8; every precision is priced by the model)")
     pmo.add_argument("--out", required=True, help="profile YAML to write")
+    pmo.add_argument("--force", action="store_true", help="replace an existing --out file")
     pmo.set_defaults(fn=cmd_profile_model)
     return parser
 

@@ -320,3 +320,40 @@ def test_received_run_dir_cannot_point_resume_at_other_files(space, profile_path
     options.write_text("- a list\n")
     with pytest.raises(RunDirError, match="not a search options file"):
         restore_costing(run)
+
+
+def _cli(*argv):
+    from automl.cli import main
+
+    return main(list(argv))
+
+
+def test_profile_validate_refuses_before_measuring(space, tmp_path, capsys):
+    """Another thread count, fewer samples than the stored figures, an --out that is a file: exit 2
+    and the profile's stored figures untouched."""
+    space_file = tmp_path / "tiny.yaml"
+    space_file.write_text(SPACE)
+    other = tmp_path / "threads2.yaml"
+    make_profile(space, other, threads=2)
+    before = other.read_text()
+    assert _cli("profile", "validate", "--profile", str(other), "--space", str(space_file), "--samples", "1") == 2
+    assert "device.threads is 2 in the profile" in capsys.readouterr().err and other.read_text() == before
+    good = tmp_path / "good.yaml"
+    make_profile(space, good)
+    before = good.read_text()
+    assert _cli("profile", "validate", "--profile", str(good), "--space", str(space_file), "--samples", "1") == 2
+    err = capsys.readouterr().err
+    assert "from 20 samples" in err and "--replace-figures" in err and good.read_text() == before
+    (tmp_path / "taken").write_text("mine")
+    assert _cli("profile", "validate", "--profile", str(good), "--space", str(space_file), "--samples", "30",
+                "--out", str(tmp_path / "taken")) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "mine"
+
+
+def test_profile_model_keeps_an_existing_file(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert _cli("profile", "model", "--accelerator", "bitfusion", "--out", str(mine)) == 2
+    assert "exists; it would be overwritten" in capsys.readouterr().err and mine.read_text() == "mine"
+    assert _cli("profile", "model", "--accelerator", "bitfusion", "--out", str(mine / "p.yaml")) == 2
+    assert "is a file" in capsys.readouterr().err
