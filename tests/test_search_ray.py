@@ -3,6 +3,8 @@ import csv
 import json
 import math
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -116,8 +118,13 @@ def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     broken = broken.replace("trials: 4", "trials: 2")
     (tmp_path / "broken.yaml").write_text(broken)
     code = main(["search", "--space", str(tmp_path / "broken.yaml"), "--out", str(tmp_path / "run"), "--no-profile"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 1 and "no trial completed" in err and "no_such_layer" in err
+    failures = [line for line in out.splitlines() if ": failed: " in line]
+    assert len(failures) == 2 and all("no_such_layer" in line and "error.txt)" in line for line in failures)
+    assert "Traceback (most recent call last)" not in out + err  # the traceback is in the trial's file
+    path = failures[0].rsplit("(traceback: ", 1)[1].rstrip(")")
+    assert "no_such_layer" in Path(path).read_text()
 
 
 def test_chance_accuracy_fails_the_trial():

@@ -77,13 +77,27 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        print(f"[{self.done}/{self.total}] {trial.trial_id}: failed (see trials.csv)", flush=True)
+        # one line here; the full traceback stays in the trial's error file
+        error = _trial_error(trial)
+        text = (error_text(error, limit=200) if error is not None else "") or "unknown error"
+        log = f" (traceback: {trial.error_file})" if trial.error_file else ""
+        print(f"[{self.done}/{self.total}] {trial.trial_id}: failed: {text}{log}", flush=True)
+
+
+def _trial_error(trial):
+    """The exception this driver just recorded for ``trial`` (Tune keeps it in the trial's own
+    directory, written moments ago by this process), else its text."""
+    try:
+        return trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an unreadable record: the one-line summary falls back to the text file
+        return trial.get_error()
 
 
 def _init_ray(address: Optional[str], concurrency: int):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress callback prints one line per trial
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # ... failures included, not 50 traceback lines
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Per-epoch reports carry accuracy only (for ASHA); deployed metrics come with the final report.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
