@@ -128,6 +128,11 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _below_one(flag: str, value) -> ConfigError:
+    return ConfigError("must be at least 1", key=flag, value=value, fix=f"give {flag} 1 or more, or leave it out "
+                       "for the default")
+
+
 def cmd_profile_measure(args) -> int:
     from automl.hardware.candidates import check_runtime
     from automl.hardware.measure import profile_space
@@ -139,7 +144,7 @@ def cmd_profile_measure(args) -> int:
     for key in ("threads", "batch", "samples", "calibration_models"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            raise ConfigError("must be at least 1", key="--" + key.replace("_", "-"), value=value)
+            raise _below_one("--" + key.replace("_", "-"), value)
     space = _search_space(args)
     threads = args.threads or space.deploy.threads
     print(f"automl profile measure: {space.source} on {args.device}, {args.runtime}, {threads} thread(s) -> "
@@ -167,7 +172,7 @@ def cmd_profile_validate(args) -> int:
     from automl.hardware.validate import validate_profile
 
     if args.samples < 1:
-        raise ConfigError("must be at least 1", key="--samples", value=args.samples)
+        raise _below_one("--samples", args.samples)
     from automl.search.costing import check_profile
 
     profile = HardwareProfile.load(args.profile)
@@ -226,7 +231,7 @@ def cmd_profile_model(args) -> int:
     for key in ("batch", "samples"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            raise ConfigError("must be at least 1", key="--" + key, value=value)
+            raise _below_one("--" + key, value)
     space = _space(args.space)
     _check_out(Path(args.out), directory=False, key="--out", force=args.force)
     print(f"automl profile model: {space.source} on the modelled {args.accelerator} accelerator -> {args.out}",

@@ -188,7 +188,8 @@ def test_cli_profile_errors(tmp_path, capsys):
     assert main(["profile", "validate", "--profile", str(tmp_path / "none.yaml")]) == 2
     assert main(["profile", "measure", "--out", str(tmp_path / "p.yaml"), "--max-drift", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "--device: only CPU profiles" in err and "--threads: must be at least 1" in err
+    assert "--device: only CPU profiles" in err
+    assert "--threads: must be at least 1 (got 0). Fix: give --threads 1 or more" in err
     assert "--max-drift: must lie in (0, 1)" in err and not (tmp_path / "p.yaml").exists()
     assert "profile file not found" in err
 
