@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from automl.cli_sensitivity import DEFAULT_LEVELS, cmd_sensitivity
-from automl.errors import AutoMLError, ConfigError
+from automl.errors import AutoMLError, ConfigError, with_file
 
 
 def _space(path):
@@ -106,8 +106,11 @@ def cmd_apply(args) -> int:
     from automl.recipe.saved import apply_to_dir
 
     recipe = Recipe.load(args.recipe)
-    result, metrics = apply_to_dir(recipe, args.out, force=args.force, on_epoch=lambda e, m: print(
-        f"epoch {e + 1}/{recipe.train.epochs}: val accuracy {m['accuracy']:.4f}", flush=True))
+    try:
+        result, metrics = apply_to_dir(recipe, args.out, force=args.force, on_epoch=lambda e, m: print(
+            f"epoch {e + 1}/{recipe.train.epochs}: val accuracy {m['accuracy']:.4f}", flush=True))
+    except ConfigError as exc:
+        raise with_file(exc, args.recipe) from None
     print(json.dumps({k: v for k, v in result.metrics.items()}, indent=1, default=str))
     if "accuracy" in recipe.metrics:
         print(f"accuracy {result.metrics['accuracy']:.4f} (recorded by the search: "

@@ -66,6 +66,17 @@ def _rebuild(cls, message, kwargs):
     return cls(message, **kwargs)
 
 
+def with_file(exc: ConfigError, file) -> ConfigError:
+    """``exc`` naming ``file`` when it names none (an error found while a recipe runs, e.g. a layer
+    name or a teacher, comes from code that does not know which file it was given)."""
+    if exc.file is not None:
+        return exc
+    kwargs = {"file": file, "key": exc.key, "fix": exc.fix}
+    if exc.value is not _UNSET:
+        kwargs["value"] = exc.value
+    return type(exc)(exc.message, **kwargs)
+
+
 class UnknownNameError(ConfigError):
     """A name (method, architecture, task, layer, metric ...) is not registered or not present."""
 

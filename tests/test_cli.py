@@ -54,3 +54,15 @@ def test_bad_budget_override(tmp_path, flag, value):
     proc = _run("search", flag, value, "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and f"{flag}: must be between 1 and" in proc.stderr and value in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_errors_found_while_a_recipe_runs_name_the_recipe(tmp_path, capsys):
+    from automl.cli import main
+
+    recipe = tmp_path / "bad_layer.yaml"
+    recipe.write_text("version: 1\ntask: digits\narch: {family: cnn, width: 8, depth: 1}\ntrain: {epochs: 1}\n"
+                      "stages:\n  - method: magnitude\n    config: {ratio: 0.5, layers: [no_such_layer]}\n")
+    assert main(["apply", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}: layers: layer pattern matches no prunable layer (got 'no_such_layer')" in err
+    assert not (tmp_path / "out").exists()
