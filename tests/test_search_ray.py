@@ -137,3 +137,29 @@ def test_chance_accuracy_fails_the_trial():
     check_above_chance(None, 10)
     with pytest.raises(MeasurementError):
         check_above_chance(0.51, 2)
+
+
+def test_unreachable_cluster_fails_fast(monkeypatch):
+    """Nothing listening at --address (or RAY_ADDRESS): one paragraph within the connect timeout,
+    not Ray's minutes of retries."""
+    import time
+
+    import ray
+
+    from automl.errors import AutoMLError, ConfigError
+    from automl.search.controller import _init_ray, check_reachable
+
+    started = time.time()
+    with pytest.raises(AutoMLError, match=r"no Ray cluster answers at ray://127\.0\.0\.1:1 .*AUTOML_CONNECT_TIMEOUT_S"):
+        check_reachable("ray://127.0.0.1:1")
+    assert time.time() - started < 10
+    check_reachable("auto")  # resolved by Ray itself
+    monkeypatch.setenv("AUTOML_CONNECT_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match="AUTOML_CONNECT_TIMEOUT_S: must be a number of seconds"):
+        check_reachable("127.0.0.1:1")
+    monkeypatch.setenv("AUTOML_CONNECT_TIMEOUT_S", "5")
+    if not ray.is_initialized():
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+        with pytest.raises(AutoMLError, match=r"at 127\.0\.0\.1:1 \(waited up to 5 s"):
+            _init_ray(None, 1)
+        assert not ray.is_initialized()

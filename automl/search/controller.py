@@ -16,7 +16,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from automl.errors import AutoMLError, RunDirError
+from automl.errors import AutoMLError, ConfigError, RunDirError
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, run_lock
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
@@ -103,6 +103,9 @@ def _init_ray(address: Optional[str], concurrency: int):
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # as Ray's own tools do
+    if address:
+        check_reachable(address)
     if not address:  # local workers import a user's model builder from where the driver runs
         paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
@@ -116,7 +119,33 @@ def _init_ray(address: Optional[str], concurrency: int):
     except Exception as exc:  # connection, auth (RAY_AUTH_MODE) ...
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise AutoMLError(f"could not start or reach {where}: {exc}. If the cluster uses token "
-                          "authentication, set RAY_AUTH_TOKEN; check --address.") from None
+                          "authentication, set both RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token>; "
+                          "check --address.") from None
+
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+def check_reachable(address: str):
+    """Fail within AUTOML_CONNECT_TIMEOUT_S (default 30 s) when nothing listens at a host:port address;
+    Ray itself retries for many minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # 'auto', 'local': Ray resolves these itself
+        return
+    try:
+        timeout = float(os.environ.get("AUTOML_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S))
+    except ValueError:
+        raise ConfigError("must be a number of seconds", key="AUTOML_CONNECT_TIMEOUT_S",
+                          value=os.environ["AUTOML_CONNECT_TIMEOUT_S"],
+                          fix="e.g. AUTOML_CONNECT_TIMEOUT_S=30") from None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise AutoMLError(f"no Ray cluster answers at {address} (waited up to {timeout:g} s: {exc}). Fix: start the "
+                          "cluster ('ray start --head') or correct --address / RAY_ADDRESS; "
+                          "AUTOML_CONNECT_TIMEOUT_S sets the wait") from None
 
 
 def _ship_file_modules():
