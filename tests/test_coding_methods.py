@@ -139,7 +139,7 @@ def test_lowrank_after_quantization_started_is_refused(task):
 
 def test_lowrank_on_a_cnn_at_finalize(task):
     text = MLP.replace("{family: mlp, width: %d, depth: 2, shrink: 2}", "{family: cnn, width: %d, depth: 2}")
-    model, (handler,) = train(task, "[{method: lowrank, start_epoch: 9, config: {rank_rule: macs, "
+    model, (handler,) = train(task, "[{method: lowrank, config: {rank_rule: macs, "
                                     "mac_ratio: 0.6, layers: [features.4]}}]", epochs=2, width=16, text=text)
     assert isinstance(model.features[4], nn.Sequential) and len(model.features[4]) == 2  # spatial SVD
     assert handler.report[0].scheme == "spatial" and handler.report[0].macs_after <= 0.6 * handler.report[0].macs_before
