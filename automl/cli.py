@@ -93,6 +93,10 @@ def _summary(outcome):
         print(f"  predicted vs measured latency over the front: {100 * check['within_10pct']:.0f}% of "
               f"{check['points']} points within +-10% (mean error {100 * check['mean_error']:+.1f}%)")
     print(f"results: {outcome.run_dir}/report.md, front.csv, pareto.png, recipes/")
+    if outcome.interrupted:
+        print(f"automl: search stopped by {outcome.interrupted}; the finished trials are kept and the unfinished "
+              f"ones are marked 'interrupted'. Continue with 'automl resume {outcome.run_dir}'", file=sys.stderr)
+        return 130
     if report["trials"] and not report["status_counts"].get("completed"):
         errors = list(dict.fromkeys(r["error"] for r in outcome.rows if r.get("error")))
         why = "; ".join(e.splitlines()[0][:300] for e in errors[:3]) or "no trial reached its last epoch"

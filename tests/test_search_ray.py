@@ -121,10 +121,13 @@ def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 1 and "no trial completed" in err and "no_such_layer" in err
     failures = [line for line in out.splitlines() if ": failed: " in line]
-    assert len(failures) == 2 and all("no_such_layer" in line and "error.txt)" in line for line in failures)
+    assert len(failures) == 2 and all("no_such_layer" in line and ".txt)" in line for line in failures)
     assert "Traceback (most recent call last)" not in out + err  # the traceback is in the trial's file
     path = failures[0].rsplit("(traceback: ", 1)[1].rstrip(")")
     assert "no_such_layer" in Path(path).read_text()
+    with open(tmp_path / "run" / "trials.csv") as f:  # trials.csv names each traceback inside the run
+        named = [row["traceback"] for row in csv.DictReader(f)]
+    assert len(named) == 2 and all((tmp_path / "run" / name).is_file() for name in named)
 
 
 def test_chance_accuracy_fails_the_trial():

@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 import optuna
 import ray
 from ray import tune
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -21,6 +20,9 @@ from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, run_l
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
+from automl.search.interrupt import stop_on_signals
+from automl.search.journal import JOURNAL, Journal, teach_study
+from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
@@ -32,6 +34,7 @@ class SearchOutcome:
     run_dir: Path
     report: Dict
     rows: List[Dict]
+    interrupted: Optional[str] = None  # the signal that stopped the search early
 
 
 class ParetoOptunaSearch(OptunaSearch):
@@ -51,52 +54,22 @@ class ParetoOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def _searcher(space: SearchSpace) -> ParetoOptunaSearch:
-    sampler = optuna.samplers.TPESampler(seed=space.budget.seed, n_startup_trials=min(10, space.budget.trials))
-    return ParetoOptunaSearch(space=define_by_run(space), metric=list(space.objectives),
-                              mode=list(space.objectives.values()), sampler=sampler)
-
-
-class Progress(Callback):
-    """One line per finished trial."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.done = 0
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        m = trial.last_result or {}
-        if m.get("final"):
-            energy = f" energy={m['energy_mj']:.4g}mJ" if "energy_mj" in m else ""
-            text = (f"acc={m.get('accuracy', float('nan')):.4f} lat={m.get('latency_ms', float('nan')):.4f}ms "
-                    f"size={m.get('size_kb', float('nan')):.1f}kB{energy} {m.get('precision', '')}")
-        else:
-            text = f"stopped early at epoch {m.get('epoch', '?')} (acc={m.get('accuracy', float('nan')):.4f})"
-        print(f"[{self.done}/{self.total}] {trial.trial_id}: {text}", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        # one line here; the full traceback stays in the trial's error file
-        error = _trial_error(trial)
-        text = (error_text(error, limit=200) if error is not None else "") or "unknown error"
-        log = f" (traceback: {trial.error_file})" if trial.error_file else ""
-        print(f"[{self.done}/{self.total}] {trial.trial_id}: failed: {text}{log}", flush=True)
-
-
-def _trial_error(trial):
-    """The exception this driver just recorded for ``trial`` (Tune keeps it in the trial's own
-    directory, written moments ago by this process), else its text."""
-    try:
-        return trial.get_pickled_error() or trial.get_error()
-    except Exception:  # an unreadable record: the one-line summary falls back to the text file
-        return trial.get_error()
+def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> ParetoOptunaSearch:
+    """TPE over the space; on resume it is told the journaled trials first, and its seed moves on so
+    the random start-up samples do not repeat the first attempt's."""
+    finished = finished or []
+    sampler = optuna.samplers.TPESampler(seed=space.budget.seed + len(finished),
+                                         n_startup_trials=min(10, space.budget.trials))
+    searcher = ParetoOptunaSearch(space=define_by_run(space), metric=list(space.objectives),
+                                  mode=list(space.objectives.values()), sampler=sampler)
+    teach_study(searcher._ot_study, finished, space)
+    return searcher
 
 
 def _init_ray(address: Optional[str], concurrency: int):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress callback prints one line per trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog callback prints one line per trial
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # ... failures included, not 50 traceback lines
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Per-epoch reports carry accuracy only (for ASHA); deployed metrics come with the final report.
@@ -160,8 +133,16 @@ def _ship_file_modules():
             cloudpickle.register_pickle_by_value(module)
 
 
-def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: Optional[Costing] = None,
-           baseline: Optional[Dict] = None):
+def _attempt_name(run_dir: Path) -> str:
+    """Each start or resume writes Tune's files to its own tune/attempt-N: Ray workers left over from a
+    killed driver cannot write into the directory of the attempt that replaces it."""
+    tune_dir = run_dir / TUNE_DIR
+    taken = [int(p.name.split("-")[1]) for p in tune_dir.glob("attempt-*") if p.name.split("-")[1].isdigit()]
+    return f"attempt-{max(taken, default=0) + 1}"
+
+
+def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log: TrialLog, stopper,
+           costing: Optional[Costing] = None, baseline: Optional[Dict] = None):
     from automl.search.trainable import run_trial
 
     _ship_file_modules()
@@ -170,80 +151,52 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, restore: bool, costing: O
               **({"costing": costing} if costing is not None else {}),
               **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
-    if restore:
-        return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable, resume_errored=True)
     # with fewer than two epochs (e.g. post-training compression of a trained model) there is nothing
     # to stop early
     scheduler = FIFOScheduler() if space.epochs < 2 else ASHAScheduler(
         metric="accuracy", mode="max", time_attr="training_iteration", max_t=space.epochs,
         grace_period=min(space.budget.grace_epochs, space.epochs), reduction_factor=space.budget.reduction_factor)
-    tune_config = tune.TuneConfig(search_alg=_searcher(space), scheduler=scheduler,
-                                  num_samples=space.budget.trials,
+    tune_config = tune.TuneConfig(search_alg=_searcher(space, finished), scheduler=scheduler,
+                                  num_samples=space.budget.trials - len(finished),
                                   max_concurrent_trials=space.budget.concurrency, reuse_actors=True,
                                   time_budget_s=space.budget.time_limit_s or None)
-    run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(run_dir), verbose=0,
-                                callbacks=[Progress(space.budget.trials)],
-                                failure_config=tune.FailureConfig(max_failures=0))
+    run_config = tune.RunConfig(name=_attempt_name(run_dir), storage_path=str(run_dir / TUNE_DIR), verbose=0,
+                                callbacks=[log], stop=stopper, failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def _rows(result_grid, space: SearchSpace) -> List[Dict]:
-    rows = []
-    for result in result_grid:
-        metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        config = {k: v for k, v in (result.config or {}).items() if k in space.names()}
-        if result.error is not None:
-            status = "error"
-        elif metrics.get("final"):
-            status = "completed"
-        else:
-            status = "early_stopped"
-        keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-                and k not in ("trial_id", "final", "feasible", "date", "hostname", "node_ip", "pid",
-                              "timestamp", "experiment_tag", "time_this_iter_s", "time_total_s", "time_since_restore",
-                              "iterations_since_restore", "checkpoint_dir_name", "done", "training_iteration")}
-        rows.append({"trial_id": trial_id, "status": status, "feasible": bool(metrics.get("feasible")),
-                     "error": error_text(result.error) if result.error is not None else None,
-                     "metrics": keep, "config": config})
-    rows.sort(key=lambda r: r["trial_id"])
-    return rows
-
-
-def error_text(error, limit: int = 600) -> str:
-    """One line for trials.csv: the original exception's message (Ray wraps it in a RayTaskError
-    whose text starts with the worker's process title and a traceback)."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        text = str(cause) if isinstance(cause, AutoMLError) else f"{type(cause).__name__}: {cause}"
-    else:
-        text = str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(cause, BaseException):
-        return lines[0][:limit] if lines else ""
-    return " ".join(lines)[:limit]
-
-
-def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], restore: bool,
-         costing: Optional[Costing] = None, task=None) -> SearchOutcome:
+def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: Optional[Costing] = None,
+         task=None) -> SearchOutcome:
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
     started = time.time()
+    journal = Journal(run_dir)
+    finished = journal.read()
     baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
-    _init_ray(address, space.budget.concurrency)
-    grid = _tuner(space, run_dir, task, restore=restore, costing=costing, baseline=baseline).fit()
-    rows = _rows(grid, space)
+    log = TrialLog(journal, space, run_dir, done=len(finished))
+    interrupted = None
+    if len(finished) < space.budget.trials:
+        if finished:
+            print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
+                  f"running the other {space.budget.trials - len(finished)}", flush=True)
+        _init_ray(address, space.budget.concurrency)
+        with stop_on_signals() as stopper:  # after ray.init, which sets its own SIGTERM handler
+            log.interrupt = stopper
+            _tuner(space, run_dir, task, finished=finished, log=log, stopper=stopper, costing=costing,
+                   baseline=baseline).fit()
+            interrupted = stopper.signal
+    rows = sorted(journal.read() + log.unfinished(), key=lambda r: r["trial_id"])
     versions = library_versions()
     profile = profile_report(costing, space) if costing is not None else None
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
                            profile=profile, baseline=baseline)
-    if costing is not None and costing.measure_front:
+    if costing is not None and costing.measure_front and not interrupted:
         from automl.search.frontcheck import measure_front
 
         check = measure_front(run_dir, space, front_rows(rows, space), costing, task=task,
                               log=lambda m: print(m, flush=True))
         report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
                                profile=profile, front_check=check, baseline=baseline)
-    return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
+    return SearchOutcome(run_dir=run_dir, report=report, rows=rows, interrupted=interrupted)
 
 
 def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force: bool = False, profile=None,
@@ -254,7 +207,8 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     trial's latency_ms and energy_mj are predicted from it (see ``automl.search.costing``);
     ``measure_trials`` keeps the latency measured in each trial as measured_latency_ms, and
     ``measure_front`` re-applies and measures every Pareto point after the search. ``task`` replaces
-    the space's task (e.g. a LoaderTask over DataLoaders given to the Python API)."""
+    the space's task (e.g. a LoaderTask over DataLoaders given to the Python API). A search stopped by
+    SIGINT or SIGTERM returns with ``interrupted`` set; ``resume_search`` finishes it."""
     check_run_dir(Path(out), force)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     task = task if task is not None else space.build_task()  # a bad task must not cost the old run
@@ -262,15 +216,17 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
         run_dir = prepare_run_dir(Path(out), force)
         write_yaml(run_dir / "space.yaml", space.raw)
         save_costing(run_dir, costing)
-        return _run(space, run_dir, address=address, restore=False, costing=costing, task=task)
+        return _run(space, run_dir, address=address, costing=costing, task=task)
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
-    """Finish an interrupted search (unfinished and errored trials run again) and rewrite the outputs."""
+    """Finish a stopped search: the trials in its journal stay as they are (nothing is re-run or
+    unpickled), the sampler learns from them, and the rest of the budget runs; then the outputs are
+    rewritten."""
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "space.yaml").is_file() or not tune.Tuner.can_restore(str(run_dir / TUNE_DIR)):
-        raise RunDirError(f"{run_dir} is not a resumable run directory (needs space.yaml and {TUNE_DIR}/). "
+    if not (run_dir / "space.yaml").is_file():
+        raise RunDirError(f"{run_dir} is not a resumable run directory (it has no space.yaml). "
                           "Fix: pass the --out directory of an earlier 'automl search'")
     space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
     with run_lock(run_dir):
-        return _run(space, run_dir, address=address, restore=True, costing=restore_costing(run_dir))
+        return _run(space, run_dir, address=address, costing=restore_costing(run_dir))

@@ -13,7 +13,7 @@ from automl.recipe import recipe_from_config
 from automl.search.pareto import pareto_front
 from automl.spaces import SearchSpace
 
-META = ("trial_id", "status", "feasible", "error")
+META = ("trial_id", "status", "feasible", "error", "traceback")
 
 
 def _csv(rows: Sequence[Dict], columns: Sequence[str]) -> str:
