@@ -88,7 +88,8 @@ def test_error_line_from_a_traceback():
     text = ("Failure # 1 (occurred at now)\nray::ImplicitFunc.train() (pid=1)\nTraceback (most recent call last):\n"
             '  File "x.py", line 1, in f\n    raise ConfigError(\nautoml.errors.ConfigError: bad value\nFix: this\n')
     assert error_from_traceback(text) == "bad value Fix: this"
-    assert error_from_traceback(text.replace("automl.errors.ConfigError", "ValueError")) == "ValueError: bad value Fix: this"
+    foreign = text.replace("automl.errors.ConfigError", "ValueError")
+    assert error_from_traceback(foreign) == "ValueError: bad value Fix: this"
     assert error_from_traceback("The actor died unexpectedly before finishing this task.\n").startswith("The actor")
 
 
