@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, ConfigError, RunDirError
-from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, run_lock
+from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
@@ -229,4 +229,5 @@ def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
                           "Fix: pass the --out directory of an earlier 'automl search'")
     space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
     with run_lock(run_dir):
+        recover_outputs(run_dir)
         return _run(space, run_dir, address=address, costing=restore_costing(run_dir))

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 from automl.io import atomic_write_bytes, atomic_write_text, write_json
 from automl.recipe import recipe_from_config
 from automl.search.pareto import pareto_front
+from automl.search.rundir import write_output_set
 from automl.spaces import SearchSpace
 
 META = ("trial_id", "status", "feasible", "error", "traceback")
@@ -227,8 +228,15 @@ def write_outputs(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_
     ``profile`` (``costing.profile_report``) marks a profiled search: the report names the profile and
     says which metrics are predicted; ``front_check`` (``frontcheck.measure_front``) adds the table of
     predicted vs measured latency over the front; ``baseline`` (a search over a user's model) adds the
-    uncompressed model as the reference row and the fastest / smallest trial within the constraints."""
-    out = Path(out)
+    uncompressed model as the reference row and the fastest / smallest trial within the constraints.
+    The files replace the old ones as one set (``rundir.write_output_set``)."""
+    return write_output_set(Path(out), lambda staging: _write_all(
+        staging, space, rows, wall_time_s=wall_time_s, versions=versions, profile=profile,
+        front_check=front_check, baseline=baseline))
+
+
+def _write_all(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: float, versions: Dict,
+               profile: Optional[Dict], front_check: Optional[Dict], baseline: Optional[Dict]) -> Dict:
     columns = columns_for(rows, space)
     atomic_write_text(out / "trials.csv", _csv([flatten(r) for r in rows], columns))
     front = front_rows(rows, space)

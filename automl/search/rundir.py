@@ -3,7 +3,9 @@
 Nothing here deletes before the search is validated: ``check_run_dir`` only reads, and
 ``prepare_run_dir`` is called once the space, task and profile are known to be good and the lock
 is held. The lock (``.lock``: flock, with the holder's pid and host written in it) keeps a second
-search or a resume out of a run in progress.
+search or a resume out of a run in progress. The outputs (trials.csv, front.csv, report.*, pareto.png,
+recipes/) are written as one set: into a staging directory, marked complete, then moved into place;
+a kill in between is finished (or dropped, when the set was incomplete) by the next resume.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from automl.errors import RunDirError
 
 TUNE_DIR = "tune"
 LOCK = ".lock"
+STAGING = ".outputs-staging"
+COMPLETE = ".complete"
 
 
 def _entries(out: Path):
@@ -74,3 +78,47 @@ def run_lock(out: Path):
         yield out
     finally:
         handle.close()
+
+
+def write_output_set(out: Path, write) -> object:
+    """``write(staging_dir)`` writes every output; then they replace the old ones together (recipes/
+    as a whole, so recipes of trials no longer on the front go). Returns what ``write`` returned."""
+    staging = Path(out) / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "recipes").mkdir(parents=True)
+    result = write(staging)
+    (staging / COMPLETE).touch()
+    _move_into_place(Path(out), staging)
+    return result
+
+
+def _move_into_place(out: Path, staging: Path):
+    for entry in sorted(staging.iterdir()):
+        if entry.name == COMPLETE:
+            continue
+        target = out / entry.name
+        if entry.is_dir():
+            old = out / f".{entry.name}-old"
+            if target.exists():
+                os.rename(target, old)
+            os.rename(entry, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(staging)
+
+
+def recover_outputs(out: Path):
+    """After a kill while the outputs were written: finish a complete set, drop an incomplete one,
+    and remove temporary files left behind."""
+    out = Path(out)
+    staging = out / STAGING
+    if (staging / COMPLETE).is_file():
+        _move_into_place(out, staging)
+    elif staging.exists():
+        shutil.rmtree(staging)
+    for old in out.glob(".*-old"):
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in [*out.glob(".*.tmp"), *out.glob("recipes/.*.tmp")]:
+        tmp.unlink()
