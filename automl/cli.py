@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("automl: interrupted; results written so far are kept"
-              + ("; continue with 'automl resume <run dir>'" if args.command == "search" else ""), file=sys.stderr)
+              + ("; continue with 'automl resume <run dir>'" if args.command in ("search", "resume") else ""), file=sys.stderr)
         return 130
 
 

@@ -93,9 +93,12 @@ def test_error_line_from_a_traceback():
     assert error_from_traceback("The actor died unexpectedly before finishing this task.\n").startswith("The actor")
 
 
-def test_first_signal_stops_gently_second_at_once():
+def test_first_signal_stops_the_trials_gently_second_at_once():
     before = signal.getsignal(signal.SIGTERM)
     with stop_on_signals() as stopper:
+        with pytest.raises(KeyboardInterrupt):  # outside the trials (baseline, outputs): at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        stopper.graceful = True
         assert not stopper.stop_all()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stopper.stop_all() and stopper.signal == "SIGTERM"

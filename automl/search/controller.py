@@ -168,22 +168,29 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
 def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: Optional[Costing] = None,
          task=None) -> SearchOutcome:
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
+    with stop_on_signals() as stopper:
+        return _search_and_write(space, run_dir, address, costing, task, stopper)
+
+
+def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task, stopper) -> SearchOutcome:
     started = time.time()
     journal = Journal(run_dir)
     finished = journal.read()
     baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
-    log = TrialLog(journal, space, run_dir, done=len(finished))
-    interrupted = None
+    log = TrialLog(journal, space, run_dir, done=len(finished), interrupt=stopper)
     if len(finished) < space.budget.trials:
         if finished:
             print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
                   f"running the other {space.budget.trials - len(finished)}", flush=True)
         _init_ray(address, space.budget.concurrency)
-        with stop_on_signals() as stopper:  # after ray.init, which sets its own SIGTERM handler
-            log.interrupt = stopper
+        stopper.install()  # ray.init replaced the SIGTERM handler
+        stopper.graceful = True
+        try:
             _tuner(space, run_dir, task, finished=finished, log=log, stopper=stopper, costing=costing,
                    baseline=baseline).fit()
-            interrupted = stopper.signal
+        finally:
+            stopper.graceful = False
+    interrupted = stopper.signal
     rows = sorted(journal.read() + log.unfinished(), key=lambda r: r["trial_id"])
     versions = library_versions()
     profile = profile_report(costing, space) if costing is not None else None
