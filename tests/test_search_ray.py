@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 
 from pathlib import Path
 
@@ -128,6 +129,29 @@ def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     with open(tmp_path / "run" / "trials.csv") as f:  # trials.csv names each traceback inside the run
         named = [row["traceback"] for row in csv.DictReader(f)]
     assert len(named) == 2 and all((tmp_path / "run" / name).is_file() for name in named)
+
+
+def _dying_task():
+    """Digits, but the trial's process exits while it loads the training data (a local class: Ray
+    ships it by value)."""
+    from automl.tasks.digits import DigitsTask
+
+    class Dying(DigitsTask):
+        def train_loader(self, batch_size, seed):
+            os._exit(3)
+
+    return Dying()
+
+
+@pytest.mark.ray
+def test_a_trial_whose_process_dies_says_how(space, tmp_path):
+    from automl.search import run_search
+
+    small = parse_space({**space.raw, "budget": {**space.raw["budget"], "trials": 2}}, "tiny.yaml")
+    outcome = run_search(small, tmp_path / "run", task=_dying_task())
+    assert [r["status"] for r in outcome.rows] == ["error", "error"]
+    for row in outcome.rows:
+        assert "exited with code 3" in row["error"] and "peak memory" in row["error"], row["error"]
 
 
 def test_chance_accuracy_fails_the_trial():

@@ -12,6 +12,7 @@ from automl.errors import MeasurementError
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.search.baseline import relative_metrics
 from automl.search.costing import example_batch
+from automl.search.isolate import run_in_child
 from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
@@ -22,9 +23,15 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
     With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
     compressed model; a profile that cannot price it fails the trial with its ProfileError. With a
     ``baseline`` (a search over a user's model) the trial also reports accuracy_drop, speedup and
-    size_reduction against it."""
-    torch.set_num_threads(space.deploy.threads)
+    size_reduction against it. The work runs in a child process (``isolate``), so a trial whose
+    process dies says how."""
     trial_id = tune.get_context().get_trial_id()
+    run_in_child(lambda send: _trial(config, space, task, costing, cache_dir, baseline, trial_id, send),
+                 tune.report)
+
+
+def _trial(config, space, task, costing, cache_dir, baseline, trial_id, send):
+    torch.set_num_threads(space.deploy.threads)
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
     work = tempfile.mkdtemp(prefix=f"automl-{trial_id}-")
 
@@ -32,7 +39,7 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
         # The last epoch is reported with the deployed metrics, so an ASHA rung at max_t sees a
         # finished trial and never stops one that only needed deploying.
         if epoch + 1 < recipe.train.epochs:
-            tune.report({**metrics, "epoch": epoch + 1, "final": False})
+            send({**metrics, "epoch": epoch + 1, "final": False})
 
     try:
         result = apply_recipe(recipe, work, task=task, on_epoch=on_epoch, cache_dir=cache_dir)
@@ -45,7 +52,7 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
     metrics.update(relative_metrics(metrics, baseline))
     metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))
     check_above_chance(metrics.get("accuracy"), getattr(task, "num_classes", None))
-    tune.report(metrics)
+    send(metrics)
 
 
 CHANCE_MARGIN = 0.02
