@@ -16,12 +16,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, ConfigError, RunDirError
+from automl.imports import USER_MODULES
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
+from automl.search.shipping import check_worker_imports, user_code_paths
 from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
@@ -84,9 +86,10 @@ def _init_ray(address: Optional[str], concurrency: int):
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                   configure_logging=True)
+    shipped = user_code_paths(USER_MODULES)
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, **kwargs, **({"runtime_env": {"py_modules": shipped}} if shipped else {}))
         else:
             ray.init(num_cpus=max(concurrency, 1), **kwargs)
     except Exception as exc:  # connection, auth (RAY_AUTH_MODE) ...
@@ -183,6 +186,7 @@ def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task,
             print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
                   f"running the other {space.budget.trials - len(finished)}", flush=True)
         _init_ray(address, space.budget.concurrency)
+        check_worker_imports(USER_MODULES)  # fail here, not in every trial
         stopper.install()  # ray.init replaced the SIGTERM handler
         stopper.graceful = True
         try:
