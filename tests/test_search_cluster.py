@@ -1,6 +1,7 @@
 """A search on a two-node local Ray cluster started with token authentication: the user's task module
 is shipped to the workers, a module the workers cannot import fails before any trial, and a missing
 token gets the hint that works."""
+import csv
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from automl.search.shipping import user_code_paths
+from automl.search.teachers import TeacherStore, write_entry
 
 SPACE = """
 version: 1
@@ -93,6 +95,35 @@ def test_module_the_workers_cannot_import_fails_before_any_trial(tmp_path, clust
 def test_missing_token_names_both_variables(tmp_path, cluster):
     done, _ = _search(tmp_path, cluster, "digits", token=False)
     assert done.returncode == 1 and "RAY_AUTH_MODE=token" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_teacher_trained_on_one_node_is_reused_on_every_node(tmp_path, cluster):
+    """Trials see only their own directory; the run directory's cache is reached through the store."""
+    space = SPACE.replace("trials: 2, concurrency: 2", "trials: 3, concurrency: 1")
+    space = space.replace("train: {epochs: 2, lr: {float: [3e-3, 1e-2], log: true}}",
+                          "train: {epochs: 2, lr: 0.005}\ncompression:\n  distillation: {method: kd, teacher: self}")
+    (tmp_path / "kd.yaml").write_text(space.replace("TASK", "digits"))
+    address, env = cluster
+    done = subprocess.run([sys.executable, "-m", "automl.cli", "search", "--space", "kd.yaml", "--out", "run",
+                           "--no-profile", "--address", address], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "run" / "trials.csv") as f:
+        reused = sorted(float(row["teachers_reused"]) for row in csv.DictReader(f))
+    assert reused == [0, 1, 1]  # trained by the first trial only
+    assert len(list((tmp_path / "run" / "cache").glob("teacher-*"))) == 1
+
+
+def test_teacher_store_entries_are_whole_and_first_come(tmp_path):
+    store = TeacherStore(str(tmp_path / "cache"))
+    assert store.get("teacher-a") is None
+    assert store.put("teacher-a", {"model.pt": b"w1", "structure.json": b"{}"})
+    assert not store.put("teacher-a", {"model.pt": b"w2"})  # the first published copy stays
+    assert store.get("teacher-a") == {"model.pt": b"w1", "structure.json": b"{}"}
+    write_entry(tmp_path / "local" / "teacher-a", {"../escape.pt": b"x"})  # names stay inside the entry
+    assert [p.name for p in (tmp_path / "local" / "teacher-a").iterdir()] == ["escape.pt"]
 
 
 def test_only_code_that_is_not_installed_is_shipped(tmp_path, monkeypatch):

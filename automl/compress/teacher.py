@@ -90,6 +90,23 @@ def _cache_key(recipe) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def teacher_entries(recipe) -> list:
+    """The cache entry names of the teachers ``recipe``'s stages train (a trained checkpoint needs none),
+    so a search can bring them to a trial before it starts and share the ones it trained."""
+    names = []
+    for stage in recipe.stages:
+        spec = getattr(stage.config, "teacher", None)
+        if not isinstance(spec, str):
+            continue
+        try:
+            trained = teacher_recipe(spec, recipe, getattr(stage.config, "teacher_epochs", 0))
+        except ConfigError:  # the trial itself reports it
+            continue
+        if trained is not None:
+            names.append(f"teacher-{_cache_key(trained)}")
+    return names
+
+
 def train_teacher(recipe, task, work_dir: Path, cache_dir: Path) -> nn.Module:
     """Replay ``recipe`` without export, through the cache."""
     from automl.compress.base import ApplyContext
@@ -183,4 +200,4 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, example: torch.T
                           fix="use a teacher classifier trained on the same task")
 
 
-__all__ = ["check_outputs_match", "load_checkpoint", "load_teacher", "teacher_recipe", "train_teacher"]
+__all__ = ["check_outputs_match", "load_checkpoint", "load_teacher", "teacher_entries", "teacher_recipe", "train_teacher"]

@@ -24,6 +24,7 @@ from automl.search.costing import Costing, load_costing, profile_report, restore
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
 from automl.search.shipping import check_worker_imports, user_code_paths
+from automl.search.teachers import space_has_teachers, start_store
 from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
 from automl.search.versions import library_versions
@@ -149,8 +150,9 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
     from automl.search.trainable import run_trial
 
     _ship_file_modules()
-    # trials that distil from the same teacher train it once and share it through this cache
-    params = {"space": space, "task": task, "cache_dir": str(run_dir / "cache"),
+    # trials that distil from the same teacher train it once and share it, on any node
+    teachers = start_store(run_dir / "cache") if space_has_teachers(space) else None
+    params = {"space": space, "task": task, "teachers": teachers,
               **({"costing": costing} if costing is not None else {}),
               **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})

@@ -3,37 +3,54 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Dict
 
 import torch
 from ray import tune
 
+from automl.compress.teacher import teacher_entries
 from automl.errors import MeasurementError
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.search.baseline import relative_metrics
 from automl.search.costing import example_batch
 from automl.search.isolate import run_in_child
+from automl.search.teachers import fetch, publish
 from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
-def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, cache_dir=None, baseline=None):
+def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, teachers=None, baseline=None):
     """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
 
     With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
     compressed model; a profile that cannot price it fails the trial with its ProfileError. With a
     ``baseline`` (a search over a user's model) the trial also reports accuracy_drop, speedup and
     size_reduction against it. The work runs in a child process (``isolate``), so a trial whose
-    process dies says how."""
+    process dies says how; distillation teachers come from and go to the search's ``teachers`` store."""
     trial_id = tune.get_context().get_trial_id()
-    run_in_child(lambda send: _trial(config, space, task, costing, cache_dir, baseline, trial_id, send),
-                 tune.report)
-
-
-def _trial(config, space, task, costing, cache_dir, baseline, trial_id, send):
-    torch.set_num_threads(space.deploy.threads)
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
-    work = tempfile.mkdtemp(prefix=f"automl-{trial_id}-")
+    work = Path(tempfile.mkdtemp(prefix=f"automl-{trial_id}-"))
+    cache, entries = work / "cache", teacher_entries(recipe)
+    reused = {}
+    try:
+        if teachers is not None and entries:
+            reused = {"teachers_reused": fetch(teachers, entries, cache)}
+
+        def report(metrics):  # the final report says how many teachers came trained from the store
+            tune.report({**metrics, **reused} if metrics.get("final") else metrics)
+
+        try:
+            run_in_child(lambda send: _trial(recipe, space, task, costing, baseline, work, cache, send), report)
+        finally:
+            if teachers is not None and entries:
+                publish(teachers, entries, cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _trial(recipe, space, task, costing, baseline, work, cache, send):
+    torch.set_num_threads(space.deploy.threads)
 
     def on_epoch(epoch: int, metrics: Dict[str, float]):
         # The last epoch is reported with the deployed metrics, so an ASHA rung at max_t sees a
@@ -41,10 +58,7 @@ def _trial(config, space, task, costing, cache_dir, baseline, trial_id, send):
         if epoch + 1 < recipe.train.epochs:
             send({**metrics, "epoch": epoch + 1, "final": False})
 
-    try:
-        result = apply_recipe(recipe, work, task=task, on_epoch=on_epoch, cache_dir=cache_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result = apply_recipe(recipe, work / "apply", task=task, on_epoch=on_epoch, cache_dir=cache)
     metrics = dict(result.metrics)
     if costing is not None:
         metrics = costing.trial_metrics(metrics, result.model, result.artifact.precision,
