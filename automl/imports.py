@@ -11,7 +11,6 @@ import sys
 from automl.errors import ConfigError
 
 _ANNOUNCED = set()
-USER_MODULES = []  # modules named by a space or recipe in this process, in import order (Ray ships them)
 REFUSED_PACKAGES = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {"builtins"}
 
 
@@ -27,7 +26,5 @@ def check_module(module_name: str, *, file=None, key: str, value: str, what: str
                           fix=f"name a {what} in your own package or file (e.g. {EXAMPLES[what]})")
     if module_name not in _ANNOUNCED:
         _ANNOUNCED.add(module_name)
-        if not module_name.endswith(".py"):  # file modules travel by value (controller._ship_file_modules)
-            USER_MODULES.append(module_name)
         origin = f" named in {file}" if file else ""
         print(f"automl: importing {what} module '{module_name}'{origin}", file=sys.stderr, flush=True)

@@ -138,3 +138,22 @@ def test_only_code_that_is_not_installed_is_shipped(tmp_path, monkeypatch):
 
     paths = user_code_paths(["mypkg.tasks", "single", "numpy", "automl.tasks", "never_imported"])
     assert paths == [str(package.resolve()), str((tmp_path / "single.py").resolve())]
+
+
+def test_the_modules_a_search_needs_on_its_workers():
+    from types import SimpleNamespace
+
+    from automl.search.shipping import search_modules
+    from automl.tasks.digits import DigitsTask
+
+    class Local(DigitsTask):  # defined in a function: shipped by value, nothing to import
+        pass
+
+    model = SimpleNamespace(builder="mypkg.models:build", obj=None)
+    space = SimpleNamespace(task="mypkg.tasks:make", model=model)
+    assert search_modules(space) == ["mypkg.tasks", "mypkg.models"]
+    file_built = SimpleNamespace(task="digits", model=SimpleNamespace(builder="models.py:build", obj=None))
+    assert search_modules(file_built, DigitsTask()) == [] and search_modules(file_built, Local()) == []
+    import json
+
+    assert search_modules(SimpleNamespace(task="digits", model=None), json.JSONDecoder()) == ["json.decoder"]

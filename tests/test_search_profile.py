@@ -220,7 +220,7 @@ def test_without_profile_outputs_are_unchanged(space, tmp_path):
     plain = make_space(SPACE.replace("energy_mj: min", "size_kb: min"))
     report = write_outputs(tmp_path, plain, rows, wall_time_s=1.0, versions={})
     header = next(csv.reader((tmp_path / "trials.csv").open()))
-    assert header == ["trial_id", "status", "feasible", "error", "accuracy", "latency_ms", "size_kb",
+    assert header == ["trial_id", "status", "feasible", "error", "traceback", "accuracy", "latency_ms", "size_kb",
                       "test_accuracy", "precision"] + plain.names()
     assert set(report) == {"space_source", "space_hash", "task", "objectives", "constraints", "trials",
                            "status_counts", "wall_time_s", "front", "best", "versions", "measurement"}

@@ -78,3 +78,18 @@ def test_a_stopped_trial_kills_its_child(tmp_path):
         run_in_child(body, report)
     with pytest.raises(ProcessLookupError):
         os.kill(int(marker.read_text()), 0)
+
+
+def test_a_child_stops_when_the_driver_on_its_host_is_gone(monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(isolate, "WATCH_PERIOD_S", 0.1)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    started = time.time()
+    with pytest.raises(TrialProcessDied, match=f"exited with code {isolate.DRIVER_GONE}"):
+        run_in_child(lambda send: time.sleep(30), lambda m: None, driver=(socket.gethostname(), gone.pid))
+    assert time.time() - started < 10
+    run_in_child(lambda send: send({"ok": 1}), lambda m: None, driver=(socket.gethostname(), os.getpid()))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -16,14 +17,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, ConfigError, RunDirError
-from automl.imports import USER_MODULES
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
-from automl.search.shipping import check_worker_imports, user_code_paths
+from automl.search.shipping import check_worker_imports, search_modules, user_code_paths
 from automl.search.teachers import space_has_teachers, start_store
 from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
@@ -69,7 +69,7 @@ def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> Pare
     return searcher
 
 
-def _init_ray(address: Optional[str], concurrency: int):
+def _init_ray(address: Optional[str], concurrency: int, modules=()):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog callback prints one line per trial
@@ -87,7 +87,7 @@ def _init_ray(address: Optional[str], concurrency: int):
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                   configure_logging=True)
-    shipped = user_code_paths(USER_MODULES)
+    shipped = user_code_paths(modules)
     try:
         if address:
             ray.init(address=address, **kwargs, **({"runtime_env": {"py_modules": shipped}} if shipped else {}))
@@ -106,9 +106,8 @@ CONNECT_TIMEOUT_S = 30.0
 def check_reachable(address: str):
     """Fail within AUTOML_CONNECT_TIMEOUT_S (default 30 s) when nothing listens at a host:port address;
     Ray itself retries for many minutes."""
-    import socket
-
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 address: [::1]:6379
     if not host or not port.isdigit():  # 'auto', 'local': Ray resolves these itself
         return
     try:
@@ -152,7 +151,7 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
     _ship_file_modules()
     # trials that distil from the same teacher train it once and share it, on any node
     teachers = start_store(run_dir / "cache") if space_has_teachers(space) else None
-    params = {"space": space, "task": task, "teachers": teachers,
+    params = {"space": space, "task": task, "teachers": teachers, "driver": (socket.gethostname(), os.getpid()),
               **({"costing": costing} if costing is not None else {}),
               **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
@@ -187,8 +186,9 @@ def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task,
         if finished:
             print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
                   f"running the other {space.budget.trials - len(finished)}", flush=True)
-        _init_ray(address, space.budget.concurrency)
-        check_worker_imports(USER_MODULES)  # fail here, not in every trial
+        modules = search_modules(space, task)
+        _init_ray(address, space.budget.concurrency, modules)
+        check_worker_imports(modules)  # fail here, not in every trial
         stopper.install()  # ray.init replaced the SIGTERM handler
         stopper.graceful = True
         try:

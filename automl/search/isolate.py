@@ -12,12 +12,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
 from automl.errors import AutoMLError
+
+
+WATCH_PERIOD_S = 2.0
+DRIVER_GONE = 75
 
 
 class TrialProcessDied(AutoMLError):
@@ -28,9 +35,10 @@ class ChildTraceback(Exception):
     """The child's own traceback, chained under the exception re-raised in the worker."""
 
 
-def run_in_child(body: Callable[[Callable], None], report: Callable[[dict], None]) -> None:
+def run_in_child(body: Callable[[Callable], None], report: Callable[[dict], None], driver=None) -> None:
     """``body(send)`` in a forked child; ``report(metrics)`` here for each ``send(metrics)`` there.
-    The child's exception is raised here; a child that dies raises TrialProcessDied."""
+    The child's exception is raised here; a child that dies raises TrialProcessDied. ``driver``
+    (host, pid) is the search's driver: on its host, the child stops when the driver is gone."""
     if not hasattr(os, "fork") or os.environ.get("AUTOML_TRIAL_PROCESS") == "inline":
         body(report)
         return
@@ -39,7 +47,7 @@ def run_in_child(body: Callable[[Callable], None], report: Callable[[dict], None
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(body, reader, writer)
+        _child(body, reader, writer, driver)
     writer.close()
     try:
         error = _relay(reader, report)
@@ -57,11 +65,13 @@ def run_in_child(body: Callable[[Callable], None], report: Callable[[dict], None
         raise TrialProcessDied(describe_death(code, usage.ru_maxrss * 1024, _oom_kills() - oom_before))
 
 
-def _child(body, reader, writer):
+def _child(body, reader, writer, driver):
     code = 0
     try:
         reader.close()
         _die_with_parent()
+        if driver is not None and driver[0] == socket.gethostname():
+            threading.Thread(target=_watch, args=(driver[1],), daemon=True).start()
         body(lambda metrics: writer.send(("metrics", metrics)))
     except BaseException as exc:
         code = 1
@@ -90,6 +100,19 @@ def _relay(reader, report) -> Optional[BaseException]:
             exc = RuntimeError(lines[-1] if lines else "the trial failed")
         exc.__cause__ = ChildTraceback(text)
         return exc
+
+
+def _watch(pid: int):
+    """A killed driver leaves Ray's workers running for about a minute: its trials stop now, so they
+    do not compete with a resumed search."""
+    while True:
+        time.sleep(WATCH_PERIOD_S)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(DRIVER_GONE)
+        except PermissionError:  # alive, another user's: not ours to judge
+            pass
 
 
 def _die_with_parent():

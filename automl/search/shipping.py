@@ -20,6 +20,21 @@ from automl.errors import AutoMLError
 CHECK_TIMEOUT_S = 300.0  # a first runtime_env set-up on a node installs the shipped modules
 
 
+def search_modules(space, task=None) -> List[str]:
+    """The modules a search's workers import for the user: the task factory's, the model builder's, and
+    the classes of a task or model object given through the Python API (classes defined in a function
+    or in __main__ travel by value and need none)."""
+    from automl.arch.user import FILE_MODULE_PREFIX
+
+    names = [space.task.rsplit(":", 1)[0]] if ":" in space.task else []
+    objects = [task] + ([space.model.obj] if space.model is not None else [])
+    if space.model is not None and space.model.builder:
+        names.append(space.model.builder.rsplit(":", 1)[0])
+    names += [type(o).__module__ for o in objects if o is not None and "<locals>" not in type(o).__qualname__]
+    return [n for n in dict.fromkeys(names) if not n.endswith(".py") and n.split(".")[0] not in
+            ("automl", "__main__", "builtins") and not n.startswith(FILE_MODULE_PREFIX)]
+
+
 def _installed(path: Path) -> bool:
     roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
     return any(part in ("site-packages", "dist-packages") for part in path.parts) or any(

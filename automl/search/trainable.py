@@ -20,7 +20,8 @@ from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
-def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, teachers=None, baseline=None):
+def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, teachers=None, baseline=None,
+              driver=None):
     """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
 
     With a ``costing`` (a hardware profile), latency_ms and energy_mj are predicted for the trained,
@@ -41,7 +42,8 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
             tune.report({**metrics, **reused} if metrics.get("final") else metrics)
 
         try:
-            run_in_child(lambda send: _trial(recipe, space, task, costing, baseline, work, cache, send), report)
+            run_in_child(lambda send: _trial(recipe, space, task, costing, baseline, work, cache, send), report,
+                         driver=driver)
         finally:
             if teachers is not None and entries:
                 publish(teachers, entries, cache)
