@@ -120,7 +120,7 @@ def _die_with_parent():
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the worker's own cleanup still kills the child when Tune stops it
+    except (OSError, AttributeError):  # not Linux: Tune's stop still kills the child (run_in_child)
         pass
 
 
