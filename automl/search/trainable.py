@@ -1,6 +1,7 @@
 """The Ray Tune trainable: trial config -> Recipe -> ``apply_recipe`` -> ``tune.report``."""
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,20 @@ from automl.search.pareto import feasible
 from automl.spaces import SearchSpace
 
 
+# Imported once in the worker, so each trial's forked child starts with them: cold, they cost a
+# trial 2-4 s (torch.onnx's exporter, dynamo, onnxscript's op library).
+WARM_MODULES = ("onnx", "onnxruntime", "onnxruntime.quantization", "torch._dynamo", "torch.export",
+                "torch.onnx._internal.exporter._core", "onnxscript.function_libs.torch_lib.ops")
+
+
+def _warm_up():
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a module another torch version moved: only the warm-up is lost
+            continue
+
+
 def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, teachers=None, baseline=None,
               driver=None):
     """One trial. Reports validation accuracy every epoch (for ASHA), then the deployed metrics.
@@ -30,6 +45,7 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
     size_reduction against it. The work runs in a child process (``isolate``), so a trial whose
     process dies says how; distillation teachers come from and go to the search's ``teachers`` store."""
     trial_id = tune.get_context().get_trial_id()
+    _warm_up()
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
     work = Path(tempfile.mkdtemp(prefix=f"automl-{trial_id}-"))
     cache, entries = work / "cache", teacher_entries(recipe)
