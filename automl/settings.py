@@ -53,4 +53,6 @@ class Budget:
     grace_epochs: int = option(3, low=1, high=10_000, doc="ASHA: epochs before a trial may be stopped")
     reduction_factor: int = option(3, low=2, high=100, doc="ASHA reduction factor")
     seed: int = option(0, low=0, high=2**31 - 1, doc="seed of the searcher")
+    sampler: str = option("tpe", choices=("tpe", "nsga2", "random"),
+                          doc="Optuna sampler: tpe (multi-objective TPE), nsga2 (genetic), random")
     time_limit_s: float = option(0.0, low=0.0, doc="stop launching trials after this long (0 = no limit)")

@@ -176,3 +176,23 @@ def test_stop_at_a_finished_trial_then_resume_loses_and_repeats_nothing(tmp_path
         assert float(after[trial_id]["accuracy"]) == pytest.approx(row["metrics"]["accuracy"], abs=1e-6)
     rerun = [line for line in out.splitlines() if line.startswith("[") and line.split()[1].rstrip(":") in journaled]
     assert not rerun and f"{len(journaled)} of 6 trials already finished" in out
+
+
+@pytest.mark.parametrize("name, kind", [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler),
+                                        ("random", optuna.samplers.RandomSampler)])
+def test_budget_sampler_is_used_seeded_and_taught_on_resume(space, name, kind):
+    from automl.search.controller import _searcher
+
+    chosen = parse_space({**space.raw, "budget": {**space.raw["budget"], "sampler": name}}, "tiny.yaml")
+    first = _searcher(chosen).suggest("t0")
+    again = _searcher(chosen)
+    assert isinstance(again._ot_study.sampler, kind) and again.suggest("t0") == first  # seeded
+    resumed = _searcher(chosen, [_row(chosen, "a"), _row(chosen, "b", status="early_stopped")])
+    assert len(resumed._ot_study.trials) == 2 and isinstance(resumed._ot_study.sampler, kind)
+
+
+def test_unknown_sampler_is_refused(space):
+    from automl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler"):
+        parse_space({**space.raw, "budget": {**space.raw["budget"], "sampler": "cmaes"}}, "tiny.yaml")

@@ -57,12 +57,21 @@ class ParetoOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
+def make_sampler(budget, seed: int) -> optuna.samplers.BaseSampler:
+    """``budget.sampler``, seeded. NSGA-II's generation is a sixth of the budget (4 to 50 trials), so a
+    small search still sees several generations."""
+    if budget.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if budget.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget.trials // 6)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, budget.trials))
+
+
 def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> ParetoOptunaSearch:
-    """TPE over the space; on resume it is told the journaled trials first, and its seed moves on so
+    """``budget.sampler`` over the space; on resume it is told the journaled trials first, and its seed moves on so
     the random start-up samples do not repeat the first attempt's."""
     finished = finished or []
-    sampler = optuna.samplers.TPESampler(seed=space.budget.seed + len(finished),
-                                         n_startup_trials=min(10, space.budget.trials))
+    sampler = make_sampler(space.budget, seed=space.budget.seed + len(finished))
     searcher = ParetoOptunaSearch(space=define_by_run(space), metric=list(space.objectives),
                                   mode=list(space.objectives.values()), sampler=sampler)
     teach_study(searcher._ot_study, finished, space)
