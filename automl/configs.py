@@ -51,6 +51,8 @@ def check_field(cls, name: str, value: Any, where: Where) -> Any:
         value = dict(expect_mapping(value, where))
         for key, item in value.items():
             expect_type(key, where, str)
+            if meta.get("choices") is not None:  # the keys a mapping may hold
+                expect_keys({key: item}, where, meta["choices"])
             value[key] = item = expect_type(item, where / key, float)
             if meta.get("low") is not None or meta.get("high") is not None:
                 expect_range(item, where / key, meta["low"], meta["high"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict
 
 from automl.configs import option
 
@@ -37,22 +38,31 @@ class TrainSettings:
     seed: int = option(0, low=0, high=2**31 - 1)
     augment: str = option("none", choices=("none", "shift"),
                           doc="shift: each training image moved by a random -1..+1 pixels (zero fill)")
+    threads: int = option(0, low=0, high=1024, doc="torch threads while training (0: deploy.threads; a search "
+                                                   "sets it to the CPUs of budget.resources)")
 
 
 @dataclass(frozen=True)
 class DeploySettings:
     runtime: str = option("onnxruntime", choices=("onnxruntime",), doc="where latency is measured")
-    threads: int = option(1, low=1, high=1024, doc="intra-op threads, also torch threads while training")
+    threads: int = option(1, low=1, high=1024, doc="intra-op threads of the deployed model (and torch threads "
+                                                   "while training unless train.threads says otherwise)")
     batch: int = option(1, low=1, high=65_536, doc="batch size of the latency measurement")
 
 
 @dataclass(frozen=True)
 class Budget:
     trials: int = option(30, low=1, high=1_000_000)
-    concurrency: int = option(2, low=1, high=4096, doc="trials run at once, one CPU each")
+    concurrency: int = option(2, low=1, high=4096, doc="trials run at once")
+    resources: Dict[str, float] = option({"cpu": 1.0}, low=1.0, high=4096.0, choices=("cpu",),
+                                         doc="what each trial holds: {cpu: N}, N CPUs and N training threads")
     grace_epochs: int = option(3, low=1, high=10_000, doc="ASHA: epochs before a trial may be stopped")
     reduction_factor: int = option(3, low=2, high=100, doc="ASHA reduction factor")
     seed: int = option(0, low=0, high=2**31 - 1, doc="seed of the searcher")
     sampler: str = option("tpe", choices=("tpe", "nsga2", "random"),
                           doc="Optuna sampler: tpe (multi-objective TPE), nsga2 (genetic), random")
     time_limit_s: float = option(0.0, low=0.0, doc="stop launching trials after this long (0 = no limit)")
+
+    @property
+    def trial_cpus(self) -> int:
+        return int(self.resources.get("cpu", 1))

@@ -138,7 +138,7 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     check_stage_combination(s.category for s in recipe.stages)
-    torch.set_num_threads(recipe.deploy.threads)
+    torch.set_num_threads(recipe.train.threads or recipe.deploy.threads)
     task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)

@@ -1,6 +1,7 @@
 """A trial's flat config (``arch.width``, ``pruning.ratio`` ...) becomes a Recipe."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping
 
 from automl.compress import CATEGORIES, get_method
@@ -49,6 +50,8 @@ def recipe_from_config(space: SearchSpace, config: Mapping, *, provenance: Mappi
     # searcher may return fixed values after the sampled ones
     config = {**{n: config[n] for n in space.names() if n in config}, **config}
     train = parse_config(TrainSettings, _group(config, "train"), where / "train")
+    if not train.threads:  # a trial trains with the CPUs it holds; its recipe says so, to replay alike
+        train = dataclasses.replace(train, threads=space.budget.trial_cpus)
     stages = []
     for category in CATEGORIES:
         group = _group(config, category)

@@ -78,7 +78,7 @@ def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> Pare
     return searcher
 
 
-def _init_ray(address: Optional[str], concurrency: int, modules=()):
+def _init_ray(address: Optional[str], cpus: int, modules=()):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog callback prints one line per trial
@@ -101,12 +101,20 @@ def _init_ray(address: Optional[str], concurrency: int, modules=()):
         if address:
             ray.init(address=address, **kwargs, **({"runtime_env": {"py_modules": shipped}} if shipped else {}))
         else:
-            ray.init(num_cpus=max(concurrency, 1), **kwargs)
+            ray.init(num_cpus=max(cpus, 1), **kwargs)
     except Exception as exc:  # connection, auth (RAY_AUTH_MODE) ...
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise AutoMLError(f"could not start or reach {where}: {exc}. If the cluster uses token "
                           "authentication, set both RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token>; "
                           "check --address.") from None
+
+
+def _check_capacity(cpus: int):
+    """A trial no node can hold would wait forever: say so now."""
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest < cpus:
+        raise AutoMLError(f"budget.resources asks for {cpus} CPUs per trial, and the largest Ray node has "
+                          f"{largest:g}, so no trial could start. Fix: lower budget.resources.cpu, or add bigger nodes")
 
 
 CONNECT_TIMEOUT_S = 30.0
@@ -163,7 +171,7 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
     params = {"space": space, "task": task, "teachers": teachers, "driver": (socket.gethostname(), os.getpid()),
               **({"costing": costing} if costing is not None else {}),
               **({"baseline": baseline} if baseline is not None else {})}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": space.budget.trial_cpus})
     # with fewer than two epochs (e.g. post-training compression of a trained model) there is nothing
     # to stop early
     scheduler = FIFOScheduler() if space.epochs < 2 else ASHAScheduler(
@@ -196,7 +204,8 @@ def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task,
             print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
                   f"running the other {space.budget.trials - len(finished)}", flush=True)
         modules = search_modules(space, task)
-        _init_ray(address, space.budget.concurrency, modules)
+        _init_ray(address, space.budget.concurrency * space.budget.trial_cpus, modules)
+        _check_capacity(space.budget.trial_cpus)
         check_worker_imports(modules)  # fail here, not in every trial
         stopper.install()  # ray.init replaced the SIGTERM handler
         stopper.graceful = True

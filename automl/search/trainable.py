@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict
 
-import torch
 from ray import tune
 
 from automl.compress.teacher import teacher_entries
@@ -68,7 +67,6 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
 
 
 def _trial(recipe, space, task, costing, baseline, work, cache, send):
-    torch.set_num_threads(space.deploy.threads)
 
     def on_epoch(epoch: int, metrics: Dict[str, float]):
         # The last epoch is reported with the deployed metrics, so an ASHA rung at max_t sees a
