@@ -131,6 +131,16 @@ def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     assert len(named) == 2 and all((tmp_path / "run" / name).is_file() for name in named)
 
 
+@pytest.mark.ray
+def test_pareto_scheduler_ranks_on_predicted_cost(space, tmp_path):
+    from automl.search import run_search
+
+    pareto = parse_space({**space.raw, "budget": {**space.raw["budget"], "scheduler": "pareto"}}, "tiny.yaml")
+    outcome = run_search(pareto, tmp_path / "run")
+    assert len(outcome.rows) == 4 and {r["status"] for r in outcome.rows} <= {"completed", "early_stopped"}
+    assert all(r["metrics"]["predicted_cost"] > 0 for r in outcome.rows)  # MACs: no profile here
+
+
 def _dying_task():
     """Digits, but the trial's process exits while it loads the training data (a local class: Ray
     ships it by value)."""

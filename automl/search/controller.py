@@ -27,6 +27,7 @@ from automl.search.shipping import check_worker_imports, search_modules, user_co
 from automl.search.teachers import space_has_teachers, start_store
 from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
+from automl.search.pareto_asha import ParetoASHA
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
 
@@ -153,6 +154,17 @@ def _ship_file_modules():
             cloudpickle.register_pickle_by_value(module)
 
 
+def _scheduler(space: SearchSpace):
+    """With fewer than two epochs (e.g. post-training compression of a trained model) there is nothing
+    to stop early."""
+    if space.epochs < 2:
+        return FIFOScheduler()
+    budget = space.budget
+    kwargs = dict(metric="accuracy", mode="max", time_attr="training_iteration", max_t=space.epochs,
+                  grace_period=min(budget.grace_epochs, space.epochs), reduction_factor=budget.reduction_factor)
+    return ParetoASHA(**kwargs) if budget.scheduler == "pareto" else ASHAScheduler(**kwargs)
+
+
 def _attempt_name(run_dir: Path) -> str:
     """Each start or resume writes Tune's files to its own tune/attempt-N: Ray workers left over from a
     killed driver cannot write into the directory of the attempt that replaces it."""
@@ -172,12 +184,7 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
               **({"costing": costing} if costing is not None else {}),
               **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": space.budget.trial_cpus})
-    # with fewer than two epochs (e.g. post-training compression of a trained model) there is nothing
-    # to stop early
-    scheduler = FIFOScheduler() if space.epochs < 2 else ASHAScheduler(
-        metric="accuracy", mode="max", time_attr="training_iteration", max_t=space.epochs,
-        grace_period=min(space.budget.grace_epochs, space.epochs), reduction_factor=space.budget.reduction_factor)
-    tune_config = tune.TuneConfig(search_alg=_searcher(space, finished), scheduler=scheduler,
+    tune_config = tune.TuneConfig(search_alg=_searcher(space, finished), scheduler=_scheduler(space),
                                   num_samples=space.budget.trials - len(finished),
                                   max_concurrent_trials=space.budget.concurrency, reuse_actors=True,
                                   time_budget_s=space.budget.time_limit_s or None)

@@ -17,6 +17,7 @@ from automl.search.costing import example_batch
 from automl.search.isolate import run_in_child
 from automl.search.teachers import fetch, publish
 from automl.search.pareto import feasible
+from automl.search.pareto_asha import COST_KEY, predicted_cost
 from automl.spaces import SearchSpace
 
 
@@ -48,13 +49,16 @@ def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, 
     recipe = recipe_from_config(space, config, provenance={"trial_id": trial_id})
     work = Path(tempfile.mkdtemp(prefix=f"automl-{trial_id}-"))
     cache, entries = work / "cache", teacher_entries(recipe)
-    reused = {}
+    extra, final = {}, {}
+    if space.budget.scheduler == "pareto":  # the scheduler ranks every epoch on accuracy and this cost
+        cost = predicted_cost(space, config, task, costing)
+        extra = {} if cost is None else {COST_KEY: cost}
     try:
         if teachers is not None and entries:
-            reused = {"teachers_reused": fetch(teachers, entries, cache)}
+            final["teachers_reused"] = fetch(teachers, entries, cache)
 
-        def report(metrics):  # the final report says how many teachers came trained from the store
-            tune.report({**metrics, **reused} if metrics.get("final") else metrics)
+        def report(metrics):  # the final report also says how many teachers came trained from the store
+            tune.report({**metrics, **extra, **(final if metrics.get("final") else {})})
 
         try:
             run_in_child(lambda send: _trial(recipe, space, task, costing, baseline, work, cache, send), report,
