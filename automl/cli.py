@@ -362,8 +362,9 @@ def main(argv=None) -> int:
         print(f"automl {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        resumable = args.command in ("search", "resume")
         print("automl: interrupted; results written so far are kept"
-              + ("; continue with 'automl resume <run dir>'" if args.command in ("search", "resume") else ""), file=sys.stderr)
+              + ("; continue with 'automl resume <run dir>'" if resumable else ""), file=sys.stderr)
         return 130
 
 
