@@ -56,9 +56,9 @@ class Budget:
     concurrency: int = option(2, low=1, high=4096, doc="trials run at once")
     resources: Dict[str, float] = option({"cpu": 1.0}, low=1.0, high=4096.0, choices=("cpu",),
                                          doc="what each trial holds: {cpu: N}, N CPUs and N training threads")
-    scheduler: str = option("asha", choices=("asha", "pareto"),
-                            doc="early stopping: asha (on accuracy) or pareto (on accuracy and the cost predicted "
-                                "before training)")
+    scheduler: str = option("pareto", choices=("pareto", "asha"),
+                            doc="early stopping: pareto (on accuracy and the cost predicted before training; "
+                                "bench/search.py) or asha (on accuracy)")
     grace_epochs: int = option(3, low=1, high=10_000, doc="ASHA: epochs before a trial may be stopped")
     reduction_factor: int = option(3, low=2, high=100, doc="ASHA reduction factor")
     seed: int = option(0, low=0, high=2**31 - 1, doc="seed of the searcher")
