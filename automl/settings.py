@@ -65,6 +65,9 @@ class Budget:
     sampler: str = option("tpe", choices=("tpe", "nsga2", "random"),
                           doc="Optuna sampler: tpe (multi-objective TPE), nsga2 (genetic), random")
     time_limit_s: float = option(0.0, low=0.0, doc="stop launching trials after this long (0 = no limit)")
+    strategy: str = option("joint", choices=("joint", "sequential", "random"),
+                           doc="joint (everything sampled together), sequential (architectures first over half the "
+                               "trials, then compression of the best), random (uniform sampling); search/strategy.py")
 
     @property
     def trial_cpus(self) -> int:

@@ -1,17 +1,23 @@
-"""Search settings at equal budget: early stopping (asha vs pareto) and sampler (tpe vs random).
+"""Search settings at equal budget: the search strategy (joint vs sequential vs random), early stopping
+(asha vs pareto) and the sampler (tpe vs random).
 
-Each setting runs the embedded default space (digits, cnn family, magnitude pruning, int8) with
-``--trials`` trials of ``--epochs`` epochs (ASHA grace 2 epochs, pruning fine-tune a third of them),
-3 seeds, and is scored by the hypervolume of its completed, feasible trials over
-all three objectives (accuracy, latency_ms, size_kb), each scaled to [0, 1] by the range seen over
-all runs of this benchmark (accuracy reversed), reference point (1.05, 1.05, 1.05): larger is a
-better front. Latency is measured inside each trial (no profile), so the figures carry the
-noise of those measurements. Also reported: trials completed, trials stopped early, wall time.
+Each setting runs a space -- the embedded default (digits, cnn family, magnitude pruning, int8) or
+``--space rich`` (search_spaces/digits_resnet_joint.yaml: resnet, KD, structured pruning, int8, exits)
+-- with ``--trials`` trials of ``--epochs`` epochs (ASHA grace 2 epochs, pruning fine-tune a third of
+them), 3 seeds, and is scored by the hypervolume of its front over all three objectives (accuracy,
+latency_ms, size_kb), each scaled to [0, 1] by the range seen over all runs of this benchmark (accuracy
+reversed), reference point (1.05, 1.05, 1.05): larger is a better front. ``--split test`` takes the
+front of completed, feasible trials on validation accuracy and scores its points by their test-split
+accuracy (what the deployed models do on data no choice saw); ``--split val`` scores every completed
+trial on validation accuracy. Latency is measured inside each trial (no profile), so the figures
+carry the noise of those measurements. Also reported: trials completed, stopped early, wall time.
 
-    python bench/search.py                      # asha vs pareto, 3 seeds x 20 trials (about 15 minutes)
-    python bench/search.py --settings asha+tpe pareto+tpe asha+random pareto+random
+    python bench/search.py --settings joint sequential random --split test --out bench/results/strategy.json
+    python bench/search.py --space rich --settings joint sequential random --split test \
+        --out bench/results/strategy-rich.json
+    python bench/search.py --settings asha+tpe pareto+tpe asha+random pareto+random --split val
     python bench/search.py --trials 8 --seeds 0  # smoke run
-Writes bench/results/search.json.
+Writes bench/results/search.json unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -23,10 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from automl.search.pareto import pareto_front
+
 SETTINGS = {"asha+tpe": {"scheduler": "asha", "sampler": "tpe"},
             "pareto+tpe": {"scheduler": "pareto", "sampler": "tpe"},
             "asha+random": {"scheduler": "asha", "sampler": "random"},
-            "pareto+random": {"scheduler": "pareto", "sampler": "random"}}
+            "pareto+random": {"scheduler": "pareto", "sampler": "random"},
+            # budget.strategy, each with the default scheduler (pareto) and, for joint and sequential, sampler
+            "joint": {"strategy": "joint"},
+            "sequential": {"strategy": "sequential"},
+            "random": {"strategy": "random", "sampler": "random"}}
+SPACES = {"default": None, "rich": Path(__file__).resolve().parent.parent / "search_spaces" / "digits_resnet_joint.yaml"}
 OBJECTIVES = ("accuracy", "latency_ms", "size_kb")
 
 
@@ -47,7 +60,7 @@ def hypervolume(points, ref):
     return volume
 
 
-def run_setting(name, overrides, seed, trials, base_raw, epochs):
+def run_setting(name, overrides, seed, trials, base_raw, epochs, split="val"):
     from automl.search import run_search
     from automl.spaces import parse_space
 
@@ -61,10 +74,13 @@ def run_setting(name, overrides, seed, trials, base_raw, epochs):
     with tempfile.TemporaryDirectory(prefix="automl-bench-search-") as work:
         outcome = run_search(space, Path(work) / "run")
     rows = [r for r in outcome.rows if r["status"] == "completed" and r.get("feasible")]
+    if split == "test":  # the validation front, scored on the test split
+        rows = [rows[i] for i in pareto_front([r["metrics"] for r in rows], space.objectives)]
     return {"setting": name, "seed": seed, "wall_s": round(time.time() - started, 1),
             "completed": sum(r["status"] == "completed" for r in outcome.rows),
             "early_stopped": sum(r["status"] == "early_stopped" for r in outcome.rows),
-            "points": [[r["metrics"][k] for k in OBJECTIVES] for r in rows]}
+            "points": [[r["metrics"]["test_accuracy" if split == "test" else "accuracy"], *(r["metrics"][k] for k in
+                                                                                           OBJECTIVES[1:])] for r in rows]}
 
 
 def score(runs, settings):
@@ -94,16 +110,19 @@ def main():
     parser.add_argument("--epochs", type=int, default=6, help="train.epochs (the default space has 12)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=["asha+tpe", "pareto+tpe"], choices=list(SETTINGS))
+    parser.add_argument("--space", default="default", choices=list(SPACES))
+    parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.json"))
     args = parser.parse_args()
     from automl.hardware.profile import cpu_model
-    from automl.spaces import load_default_space
+    from automl.spaces import load_default_space, load_space
 
-    base_raw = load_default_space().raw
-    runs = [run_setting(name, SETTINGS[name], seed, args.trials, base_raw, args.epochs)
+    base_raw = load_default_space().raw if SPACES[args.space] is None else load_space(SPACES[args.space]).raw
+    runs = [run_setting(name, SETTINGS[name], seed, args.trials, base_raw, args.epochs, args.split)
             for seed in args.seeds for name in args.settings]
     summary = score(runs, args.settings)
-    out = {"cpu": cpu_model(), "trials": args.trials, "epochs": args.epochs, "seeds": args.seeds, "summary": summary,
+    out = {"cpu": cpu_model(), "space": args.space, "split": args.split, "trials": args.trials, "epochs": args.epochs,
+           "seeds": args.seeds, "summary": summary,
            "runs": runs, "command": "python bench/search.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for name, s in summary.items():

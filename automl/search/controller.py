@@ -23,6 +23,7 @@ from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
+from automl.search.strategy import SEQUENTIAL_PARAM, Phase, compression_phase, phase_of, phases
 from automl.search.shipping import check_worker_imports, search_modules, user_code_paths
 from automl.search.teachers import space_has_teachers, start_store
 from automl.search.triallog import TrialLog
@@ -61,7 +62,7 @@ class ParetoOptunaSearch(OptunaSearch):
 def make_sampler(budget, seed: int) -> optuna.samplers.BaseSampler:
     """``budget.sampler``, seeded. NSGA-II's generation is a sixth of the budget (4 to 50 trials), so a
     small search still sees several generations."""
-    if budget.sampler == "random":
+    if budget.sampler == "random" or budget.strategy == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if budget.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget.trials // 6)))
@@ -173,7 +174,7 @@ def _attempt_name(run_dir: Path) -> str:
     return f"attempt-{max(taken, default=0) + 1}"
 
 
-def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log: TrialLog, stopper,
+def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], trials: int, log: TrialLog, stopper,
            costing: Optional[Costing] = None, baseline: Optional[Dict] = None):
     from automl.search.trainable import run_trial
 
@@ -185,7 +186,7 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], log
               **({"baseline": baseline} if baseline is not None else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, **params), {"cpu": space.budget.trial_cpus})
     tune_config = tune.TuneConfig(search_alg=_searcher(space, finished), scheduler=_scheduler(space),
-                                  num_samples=space.budget.trials - len(finished),
+                                  num_samples=trials - len(finished),
                                   max_concurrent_trials=space.budget.concurrency, reuse_actors=True,
                                   time_budget_s=space.budget.time_limit_s or None)
     run_config = tune.RunConfig(name=_attempt_name(run_dir), storage_path=str(run_dir / TUNE_DIR), verbose=0,
@@ -198,6 +199,18 @@ def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: 
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
     with stop_on_signals() as stopper:
         return _search_and_write(space, run_dir, address, costing, task, stopper)
+
+
+def _fit_phase(phase: Phase, run_dir: Path, task, log: TrialLog, stopper, costing, baseline):
+    if phase.trials <= len(phase.finished):
+        return
+    log.space = phase.space  # its rows keep the phase's parameters (sequential.architecture)
+    stopper.graceful = True
+    try:
+        _tuner(phase.space, run_dir, task, finished=phase.finished, trials=phase.trials, log=log, stopper=stopper,
+               costing=costing, baseline=baseline).fit()
+    finally:
+        stopper.graceful = False
 
 
 def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task, stopper) -> SearchOutcome:
@@ -215,12 +228,15 @@ def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task,
         _check_capacity(space.budget.trial_cpus)
         check_worker_imports(modules)  # fail here, not in every trial
         stopper.install()  # ray.init replaced the SIGTERM handler
-        stopper.graceful = True
-        try:
-            _tuner(space, run_dir, task, finished=finished, log=log, stopper=stopper, costing=costing,
-                   baseline=baseline).fit()
-        finally:
-            stopper.graceful = False
+        for phase in phases(space, finished):
+            if stopper.signal is not None:
+                break
+            if phase.space is None:  # sequential's second phase: on the first phase's best architectures
+                phase = compression_phase(space, phase, [r for r in journal.read() if phase_of(r) == "architecture"])
+                picked = ", ".join(phase.space.param(SEQUENTIAL_PARAM).domain.values)
+                print(f"automl: architecture phase done; compression phase on the architectures of {picked}",
+                      flush=True)
+            _fit_phase(phase, run_dir, task, log, stopper, costing, baseline)
     interrupted = stopper.signal
     rows = sorted(journal.read() + log.unfinished(), key=lambda r: r["trial_id"])
     versions = library_versions()

@@ -35,7 +35,9 @@ def _fmt(value):
 def columns_for(rows: Sequence[Dict], space: SearchSpace) -> List[str]:
     metrics = list(space.objectives) + ["test_accuracy"]
     extra = sorted({k for r in rows for k in r.get("metrics", {})} - set(metrics))
-    return list(META) + metrics + extra + space.names()
+    params = space.names()  # then parameters a search phase added (budget.strategy sequential)
+    added = sorted({k for r in rows for k in r.get("config", {})} - set(params))
+    return list(META) + metrics + extra + added + params
 
 
 def flatten(row: Dict) -> Dict:
@@ -256,6 +258,7 @@ def _write_all(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: 
         "space_source": space.source, "space_hash": space.hash, "task": space.task,
         "objectives": space.objectives, "constraints": space.constraints,
         "trials": len(rows), "status_counts": counts, "wall_time_s": wall_time_s,
+        "search": {k: getattr(space.budget, k) for k in ("strategy", "sampler", "scheduler", "seed", "concurrency")},
         "front": [{"trial_id": r["trial_id"], "metrics": r["metrics"], "config": r["config"],
                    "recipe": f"recipes/{r['trial_id']}.yaml"} for r in front],
         "best": _best(front, space), "versions": versions,

@@ -311,16 +311,31 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     objectives = _objectives(data["objectives"], where / "objectives")
     constraints = _constraints(data.get("constraints"), where / "constraints")
     _check_baseline_metrics(model, objectives, constraints, where)
+    budget = parse_config(Budget, data.get("budget"), where / "budget")
+    _check_strategy(budget, data.get("budget") or {}, model, where / "budget")
     # files the space names are kept as resolved paths (with the checkpoint's sha256), so the copy a
     # run directory keeps resumes from anywhere and its hash changes with the weights
     raw = {**data, **({"model": model.to_dict()} if model is not None else {}),
            **({"data": data_spec.to_dict()} if data_spec is not None else {})}
     return SearchSpace(
         task=task, family=family, params=tuple(params), objectives=objectives, constraints=constraints,
-        budget=parse_config(Budget, data.get("budget"), where / "budget"),
+        budget=budget,
         deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
         source=source, raw=raw, model=model, data=data_spec,
     )
+
+
+def _check_strategy(budget: Budget, raw: dict, model, where: Where):
+    if budget.strategy == "random" and raw.get("sampler", "random") != "random":
+        raise (where / "sampler").error("strategy random samples uniformly, so it takes no other sampler",
+                                        raw["sampler"], "drop 'sampler', or use strategy: joint with this sampler")
+    if budget.strategy == "sequential" and model is not None:
+        raise (where / "strategy").error("sequential searches architectures first, and a search over your own "
+                                         "model has no architecture parameters", "sequential",
+                                         "use strategy: joint (it searches the compression of your model)")
+    if budget.strategy == "sequential" and budget.trials < 2:
+        raise (where / "trials").error("sequential runs two phases, each with at least one trial", budget.trials,
+                                       "set budget.trials to 2 or more")
 
 
 def _check_baseline_metrics(model, objectives, constraints, where: Where):

@@ -164,5 +164,11 @@ class Int8PTQ(Method):
         if parity < self.config.min_parity:
             raise MeasurementError(
                 f"int8_ptq ({self.config.mode}): the int8 model predicts the float model's class on only "
-                f"{parity:.0%} of validation inputs (min_parity {self.config.min_parity}). Fix: use mode "
-                "static (or the other mode), more calibration_batches, or leave this model in float")
+                f"{parity:.0%} of validation inputs (min_parity {self.config.min_parity}). Fix: try "
+                f"{self._other_settings()}, or leave this model in float")
+
+    def _other_settings(self) -> str:
+        if self.config.mode == "dynamic":
+            return "mode static"
+        others = [m for m in ("percentile", "entropy", "minmax") if m != self.config.calibration_method]
+        return f"calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
