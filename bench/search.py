@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from automl.search.pareto import pareto_front
+from automl.search.pareto import hypervolume, pareto_front
 
 SETTINGS = {"asha+tpe": {"scheduler": "asha", "sampler": "tpe"},
             "pareto+tpe": {"scheduler": "pareto", "sampler": "tpe"},
@@ -41,23 +41,6 @@ SETTINGS = {"asha+tpe": {"scheduler": "asha", "sampler": "tpe"},
             "random": {"strategy": "random", "sampler": "random"}}
 SPACES = {"default": None, "rich": Path(__file__).resolve().parent.parent / "search_spaces" / "digits_resnet_joint.yaml"}
 OBJECTIVES = ("accuracy", "latency_ms", "size_kb")
-
-
-def hypervolume(points, ref):
-    """Exact hypervolume of minimisation points (any dimension) below ``ref``, by slicing on the first
-    coordinate (fine for the few dozen points of a front)."""
-    points = [p for p in points if all(v < r for v, r in zip(p, ref))]
-    if not points:
-        return 0.0
-    if len(ref) == 1:
-        return ref[0] - min(p[0] for p in points)
-    xs = sorted({p[0] for p in points})
-    volume = 0.0
-    for i, x in enumerate(xs):
-        upper = xs[i + 1] if i + 1 < len(xs) else ref[0]
-        slab = [p[1:] for p in points if p[0] <= x]
-        volume += (upper - x) * hypervolume(slab, ref[1:])
-    return volume
 
 
 def run_setting(name, overrides, seed, trials, base_raw, epochs, split="val"):

@@ -111,3 +111,22 @@ def test_bad_mode_raises(mode):
 ])
 def test_dominates(a, b, expected):
     assert dominates(a, b) is expected
+
+
+def test_hypervolume_of_known_boxes():
+    from automl.search.pareto import hypervolume
+
+    assert hypervolume([(0.5, 0.5)], (1.0, 1.0)) == pytest.approx(0.25)
+    assert hypervolume([(0.0, 0.5), (0.5, 0.0)], (1.0, 1.0)) == pytest.approx(0.75)
+    assert hypervolume([(0.5, 0.5, 0.5)], (1.0, 1.0, 1.0)) == pytest.approx(0.125)
+    assert hypervolume([(2.0, 0.0)], (1.0, 1.0)) == 0.0  # beyond the reference: counts nothing
+
+
+def test_scaled_hypervolumes_grow_with_the_front_only():
+    from automl.search.pareto import REFERENCE, scaled_hypervolumes
+
+    rows = [{"acc": 0.9, "lat": 2.0}, {"acc": 0.8, "lat": 3.0}, {"acc": 1.0, "lat": 1.0}, {"acc": 0.5, "lat": 4.0}]
+    volumes = scaled_hypervolumes(rows, {"acc": "max", "lat": "min"})
+    assert volumes[1] == volumes[0]  # dominated: no gain
+    assert volumes[2] == pytest.approx(REFERENCE ** 2)  # the ideal point (best in both)
+    assert volumes[3] == volumes[2] and scaled_hypervolumes([], {"acc": "max"}) == []

@@ -67,7 +67,9 @@ def test_parity_is_reported(tmp_path, mode):
 
 
 def test_low_parity_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(ptq, "int8_parity", lambda *a, **k: 0.1)
-    with pytest.raises(MeasurementError, match=r"only 10% of validation inputs .*min_parity 0.5.*Fix"):
+    monkeypatch.setattr(ptq.ParityProbe, "__call__", lambda self, path: 0.1)
+    with pytest.raises(MeasurementError, match=r"only 10% of validation inputs .*min_parity 0.5.*Fix: try mode static"):
         _deploy(_handler(mode="dynamic"), tmp_path)
+    with pytest.raises(MeasurementError, match=r"Fix: try target_parity .*calibration_method percentile or entropy"):
+        _deploy(_handler(mode="static"), tmp_path / "static")
     _deploy(_handler(mode="dynamic", min_parity=0.0), tmp_path / "keep")  # 0 keeps any model

@@ -66,6 +66,12 @@ def test_run_directory(finished, space):
     report = json.loads((out / "report.json").read_text())
     assert report["trials"] == 4 and report["space_hash"] == space.hash
     assert set(report["best"]) == set(space.objectives)
+    assert report["search"]["strategy"] == "joint" and 0 < report["hypervolume"] <= 1.05 ** 3
+    assert len(report["hypervolume_by_trial"]) == sum(r["feasible"] == "True" for r in completed)
+    timing = report["timing"]  # where the wall time went; the trials' span is inside it
+    assert 0 < timing["trials_s"] < timing["wall_s"] and timing["ray_start_s"] > 0
+    assert timing["overhead_s"] == pytest.approx(timing["wall_s"] - timing["trials_s"], abs=0.02)
+    assert "![front" in (out / "report.md").read_text()
     front = list(csv.DictReader((out / "front.csv").open()))
     assert 1 <= len(front) <= len(completed)
     for row in front:

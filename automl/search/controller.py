@@ -18,7 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, ConfigError, RunDirError
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
-from automl.io import load_yaml, write_yaml
+from automl.io import load_yaml, write_json, write_yaml
 from automl.search.baseline import measure_baseline
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
@@ -195,10 +195,45 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], tri
 
 
 def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: Optional[Costing] = None,
-         task=None) -> SearchOutcome:
+         task=None, started: Optional[float] = None) -> SearchOutcome:
+    started = started or time.time()
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
     with stop_on_signals() as stopper:
-        return _search_and_write(space, run_dir, address, costing, task, stopper)
+        return _search_and_write(space, run_dir, address, costing, task, stopper, started)
+
+
+def timing(started: float, ray_s: float, log: TrialLog) -> Dict[str, float]:
+    """Where this run's wall time went: the controller's overhead is everything outside the span from
+    the first trial's start to the last trial's end (Ray start-up, baseline, output writing, ...)."""
+    wall = time.time() - started
+    trials = (log.last_end - log.first_start) if log.first_start and log.last_end else 0.0
+    return {"wall_s": round(wall, 2), "ray_start_s": round(ray_s, 2), "trials_s": round(trials, 2),
+            "overhead_s": round(wall - trials, 2), "overhead_share": round((wall - trials) / max(wall, 1e-9), 4)}
+
+
+def _run_trials(space: SearchSpace, run_dir: Path, address, task, journal: Journal, log: TrialLog, stopper,
+                costing, baseline) -> float:
+    """Starts Ray and runs the trials the journal lacks, phase by phase; returns Ray's start-up seconds."""
+    finished = journal.read()
+    if finished:
+        print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
+              f"running the other {space.budget.trials - len(finished)}", flush=True)
+    modules = search_modules(space, task)
+    ray_started = time.time()
+    _init_ray(address, space.budget.concurrency * space.budget.trial_cpus, modules)
+    ray_s = time.time() - ray_started
+    _check_capacity(space.budget.trial_cpus)
+    check_worker_imports(modules)  # fail here, not in every trial
+    stopper.install()  # ray.init replaced the SIGTERM handler
+    for phase in phases(space, finished):
+        if stopper.signal is not None:
+            break
+        if phase.space is None:  # sequential's second phase: on the first phase's best architectures
+            phase = compression_phase(space, phase, [r for r in journal.read() if phase_of(r) == "architecture"])
+            picked = ", ".join(phase.space.param(SEQUENTIAL_PARAM).domain.values)
+            print(f"automl: architecture phase done; compression phase on the architectures of {picked}", flush=True)
+        _fit_phase(phase, run_dir, task, log, stopper, costing, baseline)
+    return ray_s
 
 
 def _fit_phase(phase: Phase, run_dir: Path, task, log: TrialLog, stopper, costing, baseline):
@@ -213,32 +248,17 @@ def _fit_phase(phase: Phase, run_dir: Path, task, log: TrialLog, stopper, costin
         stopper.graceful = False
 
 
-def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task, stopper) -> SearchOutcome:
-    started = time.time()
+def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task, stopper,
+                      started: float) -> SearchOutcome:
     journal = Journal(run_dir)
     finished = journal.read()
     baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
     log = TrialLog(journal, space, run_dir, done=len(finished), interrupt=stopper)
+    ray_s = 0.0
     if len(finished) < space.budget.trials:
-        if finished:
-            print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
-                  f"running the other {space.budget.trials - len(finished)}", flush=True)
-        modules = search_modules(space, task)
-        _init_ray(address, space.budget.concurrency * space.budget.trial_cpus, modules)
-        _check_capacity(space.budget.trial_cpus)
-        check_worker_imports(modules)  # fail here, not in every trial
-        stopper.install()  # ray.init replaced the SIGTERM handler
-        for phase in phases(space, finished):
-            if stopper.signal is not None:
-                break
-            if phase.space is None:  # sequential's second phase: on the first phase's best architectures
-                phase = compression_phase(space, phase, [r for r in journal.read() if phase_of(r) == "architecture"])
-                picked = ", ".join(phase.space.param(SEQUENTIAL_PARAM).domain.values)
-                print(f"automl: architecture phase done; compression phase on the architectures of {picked}",
-                      flush=True)
-            _fit_phase(phase, run_dir, task, log, stopper, costing, baseline)
+        ray_s = _run_trials(space, run_dir, address, task, journal, log, stopper, costing, baseline)
     interrupted = stopper.signal
-    rows = sorted(journal.read() + log.unfinished(), key=lambda r: r["trial_id"])
+    rows = journal.read() + log.unfinished()  # in the order they finished
     versions = library_versions()
     profile = profile_report(costing, space) if costing is not None else None
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
@@ -250,6 +270,8 @@ def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task,
                               log=lambda m: print(m, flush=True))
         report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=versions,
                                profile=profile, front_check=check, baseline=baseline)
+    report["timing"] = timing(started, ray_s, log)
+    write_json(run_dir / "report.json", report)
     return SearchOutcome(run_dir=run_dir, report=report, rows=rows, interrupted=interrupted)
 
 
@@ -263,6 +285,7 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     ``measure_front`` re-applies and measures every Pareto point after the search. ``task`` replaces
     the space's task (e.g. a LoaderTask over DataLoaders given to the Python API). A search stopped by
     SIGINT or SIGTERM returns with ``interrupted`` set; ``resume_search`` finishes it."""
+    started = time.time()
     check_run_dir(Path(out), force)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     task = task if task is not None else space.build_task()  # a bad task must not cost the old run
@@ -270,7 +293,7 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
         run_dir = prepare_run_dir(Path(out), force)
         write_yaml(run_dir / "space.yaml", space.raw)
         save_costing(run_dir, costing)
-        return _run(space, run_dir, address=address, costing=costing, task=task)
+        return _run(space, run_dir, address=address, costing=costing, task=task, started=started)
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:

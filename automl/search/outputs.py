@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from automl.io import atomic_write_bytes, atomic_write_text, write_json
+from automl.io import atomic_write_text, write_json
 from automl.recipe import recipe_from_config
 from automl.search.pareto import pareto_front
+from automl.search.plots import plot_search
 from automl.search.rundir import write_output_set
 from automl.spaces import SearchSpace
 
@@ -47,38 +48,6 @@ def flatten(row: Dict) -> Dict:
 def front_rows(rows: Sequence[Dict], space: SearchSpace) -> List[Dict]:
     eligible = [r for r in rows if r["status"] == "completed" and r.get("feasible")]
     return [eligible[i] for i in pareto_front([r["metrics"] for r in eligible], space.objectives)]
-
-
-def plot_front(path: Path, rows: Sequence[Dict], front: Sequence[Dict], space: SearchSpace,
-               x_source: str = "measured, deployed model", baseline: Optional[Dict] = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_key = "latency_ms" if "latency_ms" in space.objectives else next(
-        (k for k in space.objectives if k != "accuracy"), "latency_ms")
-    done = [r["metrics"] for r in rows if r["status"] == "completed" and x_key in r["metrics"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter([m[x_key] for m in done], [100 * m["accuracy"] for m in done], s=18, c="#b0b0b0",
-               label=f"completed trials ({len(done)})")
-    pts = sorted((r["metrics"][x_key], 100 * r["metrics"]["accuracy"]) for r in front)
-    if pts:
-        ax.scatter(*zip(*pts), s=40, c="#d62728", zorder=3, label=f"Pareto front ({len(pts)})")
-    if baseline and x_key in baseline:
-        ax.scatter([baseline[x_key]], [100 * baseline["accuracy"]], s=90, marker="*", c="black", zorder=4,
-                   label="uncompressed model (baseline)")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{x_key} ({x_source}; log scale)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("accuracy vs cost; front over all objectives: " + ", ".join(space.objectives), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _best(front: Sequence[Dict], space: SearchSpace) -> Dict[str, Dict]:
@@ -198,7 +167,9 @@ def _markdown(report: Dict, front: Sequence[Dict], space: SearchSpace) -> str:
         f"- space: `{report['space_source']}` (hash `{report['space_hash']}`), task `{space.task}`",
         f"- trials: {report['trials']} ({', '.join(f'{k} {v}' for k, v in report['status_counts'].items())})",
         f"- wall time: {report['wall_time_s']:.1f} s",
-        cost, "",
+        "- search: " + ", ".join(f"{k} {v}" for k, v in report["search"].items())
+        + f"; front hypervolume {report['hypervolume']:.4f} (objectives scaled to this run's range, reference 1.05)",
+        cost, "", "![front against every completed trial, per pair of objectives](pareto.png)", "",
         "## Pareto front", "",
         "| trial | " + " | ".join(keys) + " | recipe |",
         "|---" * (len(keys) + 2) + "|",
@@ -243,8 +214,8 @@ def _write_all(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: 
     atomic_write_text(out / "trials.csv", _csv([flatten(r) for r in rows], columns))
     front = front_rows(rows, space)
     atomic_write_text(out / "front.csv", _csv([flatten(r) for r in front], columns))
-    plot_front(out / "pareto.png", rows, front, space, baseline=baseline,
-               **({"x_source": f"predicted from the profile of {profile['device']['cpu_model']}"} if profile else {}))
+    volumes = plot_search(out / "pareto.png", rows, front, space, baseline=baseline, **(
+        {"cost_source": f"predicted from the profile of {profile['device']['cpu_model']}"} if profile else {}))
     for r in front:
         extra = {"profile": profile["path"], "profile_device": profile["device"]["cpu_model"]} if profile else {}
         recipe = recipe_from_config(space, r["config"], provenance={
@@ -262,6 +233,8 @@ def _write_all(out: Path, space: SearchSpace, rows: List[Dict], *, wall_time_s: 
         "front": [{"trial_id": r["trial_id"], "metrics": r["metrics"], "config": r["config"],
                    "recipe": f"recipes/{r['trial_id']}.yaml"} for r in front],
         "best": _best(front, space), "versions": versions,
+        # over (objectives scaled to this run's range, reference 1.05 each): see pareto.scaled_hypervolumes
+        "hypervolume": volumes[-1] if volumes else 0.0, "hypervolume_by_trial": [round(v, 5) for v in volumes],
         "measurement": {"latency": f"median of batch-{space.deploy.batch} runs after warm-up, "
                                    f"onnxruntime CPU, {space.deploy.threads} thread(s)",
                         "size_kb": "deflate-compressed size of the deployed ONNX file"},

@@ -49,3 +49,46 @@ def feasible(metrics: Mapping, constraints: Dict[str, Dict[str, float]]) -> bool
         if "min" in bound and value < bound["min"]:
             return False
     return True
+
+
+def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
+    """Exact hypervolume of minimisation points (any dimension) below ``ref``, by slicing on the first
+    coordinate; pass a front (a few dozen points), not every trial."""
+    points = [p for p in points if all(v < r for v, r in zip(p, ref))]
+    if not points:
+        return 0.0
+    if len(ref) == 1:
+        return ref[0] - min(p[0] for p in points)
+    xs = sorted({p[0] for p in points})
+    volume = 0.0
+    for i, x in enumerate(xs):
+        upper = xs[i + 1] if i + 1 < len(xs) else ref[0]
+        slab = [p[1:] for p in points if p[0] <= x]
+        volume += (upper - x) * hypervolume(slab, ref[1:])
+    return volume
+
+
+REFERENCE = 1.05  # per objective, after scaling to [0, 1]: the front's extreme points still count
+
+
+def scaled_hypervolumes(metrics: Sequence[Mapping], objectives: Dict[str, str]) -> List[float]:
+    """Hypervolume of the first 1, 2, ... rows (in the order given), every objective scaled to [0, 1] by
+    the range over all rows (best = 0), reference point REFERENCE: 0 is nothing, REFERENCE**n the
+    ideal point."""
+    keys = list(objectives)
+    rows = [m for m in metrics if _finite(m, keys)]
+    if not rows:
+        return []
+    lows = {k: min(float(m[k]) for m in rows) for k in keys}
+    span = {k: max(float(m[k]) for m in rows) - lows[k] or 1.0 for k in keys}
+    points = [[_scaled(float(m[k]), lows[k], span[k], objectives[k]) for k in keys] for m in rows]
+    out, front = [], []
+    for p in points:
+        if not any(all(a <= b for a, b in zip(q, p)) for q in front):
+            front = [q for q in front if not all(a <= b for a, b in zip(p, q))] + [p]
+        out.append(hypervolume(front, [REFERENCE] * len(keys)))
+    return out
+
+
+def _scaled(value: float, low: float, span: float, mode: str) -> float:
+    return (low + span - value) / span if mode == "max" else (value - low) / span

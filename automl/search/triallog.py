@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -27,9 +28,12 @@ class TrialLog(Callback):
         self.interrupt = interrupt
         self.started: Dict[str, object] = {}
         self.finished: set = set()
+        self.first_start: Optional[float] = None  # wall clock of the first trial start and last trial end
+        self.last_end: Optional[float] = None
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = trial
+        self.first_start = self.first_start or time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, make_row(trial.trial_id, trial.last_result, trial.config, self.space))
@@ -47,6 +51,7 @@ class TrialLog(Callback):
         self._finish(trial, row)
 
     def _finish(self, trial, row: Dict):
+        self.last_end = time.time()
         self.journal.append(row)
         self.finished.add(trial.trial_id)
         self.done += 1

@@ -22,10 +22,12 @@ import contextlib
 import io
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from automl.compress.base import Method, register_method
+from automl.compress.quantization.fallback import ParityProbe, describe, float_fallback
 from automl.configs import option
 from automl.runtime import Artifact, int8_reduce_range
 
@@ -41,6 +43,10 @@ class Int8PTQConfig:
     calibration_batches: int = option(8, low=1, high=10_000, doc="training batches used to calibrate")
     calibration_method: str = option("minmax", choices=("minmax", "percentile", "entropy"),
                                      doc="how static activation ranges are set")
+    target_parity: float = option(0.0, low=0.0, high=1.0,
+                                  doc="when the int8 model agrees with the float model on fewer validation inputs than "
+                                      "this, keep its most harmful layers float until it does (fallback.py; 0 = off)")
+    max_float_layers: int = option(8, low=0, high=10_000, doc="target_parity: at most this many layers kept float")
     min_parity: float = option(0.5, low=0.0, high=1.0,
                                doc="refuse an int8 model that predicts the float model's class on fewer than this "
                                    "share of validation inputs (0 keeps any)")
@@ -67,7 +73,7 @@ def calibration_arrays(task, n_batches: int, batch_size: int = 32, seed: int = 0
 
 
 def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
-                        calibration_method: str = "minmax") -> None:
+                        calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=()) -> None:
     """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -81,6 +87,7 @@ def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetri
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         calibrate_method=method, reduce_range=int8_reduce_range(),
+                        nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
                         extra_options={"ActivationSymmetric": symmetric_activations})
 
 
@@ -92,30 +99,16 @@ def grouped_convs(path) -> list:
             and any(a.name == "group" and a.i > 1 for a in node.attribute)]
 
 
-def quantize_dynamic_int8(src, out, *, per_channel: bool = True) -> int:
+def quantize_dynamic_int8(src, out, *, per_channel: bool = True, nodes_to_quantize=None, nodes_to_exclude=()) -> int:
     """Dynamic int8 of ONNX file ``src`` with grouped convolutions left float (see the module doc);
     returns how many were left."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     grouped = grouped_convs(src)
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     reduce_range=int8_reduce_range(), nodes_to_exclude=grouped)
+                     reduce_range=int8_reduce_range(), nodes_to_quantize=nodes_to_quantize,
+                     nodes_to_exclude=[*grouped, *nodes_to_exclude])
     return len(grouped)
-
-
-def int8_parity(float_path, int8_path, loader, threads: int = 1, max_samples: int = 512) -> float:
-    """Share of the first ``max_samples`` inputs of ``loader`` on which both ONNX models predict the same class."""
-    from automl.runtime import OrtModel
-
-    a, b = OrtModel(float_path, threads=threads), OrtModel(int8_path, threads=threads)
-    same = total = 0
-    for x, _ in loader:
-        x = x.numpy().astype(np.float32)
-        same += int((np.asarray(a(x)).argmax(1) == np.asarray(b(x)).argmax(1)).sum())
-        total += len(x)
-        if total >= max_samples:
-            break
-    return same / max(total, 1)
 
 
 def _fmt(ops) -> str:
@@ -140,15 +133,22 @@ class Int8PTQ(Method):
         notes = {}
         try:
             if cfg.mode == "dynamic":
-                notes["float_grouped_convs"] = quantize_dynamic_int8(pre, out, per_channel=cfg.per_channel)
+                notes["float_grouped_convs"] = len(grouped_convs(pre))
+                quantize = partial(quantize_dynamic_int8, per_channel=cfg.per_channel)
             else:
                 batches = calibration_arrays(ctx.task, cfg.calibration_batches, seed=ctx.seed)
-                quantize_static_qdq(pre, out, batches, per_channel=cfg.per_channel,
-                                    symmetric_activations=cfg.symmetric_activations,
-                                    calibration_method=cfg.calibration_method)
+                quantize = partial(quantize_static_qdq, batches=batches, per_channel=cfg.per_channel,
+                                   symmetric_activations=cfg.symmetric_activations,
+                                   calibration_method=cfg.calibration_method)
+            probe = ParityProbe(src, ctx.task.val_loader(), threads=ctx.threads)
+            done = float_fallback(quantize, pre, out, probe, cfg.target_parity,
+                                  cfg.max_float_layers if cfg.target_parity > 0 else 0)
         finally:
             pre.unlink(missing_ok=True)
-        self._check_parity(src, out, ctx)
+        self._check_parity(done["parity"])
+        if cfg.target_parity > 0:
+            self.stats["int8_float_layers"] = len(done["float_layers"])
+            notes["float_layers"] = describe(done["float_layers"])
         # What onnxruntime actually runs after its fusions: a model that stayed mostly float shows here.
         int8_ops, float_ops = onnx_op_counts(out)
         return Artifact(path=out, precision=f"int8_{cfg.mode}",
@@ -156,10 +156,9 @@ class Int8PTQ(Method):
                                "float_ops": _fmt(float_ops),
                                "weight_bits": "7 (no VNNI on this CPU)" if int8_reduce_range() else "8"})
 
-    def _check_parity(self, src, out, ctx):
+    def _check_parity(self, parity: float):
         from automl.errors import MeasurementError
 
-        parity = int8_parity(src, out, ctx.task.val_loader(), threads=ctx.threads)
         self.stats["int8_parity"] = parity
         if parity < self.config.min_parity:
             raise MeasurementError(
@@ -171,4 +170,5 @@ class Int8PTQ(Method):
         if self.config.mode == "dynamic":
             return "mode static"
         others = [m for m in ("percentile", "entropy", "minmax") if m != self.config.calibration_method]
-        return f"calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
+        fallback = "target_parity (e.g. 0.98: the most harmful layers stay float), " if not self.config.target_parity else ""
+        return f"{fallback}calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
