@@ -31,6 +31,11 @@ def _search_space(args):
 def _override_budget(space, args):
     import dataclasses
 
+    if getattr(args, "strategy", None):  # parsed again: the space's checks see the new strategy
+        from automl.spaces import parse_space
+
+        space = parse_space({**space.raw, "budget": {**(space.raw.get("budget") or {}), "strategy": args.strategy}},
+                            space.source)
     changes = {k: getattr(args, k) for k in ("trials", "concurrency") if getattr(args, k, None) is not None}
     bounds = {f.name: (f.metadata["low"], f.metadata["high"]) for f in dataclasses.fields(space.budget)}
     for key, value in changes.items():
@@ -281,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, help="fine-tune epochs of every trial (0: post-training methods only)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
+    s.add_argument("--strategy", choices=("joint", "sequential", "random"),
+                   help="override budget.strategy: joint (default), sequential (architectures, then compression of "
+                        "the best), random")
     s.add_argument("--force", action="store_true", help="replace an existing run directory")
     s.add_argument("--profile", help="hardware profile YAML: latency_ms and energy_mj are predicted from it "
                    "(default: the shipped CPU profile for the embedded default space on the CPU it was measured "

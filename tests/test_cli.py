@@ -66,3 +66,11 @@ def test_errors_found_while_a_recipe_runs_name_the_recipe(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{recipe}: layers: layer pattern matches no prunable layer (got 'no_such_layer')" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_strategy_override_is_checked_like_the_space(tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("version: 1\ntask: digits\narch: {family: cnn}\nobjectives: {accuracy: max}\nbudget: {trials: 1}\n")
+    proc = _run("search", "--space", str(path), "--strategy", "sequential", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "budget.trials: sequential runs two phases" in proc.stderr
+    assert "\n" not in proc.stderr.strip() and not (tmp_path / "r").exists()

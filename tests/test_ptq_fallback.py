@@ -25,13 +25,13 @@ def test_fallback_reverts_the_most_harmful_layers_first():
     fb.quantizable_nodes, saved = (lambda src: list(harm)), fb.quantizable_nodes
     try:
         out = {}
-        done = float_fallback(quantize, "src", out, probe, target=0.95, max_float=3)
+        done = float_fallback(quantize, "src", out, probe, target=0.95, max_share=0.75)
         assert done["float_layers"] == ["b", "d"] and done["parity"] >= 0.95 and out["quantized"] == ["a", "c"]
         out = {}
-        done = float_fallback(quantize, "src", out, probe, target=0.999, max_float=1)  # unreachable: the best
+        done = float_fallback(quantize, "src", out, probe, target=0.999, max_share=0.25)  # unreachable: the best
         assert done["float_layers"] == ["b"] and out["quantized"] == ["a", "c", "d"]
         calls.clear()
-        assert float_fallback(quantize, "src", {}, probe, target=0.2, max_float=3)["float_layers"] == []
+        assert float_fallback(quantize, "src", {}, probe, target=0.2, max_share=0.75)["float_layers"] == []
         assert len(calls) == 1  # good enough at once: no ranking
     finally:
         fb.quantizable_nodes = saved
@@ -73,8 +73,8 @@ def test_a_layer_that_ruins_int8_is_kept_float(tmp_path):
     def quantize(s, o, **kw):
         ptq.quantize_static_qdq(s, o, batches, **kw)
 
-    plain = float_fallback(quantize, src, tmp_path / "plain.onnx", probe, target=0.0, max_float=0)
-    kept = float_fallback(quantize, src, tmp_path / "kept.onnx", probe, target=0.95, max_float=2)
+    plain = float_fallback(quantize, src, tmp_path / "plain.onnx", probe, target=0.0, max_share=0.0)
+    kept = float_fallback(quantize, src, tmp_path / "kept.onnx", probe, target=0.95, max_share=0.5)
     assert plain["parity"] < 0.8 and kept["parity"] >= 0.95, (plain, kept)
     assert set(ptq.grouped_convs(src)) <= set(kept["float_layers"])  # the amplifying depthwise conv
     assert len(kept["float_layers"]) <= 2 and "Gemm" not in str(kept["float_layers"])

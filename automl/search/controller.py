@@ -1,4 +1,5 @@
-"""Ray Tune controller: OptunaSearch (several objectives) + ASHA on accuracy, then the run outputs."""
+"""Ray Tune controller: OptunaSearch (several objectives) + Pareto-aware or ASHA early stopping, run phase by
+phase (budget.strategy), then the run outputs."""
 from __future__ import annotations
 
 import math
@@ -205,10 +206,13 @@ def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: 
 def timing(started: float, ray_s: float, log: TrialLog) -> Dict[str, float]:
     """Where this run's wall time went: the controller's overhead is everything outside the span from
     the first trial's start to the last trial's end (Ray start-up, baseline, output writing, ...)."""
-    wall = time.time() - started
-    trials = (log.last_end - log.first_start) if log.first_start and log.last_end else 0.0
-    return {"wall_s": round(wall, 2), "ray_start_s": round(ray_s, 2), "trials_s": round(trials, 2),
-            "overhead_s": round(wall - trials, 2), "overhead_share": round((wall - trials) / max(wall, 1e-9), 4)}
+    now = time.time()
+    first, last = log.first_start or now, log.last_end or now
+    wall, trials = now - started, max(last - first, 0.0)
+    return {k: round(v, 4 if k == "overhead_share" else 2) for k, v in {
+        "wall_s": wall, "ray_start_s": ray_s, "before_first_trial_s": first - started, "trials_s": trials,
+        "after_last_trial_s": now - last, "overhead_s": wall - trials,
+        "overhead_share": (wall - trials) / max(wall, 1e-9)}.items()}
 
 
 def _run_trials(space: SearchSpace, run_dir: Path, address, task, journal: Journal, log: TrialLog, stopper,

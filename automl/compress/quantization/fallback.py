@@ -7,16 +7,20 @@ trained pytorchcv GhostNet: 57 % int8 accuracy from 86 % float; quantized alone,
 dropped agreement to 27-76 %). Accuracy-aware quantization in NNCF and AIMET's quant analyzer answer
 the same way: rank layers by their own damage, revert the worst.
 
-Ranking quantizes one layer at a time (calibration included), so it costs one quantization per
-quantizable layer; it runs only when the plain int8 model misses the target.
+Ranking quantizes one op at a time (calibration included), so it costs one quantization per
+quantizable op; it runs only when the plain int8 model misses the target.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Sequence
 
 import numpy as np
 
-QUANTIZABLE = ("Conv", "Gemm", "MatMul")
+# the ops onnxruntime's QDQ quantizer wraps in Q/DQ pairs: keeping one float also keeps its output
+# float (a residual add or a concatenation can be what ruins the int8 model, not a convolution)
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "ReduceMean", "GlobalAveragePool",
+               "AveragePool", "MaxPool", "Sigmoid", "HardSigmoid", "HardSwish", "Softmax", "Resize", "Pad", "Split")
 
 
 class ParityProbe:
@@ -54,26 +58,38 @@ def quantizable_nodes(path) -> List[str]:
 
 
 def float_fallback(quantize: Callable[..., None], src, out, probe: ParityProbe, target: float,
-                   max_float: int) -> dict:
+                   max_share: float) -> dict:
     """``quantize(src, out, nodes_to_quantize=None, nodes_to_exclude=())`` writes an int8 model; this
-    keeps the fewest layers float (most harmful first, at most ``max_float``) that bring parity to
-    ``target``, or the best it found. ``out`` holds the chosen model; returns what was done."""
+    keeps the fewest layers float (most harmful first, at most ``max_share`` of them) that bring parity to
+    ``target``, or the best it found. ``out`` holds the chosen model; returns what was done.
+
+    Several harmful layers compound (each alone may cost a tenth of the agreement), so the count is
+    searched by doubling, then bisected: parity is close to monotone in it."""
     quantize(src, out)
     parity = probe(out)
-    if parity >= target or max_float <= 0:
+    if parity >= target or max_share <= 0:
         return {"parity": parity, "float_layers": []}
     ranked = _rank(quantize, src, out, probe)
-    best = (parity, [])
-    for k in range(1, min(max_float, len(ranked)) + 1):
-        quantize(src, out, nodes_to_exclude=ranked[:k])
-        parity = probe(out)
-        if parity > best[0]:
-            best = (parity, ranked[:k])
-        if parity >= target:
-            break
-    if best[1] != ranked[:k]:  # the last try was not the best: write the best again
-        quantize(src, out, nodes_to_exclude=best[1])
-    return {"parity": best[0], "float_layers": best[1]}
+    tried = {0: parity}
+
+    def attempt(k: int) -> float:
+        if k not in tried:
+            quantize(src, out, nodes_to_exclude=ranked[:k])
+            tried[k] = probe(out)
+        return tried[k]
+
+    cap, low, high = math.ceil(max_share * len(ranked)), 0, None
+    k = 1
+    while k <= cap and high is None:
+        low, high = (k, None) if attempt(k) < target else (low, k)
+        k = cap if k < cap < 2 * k else 2 * k
+    while high is not None and high - low > 1:  # smallest count in (low, high] that meets the target
+        mid = (low + high) // 2
+        low, high = (mid, high) if attempt(mid) < target else (low, mid)
+    best = high if high is not None else max(tried, key=lambda n: (tried[n], -n))
+    if best != list(tried)[-1]:  # the file on disk is the last try: write the chosen one again
+        quantize(src, out, nodes_to_exclude=ranked[:best])
+    return {"parity": tried[best], "float_layers": ranked[:best]}
 
 
 def _rank(quantize, src, out, probe) -> List[str]:

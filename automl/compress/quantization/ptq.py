@@ -46,7 +46,8 @@ class Int8PTQConfig:
     target_parity: float = option(0.0, low=0.0, high=1.0,
                                   doc="when the int8 model agrees with the float model on fewer validation inputs than "
                                       "this, keep its most harmful layers float until it does (fallback.py; 0 = off)")
-    max_float_layers: int = option(8, low=0, high=10_000, doc="target_parity: at most this many layers kept float")
+    max_float_share: float = option(0.25, low=0.0, high=1.0,
+                                    doc="target_parity: at most this share of the quantizable layers kept float")
     min_parity: float = option(0.5, low=0.0, high=1.0,
                                doc="refuse an int8 model that predicts the float model's class on fewer than this "
                                    "share of validation inputs (0 keeps any)")
@@ -142,7 +143,7 @@ class Int8PTQ(Method):
                                    calibration_method=cfg.calibration_method)
             probe = ParityProbe(src, ctx.task.val_loader(), threads=ctx.threads)
             done = float_fallback(quantize, pre, out, probe, cfg.target_parity,
-                                  cfg.max_float_layers if cfg.target_parity > 0 else 0)
+                                  cfg.max_float_share if cfg.target_parity > 0 else 0.0)
         finally:
             pre.unlink(missing_ok=True)
         self._check_parity(done["parity"])
