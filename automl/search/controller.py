@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -67,7 +68,12 @@ def make_sampler(budget, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if budget.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget.trials // 6)))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, budget.trials))
+    # multivariate + group: TPE models parameters jointly, per set of parameters that occur together (our
+    # spaces are conditional); constant_liar: concurrent trials are not sent to the same spot
+    with warnings.catch_warnings():  # both are marked experimental in Optuna; pinned version, tested here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, budget.trials), multivariate=True,
+                                          group=True, constant_liar=True)
 
 
 def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> ParetoOptunaSearch:
