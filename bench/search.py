@@ -39,7 +39,8 @@ SETTINGS = {"asha+tpe": {"scheduler": "asha", "sampler": "tpe"},
             "joint": {"strategy": "joint"},
             "sequential": {"strategy": "sequential"},
             "random": {"strategy": "random", "sampler": "random"}}
-SPACES = {"default": None, "rich": Path(__file__).resolve().parent.parent / "search_spaces" / "digits_resnet_joint.yaml"}
+SPACES = {"default": None,
+          "rich": Path(__file__).resolve().parent.parent / "search_spaces" / "digits_resnet_joint.yaml"}
 OBJECTIVES = ("accuracy", "latency_ms", "size_kb")
 
 
@@ -62,8 +63,8 @@ def run_setting(name, overrides, seed, trials, base_raw, epochs, split="val"):
     return {"setting": name, "seed": seed, "wall_s": round(time.time() - started, 1),
             "completed": sum(r["status"] == "completed" for r in outcome.rows),
             "early_stopped": sum(r["status"] == "early_stopped" for r in outcome.rows),
-            "points": [[r["metrics"]["test_accuracy" if split == "test" else "accuracy"], *(r["metrics"][k] for k in
-                                                                                           OBJECTIVES[1:])] for r in rows]}
+            "points": [[r["metrics"]["test_accuracy" if split == "test" else "accuracy"],
+                        *(r["metrics"][k] for k in OBJECTIVES[1:])] for r in rows]}
 
 
 def score(runs, settings):

@@ -70,7 +70,7 @@ def make_sampler(budget, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, budget.trials // 6)))
     # multivariate + group: TPE models parameters jointly, per set of parameters that occur together (our
     # spaces are conditional); constant_liar: concurrent trials are not sent to the same spot
-    with warnings.catch_warnings():  # both are marked experimental in Optuna; pinned version, tested here
+    with warnings.catch_warnings():  # group is marked experimental in Optuna; the version is pinned and tested
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, budget.trials), multivariate=True,
                                           group=True, constant_liar=True)

@@ -171,5 +171,6 @@ class Int8PTQ(Method):
         if self.config.mode == "dynamic":
             return "mode static"
         others = [m for m in ("percentile", "entropy", "minmax") if m != self.config.calibration_method]
-        fallback = "target_parity (e.g. 0.98: the most harmful layers stay float), " if not self.config.target_parity else ""
+        fallback = ("target_parity (e.g. 0.98: the most harmful layers stay float), "
+                    if not self.config.target_parity else "")
         return f"{fallback}calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
