@@ -223,7 +223,8 @@ def test_without_profile_outputs_are_unchanged(space, tmp_path):
     assert header == ["trial_id", "status", "feasible", "error", "traceback", "accuracy", "latency_ms", "size_kb",
                       "test_accuracy", "precision"] + plain.names()
     assert set(report) == {"space_source", "space_hash", "task", "objectives", "constraints", "trials",
-                           "status_counts", "wall_time_s", "front", "best", "versions", "measurement"}
+                           "status_counts", "wall_time_s", "front", "best", "versions", "measurement", "search",
+                           "hypervolume", "hypervolume_by_trial"}
     md = (tmp_path / "report.md").read_text()
     assert "Hardware profile" not in md and "runs of the deployed ONNX model" in md
 
