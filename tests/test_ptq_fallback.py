@@ -80,3 +80,19 @@ def test_a_layer_that_ruins_int8_is_kept_float(tmp_path):
     assert len(kept["float_layers"]) <= 2 and "Gemm" not in str(kept["float_layers"])
     assert probe(tmp_path / "kept.onnx") == kept["parity"]  # the file written is the one chosen
     assert OrtModel(tmp_path / "kept.onnx")(batches[0][:1]).shape == (1, 10)
+
+
+def test_ranges_calibrated_once_quantize_like_a_fresh_calibration(tmp_path):
+    """The fallback search reuses the first call's activation ranges: a later call on other nodes needs no
+    data and writes the same model a full calibration would."""
+    src = export_onnx(_Amplifier().eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx").path
+    batches = [x.numpy() for x, _ in _loader(0)]
+    cache = tmp_path / "ranges.json"
+    ptq.quantize_static_qdq(src, tmp_path / "all.onnx", batches, calibration_cache=cache)
+    assert cache.is_file()
+    node = quantizable_nodes(src)[0]
+    ptq.quantize_static_qdq(src, tmp_path / "cached.onnx", [], calibration_cache=cache, nodes_to_quantize=[node])
+    ptq.quantize_static_qdq(src, tmp_path / "fresh.onnx", batches, nodes_to_quantize=[node])
+    x = batches[1]
+    assert np.array_equal(OrtModel(tmp_path / "cached.onnx")(x), OrtModel(tmp_path / "fresh.onnx")(x))
+    assert not np.array_equal(OrtModel(tmp_path / "cached.onnx")(x), OrtModel(tmp_path / "all.onnx")(x))

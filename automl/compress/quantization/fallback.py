@@ -7,8 +7,9 @@ trained pytorchcv GhostNet: 57 % int8 accuracy from 86 % float; quantized alone,
 dropped agreement to 27-76 %). Accuracy-aware quantization in NNCF and AIMET's quant analyzer answer
 the same way: rank layers by their own damage, revert the worst.
 
-Ranking quantizes one op at a time (calibration included), so it costs one quantization per
-quantizable op; it runs only when the plain int8 model misses the target.
+Ranking quantizes one op at a time with the activation ranges calibrated once, so it costs one
+quantization and one parity probe per quantizable op; it runs only when the plain int8 model misses
+the target.
 """
 from __future__ import annotations
 

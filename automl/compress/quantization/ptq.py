@@ -23,6 +23,7 @@ import io
 import logging
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -74,22 +75,29 @@ def calibration_arrays(task, n_batches: int, batch_size: int = 32, seed: int = 0
 
 
 def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
-                        calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=()) -> None:
-    """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``."""
+                        calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=(),
+                        calibration_cache=None) -> None:
+    """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``.
+
+    ``calibration_cache``: a JSON file of the activation ranges, written by the first call and read by
+    the next ones on the same ``src`` (ranges cover every quantizable tensor whichever nodes are
+    quantized), so the float-fallback search calibrates once instead of once per try."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from automl.runtime import OrtModel, int8_reduce_range
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration_method]
-    reader = _Batches(OrtModel(src).input_name, batches)
+    cached = calibration_cache is not None and Path(calibration_cache).is_file()
+    reader = None if cached else _Batches(OrtModel(src).input_name, batches)
     # The histogram calibrators print progress to stdout.
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         calibrate_method=method, reduce_range=int8_reduce_range(),
                         nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
-                        extra_options={"ActivationSymmetric": symmetric_activations})
+                        extra_options={"ActivationSymmetric": symmetric_activations},
+                        calibration_cache_path=None if calibration_cache is None else str(calibration_cache))
 
 
 def grouped_convs(path) -> list:
@@ -128,8 +136,10 @@ class Int8PTQ(Method):
         logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs via root
         src = artifact.path
         pre = src.with_name(src.stem + ".pre.onnx")
+        ranges = src.with_name(src.stem + ".ranges.json")
         out = src.with_name(src.stem + f".int8_{self.config.mode}.onnx")
         quant_pre_process(str(src), str(pre))
+        ranges.unlink(missing_ok=True)  # ranges of another model would be read as this one's
         cfg = self.config
         notes = {}
         try:
@@ -140,12 +150,13 @@ class Int8PTQ(Method):
                 batches = calibration_arrays(ctx.task, cfg.calibration_batches, seed=ctx.seed)
                 quantize = partial(quantize_static_qdq, batches=batches, per_channel=cfg.per_channel,
                                    symmetric_activations=cfg.symmetric_activations,
-                                   calibration_method=cfg.calibration_method)
+                                   calibration_method=cfg.calibration_method, calibration_cache=ranges)
             probe = ParityProbe(src, ctx.task.val_loader(), threads=ctx.threads)
             done = float_fallback(quantize, pre, out, probe, cfg.target_parity,
                                   cfg.max_float_share if cfg.target_parity > 0 else 0.0)
         finally:
             pre.unlink(missing_ok=True)
+            ranges.unlink(missing_ok=True)
         self._check_parity(done["parity"])
         if cfg.target_parity > 0:
             self.stats["int8_float_layers"] = len(done["float_layers"])
