@@ -271,6 +271,10 @@ def test_profiled_search_end_to_end(space, tmp_path):
     report = json.loads((run / "report.json").read_text())
     check = report["front_check"]
     assert check["points"] == len(report["front"]) >= 1
+    timing = report["timing"]  # the front check is timed apart from the controller's overhead
+    assert 0 < timing["front_check_s"] < timing["after_last_trial_s"]
+    assert timing["overhead_s"] == pytest.approx(timing["wall_s"] - timing["trials_s"] - timing["front_check_s"],
+                                                 abs=0.02)
     for point in check["rows"]:
         assert point["measured_ms"] > 0 and math.isfinite(point["error"])
     assert report["profile"]["path"] == str(path)

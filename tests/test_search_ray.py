@@ -70,6 +70,7 @@ def test_run_directory(finished, space):
     assert len(report["hypervolume_by_trial"]) == sum(r["feasible"] == "True" for r in completed)
     timing = report["timing"]  # where the wall time went; the trials' span is inside it
     assert 0 < timing["trials_s"] < timing["wall_s"] and timing["ray_start_s"] > 0
+    assert timing["front_check_s"] == 0  # no profile, so no front to measure again
     assert timing["overhead_s"] == pytest.approx(timing["wall_s"] - timing["trials_s"], abs=0.02)
     assert "![front" in (out / "report.md").read_text()
     front = list(csv.DictReader((out / "front.csv").open()))
