@@ -124,6 +124,8 @@ def cmd_apply(args) -> int:
     if "accuracy" in recipe.metrics:
         print(f"accuracy {result.metrics['accuracy']:.4f} (recorded by the search: "
               f"{recipe.metrics['accuracy']:.4f}); deployed model: {result.artifact.path}")
+    if "warning" in result.metrics:
+        print(f"automl apply: WARNING: {result.metrics['warning']}", file=sys.stderr)
     note = "" if "torch_export_error" not in metrics else f" (no model.pt2: {metrics['torch_export_error']})"
     print(f"PyTorch model: automl.load('{args.out}') (model.pt + structure.json){note}")
     return 0

@@ -30,6 +30,7 @@ def test_apply_is_deterministic_and_accurate(task, tmp_path):
     assert first.metrics["precision"] == "fp32"
     assert first.metrics["latency_ms"] > 0 and first.metrics["size_kb"] > 0
     assert first.metrics["nonzero_params"] == first.metrics["params"]
+    assert "speedup_vs_float" not in first.metrics  # a float model is not compared with itself
 
 
 @pytest.mark.parametrize("mode,op", [("static", "QuantizeLinear"), ("dynamic", "ConvInteger")])
@@ -42,6 +43,9 @@ def test_int8_ptq_runs_int8_kernels(task, tmp_path, mode, op):
     # int8 costs little accuracy relative to the float model it came from
     assert result.metrics["accuracy"] >= result.metrics["torch_accuracy"] - 0.02
     assert result.metrics["int8_parity"] >= 0.95  # the int8 model predicts what the float model predicts
+    m = result.metrics  # timed against its own float form, with a warning when slower
+    assert m["speedup_vs_float"] == pytest.approx(m["float_latency_ms"] / m["latency_ms"])
+    assert ("warning" in m) == (m["speedup_vs_float"] < 1)
 
 
 def test_magnitude_pruning_reaches_ratio_and_keeps_accuracy(task, tmp_path):
@@ -63,6 +67,7 @@ def test_cli_apply_writes_metrics_and_model(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / metrics["artifact"]).is_file() and (out / "model.pt").is_file()
     assert Recipe.load(out / "recipe.yaml") == recipe
+    assert ("WARNING: the int8_static model is SLOWER" in proc.stderr) == (metrics["speedup_vs_float"] < 1)
     again = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr

@@ -131,6 +131,23 @@ def deployed_metrics(artifact: Artifact, task, deploy) -> Dict[str, float]:
     }
 
 
+def against_float(float_artifact: Artifact, artifact: Artifact, deployed_ms: float, task, deploy) -> Dict:
+    """An int8 model's latency against its own float ONNX form (same runtime, threads and batch):
+    ``float_latency_ms``, ``speedup_vs_float``, and a ``warning`` when int8 deploys slower -- it does on
+    small models and on graphs whose quantize/dequantize steps outweigh the int8 arithmetic."""
+    if not artifact.precision.startswith("int8") or artifact.runtime != "onnxruntime" \
+            or not float_artifact.path.is_file():
+        return {}
+    runner = OrtModel(float_artifact.path, threads=deploy.threads)
+    float_ms = measure_latency(runner, task.example_input(deploy.batch).numpy())["median_ms"]
+    out = {"float_latency_ms": float_ms, "speedup_vs_float": float_ms / deployed_ms}
+    if deployed_ms > float_ms:
+        out["warning"] = (f"the {artifact.precision} model is SLOWER than its float form ({deployed_ms:.4g} vs "
+                          f"{float_ms:.4g} ms, batch {deploy.batch}, {deploy.threads} thread(s)): ship the float "
+                          "model for speed, or keep int8 for size only")
+    return out
+
+
 def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None,
                  cache_dir=None) -> ApplyResult:
     """Rebuild, train, compress, export and measure. Files go to ``work_dir``; trained distillation
@@ -144,11 +161,13 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)
     model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
     example = task.example_input(1)
-    artifact = export_onnx(model, example, work_dir / "model.onnx")
+    artifact = float_artifact = export_onnx(model, example, work_dir / "model.onnx")
     for h in handlers:
         artifact = h.deploy(artifact, ctx)
+    deployed = deployed_metrics(artifact, task, recipe.deploy)
     metrics = {
-        **deployed_metrics(artifact, task, recipe.deploy),
+        **deployed,
+        **against_float(float_artifact, artifact, deployed["latency_ms"], task, recipe.deploy),
         "torch_accuracy": task.evaluate(model, task.val_loader()),
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
