@@ -1,5 +1,6 @@
 """apply_recipe end to end: deterministic replay, real int8 kernels, the CLI's apply."""
 import json
+import logging
 import subprocess
 import sys
 
@@ -36,7 +37,13 @@ def test_apply_is_deterministic_and_accurate(task, tmp_path):
 @pytest.mark.parametrize("mode,op", [("static", "QuantizeLinear"), ("dynamic", "ConvInteger")])
 def test_int8_ptq_runs_int8_kernels(task, tmp_path, mode, op):
     recipe = _recipe(**{"quantization.method": "int8_ptq", "quantization.mode": mode})
-    result = apply_recipe(recipe, tmp_path, task=task)
+    root, before = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.INFO)
+    try:
+        result = apply_recipe(recipe, tmp_path, task=task)
+        assert root.level == logging.INFO  # the user's logging left as it was
+    finally:
+        root.setLevel(before)
     ops = {n.op_type for n in onnx.load(str(result.artifact.path)).graph.node}
     assert op in ops
     assert result.metrics["precision"] == f"int8_{mode}"

@@ -120,6 +120,18 @@ def quantize_dynamic_int8(src, out, *, per_channel: bool = True, nodes_to_quanti
     return len(grouped)
 
 
+@contextlib.contextmanager
+def quiet_root_logger(level: int = logging.ERROR):
+    """The root logger at ``level`` inside the block only, so the user's own logging is untouched."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def _fmt(ops) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(ops.items())) or "none"
 
@@ -129,11 +141,14 @@ class Int8PTQ(Method):
     """Acts at deploy time on the exported fp32 ONNX model."""
 
     def _deploy(self, artifact: Artifact, ctx):
+        with quiet_root_logger():  # onnxruntime.quantization logs warnings via the root logger
+            return self._quantize(artifact, ctx)
+
+    def _quantize(self, artifact: Artifact, ctx):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         from automl.compress.quantization.pt2e import onnx_op_counts
 
-        logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime.quantization logs via root
         src = artifact.path
         pre = src.with_name(src.stem + ".pre.onnx")
         ranges = src.with_name(src.stem + ".ranges.json")
