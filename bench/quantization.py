@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 
@@ -40,11 +39,11 @@ from automl.configs import parse_config
 from automl.io import write_json
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
-from automl.runtime import OrtModel, export_onnx, measure_latency
+from automl.runtime import OrtModel, export_onnx
 from automl.search.versions import library_versions
 from automl.tasks import get_task
 from automl.validate import Where
-from common import GeneratedTask
+from common import GeneratedTask, latencies
 
 MODELS = {
     "digits_cnn": ("cnn", {"width": 32, "depth": 3, "kernel": 3, "pooling": "stride"}, "digits"),
@@ -137,17 +136,6 @@ class Compiled:
         x = torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x
         with torch.no_grad():
             return self.fns[x.shape[0]](x)
-
-
-def latencies(runners, task, rounds):
-    """{name: {b1, b32}}: median over interleaved rounds of each runner's median latency."""
-    out = {name: {"b1": [], "b32": []} for name in runners}
-    x1, x32 = task.example_input(1).numpy(), task.example_input(32).numpy()
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            out[name]["b1"].append(measure_latency(runner, x1, warmup=20, repeats=100)["median_ms"])
-            out[name]["b32"].append(measure_latency(runner, x32, warmup=5, repeats=30)["median_ms"])
-    return {n: {k: statistics.median(v) for k, v in d.items()} for n, d in out.items()}, out
 
 
 def bench_model(key, args, tmp):

@@ -52,7 +52,7 @@ def test_int8_ptq_runs_int8_kernels(task, tmp_path, mode, op):
     assert result.metrics["int8_parity"] >= 0.95  # the int8 model predicts what the float model predicts
     m = result.metrics  # timed against its own float form, with a warning when slower
     assert m["speedup_vs_float"] == pytest.approx(m["float_latency_ms"] / m["latency_ms"])
-    assert ("warning" in m) == (m["speedup_vs_float"] < 1)
+    assert ("warning" in m) == (m["speedup_vs_float"] < 0.95)
 
 
 def test_magnitude_pruning_reaches_ratio_and_keeps_accuracy(task, tmp_path):
@@ -74,7 +74,7 @@ def test_cli_apply_writes_metrics_and_model(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / metrics["artifact"]).is_file() and (out / "model.pt").is_file()
     assert Recipe.load(out / "recipe.yaml") == recipe
-    assert ("WARNING: the int8_static model is SLOWER" in proc.stderr) == (metrics["speedup_vs_float"] < 1)
+    assert ("WARNING: the int8_static model is SLOWER" in proc.stderr) == (metrics["speedup_vs_float"] < 0.95)
     again = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr

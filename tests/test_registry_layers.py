@@ -66,7 +66,7 @@ def test_builtin_methods_registered():
     assert get_method("magnitude").category == "pruning"
     with pytest.raises(UnknownNameError, match="unknown quantization method") as info:
         get_method("magnitude", category="quantization")
-    assert "valid names: binary, data_free, int8_pt2e, int8_ptq, kmeans, mixed, none, qat, ternary" in str(info.value)
+    assert "valid names: binary, data_free, fp16, int8_pt2e, int8_ptq, kmeans, mixed, none, qat, ternary" in str(info.value)
 
 
 # --- layer selection -------------------------------------------------------------------------

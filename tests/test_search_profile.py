@@ -227,6 +227,16 @@ def test_without_profile_outputs_are_unchanged(space, tmp_path):
                            "hypervolume", "hypervolume_by_trial"}
     md = (tmp_path / "report.md").read_text()
     assert "Hardware profile" not in md and "runs of the deployed ONNX model" in md
+    assert "SLOWER" not in md
+
+
+def test_report_names_front_points_slower_than_their_float_form(space, tmp_path):
+    rows = _rows(space)
+    rows[0]["metrics"].update(precision="int8_static", speedup_vs_float=0.7, warning="SLOWER than its float form")
+    rows[1]["metrics"].update(precision="int8_static", speedup_vs_float=1.8)
+    write_outputs(tmp_path, space, rows, wall_time_s=1.0, versions={})
+    md = (tmp_path / "report.md").read_text()
+    assert "SLOWER than its own fp32 form" in md and "t1 (0.70x)" in md and "t2 (" not in md
 
 
 def test_run_dir_keeps_the_costing_for_resume(space, profile_path, tmp_path):

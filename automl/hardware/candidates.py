@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from automl.compress.quantization.half import not_in_profiles
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.layers import PRECISIONS, LayerKey, TracedLayer, distinct_keys, trace_layers
 from automl.spaces.adapter import resolve, sample_config
@@ -47,7 +48,7 @@ DEPLOYED_PRECISION = {
     "qat": lambda cfg: "int8_static" if cfg.w_bits == 8 and cfg.a_bits == 8 else "fp32",
     "data_free": lambda cfg: "int8_static" if cfg.bits == 8 and cfg.int8_deploy else "fp32",
     "mixed": lambda cfg: "fp32", "binary": lambda cfg: "fp32", "ternary": lambda cfg: "fp32",
-    "kmeans": lambda cfg: "fp32",
+    "kmeans": lambda cfg: "fp32", "fp16": not_in_profiles,
 }
 # early-exit config options that change the deployed graphs (the rest change only where inputs leave)
 EXIT_SHAPE_OPTIONS = ("method", "exits", "positions", "head_size", "head_pool")

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from automl.compress.quantization.half import not_in_profiles
 from automl.configs import config_to_dict
 from automl.errors import ConfigError, ProfileError, RunDirError
 from automl.hardware.accelerator import float_precision
@@ -171,6 +172,8 @@ def profile_precision(label: str, profile: Optional[HardwareProfile] = None) -> 
         return "int8_static"
     if label.startswith("fp32") or "simulated" in label:
         return "fp32"
+    if label == "fp16":
+        not_in_profiles()
     raise ProfileError(f"the profile cannot price a model deployed at precision '{label}'",
                        file=profile.source if profile else None, key="precision", value=label,
                        fix="map the label to one of " + ", ".join(PRECISIONS) + " in automl.search.costing")
