@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from automl.tasks.base import TensorClassificationTask
 
@@ -16,6 +14,11 @@ class DigitsTask(TensorClassificationTask):
     name = "digits"
 
     def __init__(self, val_fraction: float = 0.2, test_fraction: float = 0.2):
+        # imported here: scikit-learn (with scipy) costs about 0.8 s, which every Ray trial worker
+        # that receives a built task would otherwise pay on start-up
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         data = load_digits()
         x = self.images(data.images.astype(np.float32) / 16.0)
         y = data.target.astype(np.int64)
