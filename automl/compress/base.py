@@ -80,6 +80,7 @@ class ApplyContext:
     steps_per_epoch: int = 0  # optimizer steps per epoch, set by the training loop
     recipe: Any = None  # the recipe being applied (a distillation teacher is built from it)
     cache_dir: Any = None  # where trained teachers are kept between trials (default: work_dir/cache)
+    model: Any = None  # the trained model that was exported, set before the deploy calls
 
 
 class Method:

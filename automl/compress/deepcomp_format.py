@@ -1,4 +1,5 @@
-"""Deep Compression file format: clustered, sparse, Huffman-coded weights in one binary file.
+"""Compressed model files: Deep Compression (clustered, sparse, Huffman-coded weights) and packed
+low-bit weights, in one binary container.
 
 Layout (little-endian)::
 
@@ -11,12 +12,18 @@ Layout (little-endian)::
 A clustered weight stores its centroid table (float32 or float16) and Huffman-coded cluster
 indices. With ``sparse`` storage only the nonzeros' indices are kept, plus their positions as
 Huffman-coded gaps (zeros skipped between two nonzeros) over ``2**g`` symbols whose last symbol is
-an escape meaning "skip 2**g - 1 and continue"; ``g`` is chosen per layer for the fewest bytes. Every
-other tensor (biases, BatchNorm statistics) is stored raw. Files are written atomically.
+an escape meaning "skip 2**g - 1 and continue"; ``g`` is chosen per layer for the fewest bytes.
+
+A packed weight (``save_packed``: binary, ternary and 2-8-bit quantized models) stores per output row
+the row's distinct values (float32, at most ``2**b``) and every weight's index into them, bit-packed
+at ``b`` bits: exact whatever the quantizer (per-channel scales, learned steps, zeros from pruning).
+Every other tensor (biases, BatchNorm statistics, float layers) is stored raw. Files are written
+atomically.
 """
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ VERSION = 1
 _FIXED = struct.Struct("<8sHII")
 CENTROID_DTYPES = {"float32": np.float32, "float16": np.float16}
 _GAP_BITS = range(1, 13)
+MAX_PACKED_BITS = 8  # wider indices save little over float32 and cost a large value table
 
 
 @dataclass
@@ -131,6 +139,93 @@ def _decode_clustered(entry: dict, sections: List[bytes], numel: int, dtype: tor
     return torch.from_numpy(table.astype(np.float64)).to(dtype)[torch.from_numpy(index)]
 
 
+def _grid(levels: np.ndarray):
+    """(scale, integer steps) with ``float32(step * scale) == level`` exactly for every level of a row
+    (what a uniform quantizer computes: (q - zero_point) * scale), or None."""
+    nonzero = levels[levels != 0]
+    if not len(nonzero):
+        return np.float32(1.0), np.zeros(len(levels), np.int64)
+    anchor = abs(float(nonzero[np.abs(nonzero).argmin()]))  # the level nearest zero: a small multiple of scale
+    gap = float(np.diff(levels.astype(np.float64)).min()) if len(levels) > 1 else anchor
+    for multiple in (max(1, round(anchor / gap)), *range(1, 2 ** MAX_PACKED_BITS + 1)):
+        first = np.float32(anchor / multiple)
+        up, down = np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))
+        for scale in (first, up, down, np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))):
+            steps = np.round(levels.astype(np.float64) / float(scale)).astype(np.int64)
+            if scale > 0 and np.array_equal(steps.astype(np.float32) * scale, levels):
+                return np.float32(scale), steps
+    return None
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    planes = ((codes.reshape(-1)[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1)).tobytes()
+
+
+def _unpack_codes(data: bytes, numel: int, bits: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    if len(planes) < numel * bits:
+        raise huffman.HuffmanError("packed indices are shorter than the tensor")
+    return (planes[:numel * bits].reshape(numel, bits).astype(np.int64) << np.arange(bits)).sum(1)
+
+
+def _encode_grid(rows: np.ndarray, levels: List[np.ndarray]):
+    grids = [_grid(v) for v in levels]
+    if any(g is None for g in grids):
+        return None
+    offsets = np.array([g[1].min() for g in grids], np.int64)
+    bits = max(1, math.ceil(math.log2(max(int(g[1].max() - g[1].min()) + 1 for g in grids))))
+    if bits > MAX_PACKED_BITS or np.abs(offsets).max() >= 2 ** 31:
+        return None
+    scales = np.array([g[0] for g in grids], np.float32)
+    codes = np.round(rows.astype(np.float64) / scales[:, None].astype(np.float64)).astype(np.int64) - offsets[:, None]
+    return {"kind": "packed", "levels": "grid", "bits": bits}, [scales.tobytes(), offsets.astype(np.int32).tobytes(),
+                                                                 _pack_codes(codes, bits)]
+
+
+def _encode_table(rows: np.ndarray, levels: List[np.ndarray]):
+    bits = max(1, math.ceil(math.log2(max(len(v) for v in levels))))
+    if bits > MAX_PACKED_BITS:
+        return None
+    table = np.zeros((len(rows), 2 ** bits), np.float32)
+    for i, v in enumerate(levels):
+        table[i, :len(v)] = v
+    codes = np.stack([np.searchsorted(v, r) for v, r in zip(levels, rows)])
+    return {"kind": "packed", "levels": "table", "bits": bits}, [table.tobytes(), _pack_codes(codes, bits)]
+
+
+def _encode_packed(weight: torch.Tensor):
+    """(entry, sections) of a float32 weight with few distinct values per output row, or None when
+    packing would not make it smaller: per row a scale and offset when the values lie on a uniform grid
+    (exactly), else a table of the row's values."""
+    if weight.dtype != torch.float32 or weight.dim() < 2 or not weight.numel():
+        return None
+    rows = weight.detach().cpu().reshape(weight.shape[0], -1).numpy()
+    levels = [np.unique(r) for r in rows]  # sorted
+    if max(len(v) for v in levels) > 2 ** MAX_PACKED_BITS:
+        return None
+    options = [p for p in (_encode_grid(rows, levels), _encode_table(rows, levels)) if p is not None]
+    best = min(options, key=lambda p: sum(map(len, p[1])), default=None)
+    return best if best is not None and sum(map(len, best[1])) < weight.numel() * 4 else None
+
+
+def _decode_packed(entry: dict, sections: List[bytes], shape: Tuple[int, ...]) -> torch.Tensor:
+    bits, numel, count = int(entry["bits"]), int(np.prod(shape, dtype=np.int64)), shape[0]
+    if not 1 <= bits <= MAX_PACKED_BITS:
+        raise huffman.HuffmanError("packed bit-width out of range")
+    codes = _unpack_codes(sections[-1], numel, bits).reshape(count, -1)
+    if entry["levels"] == "grid":
+        scales, offsets = np.frombuffer(sections[0], np.float32), np.frombuffer(sections[1], np.int32)
+        if len(scales) != count or len(offsets) != count:
+            raise huffman.HuffmanError("packed scales do not match the tensor")
+        values = (codes + offsets[:, None]).astype(np.float32) * scales[:, None]
+    else:
+        if len(sections[0]) != count * 2 ** bits * 4:
+            raise huffman.HuffmanError("packed value table does not match the tensor")
+        values = np.take_along_axis(np.frombuffer(sections[0], np.float32).reshape(count, 2 ** bits), codes, axis=1)
+    return torch.from_numpy(values.astype(np.float32))
+
+
 def _dtype(name: str, where) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -182,15 +277,43 @@ def save_compressed(model: nn.Module, path, *, bits: int = 4, sparse: bool = Tru
                                               extra["storage"], sum(map(len, sections)), change))
         else:
             entry["kind"] = "raw"
-            sections = [tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()]
+            sections = _raw_sections(tensor)
         entry["sections"] = [len(s) for s in sections]
         entries.append(entry)
         payload += sections
-    meta = zlib.compress(json.dumps({"bits": bits, "tensors": entries}, separators=(",", ":")).encode(), 9)
+    size = _write(path, {"bits": bits, "tensors": entries}, payload)
+    return CompressionReport(str(path), size, dense_bytes, report_layers)
+
+
+def _write(path, header: dict, payload: List[bytes]) -> int:
+    meta = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = meta + b"".join(payload)
     data = _FIXED.pack(MAGIC, VERSION, len(meta), zlib.crc32(body)) + body
     atomic_write_bytes(path, data)
-    return CompressionReport(str(path), len(data), dense_bytes, report_layers)
+    return len(data)
+
+
+def _raw_sections(tensor: torch.Tensor) -> List[bytes]:
+    return [tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()]
+
+
+def save_packed(model: nn.Module, path) -> CompressionReport:
+    """Write ``model``'s state_dict with every weight that has at most ``2**8`` distinct values per output
+    row bit-packed (see the module doc); the file reloads exactly (``load_compressed``)."""
+    entries, payload, layers, dense_bytes = [], [], [], 0
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        dense_bytes += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+        entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        packed = _encode_packed(tensor)
+        extra, sections = packed if packed is not None else ({"kind": "raw"}, _raw_sections(tensor))
+        entry.update(extra, sections=[len(x) for x in sections])
+        if packed is not None:
+            layers.append(LayerStorage(name, 2 ** extra["bits"], int((tensor != 0).sum()), tensor.numel(), "packed",
+                                       sum(map(len, sections)), 0.0))
+        entries.append(entry)
+        payload += sections
+    return CompressionReport(str(path), _write(path, {"tensors": entries}, payload), dense_bytes, layers)
 
 
 def read_compressed(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
@@ -232,6 +355,8 @@ def read_compressed(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
             numel = int(np.prod(shape, dtype=np.int64))
             if entry["kind"] == "clustered":
                 tensor = _decode_clustered(entry, sections, numel, dtype)
+            elif entry["kind"] == "packed":
+                tensor = _decode_packed(entry, sections, shape).to(dtype)
             else:
                 tensor = _raw_tensor(sections[0], dtype)
             tensors[name] = tensor.reshape(shape)

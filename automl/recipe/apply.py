@@ -166,6 +166,7 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
     model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
     example = task.example_input(1)
     artifact = float_artifact = export_onnx(model, example, work_dir / "model.onnx")
+    ctx.model = model
     for h in handlers:
         artifact = h.deploy(artifact, ctx)
     deployed = deployed_metrics(artifact, task, recipe.deploy)

@@ -30,7 +30,7 @@ from automl.compress.quantization.binary import BinaryWeight, TernaryWeight
 from automl.compress.quantization.int8_methods import calibration_batches, deploy_int8
 from automl.compress.quantization.qat import QAT_METHODS, QuantLayer, prepare_qat, qat_layers
 from automl.compress.quantization.simulated import (average_bits, first_and_last, freeze, replace_module,
-                                                    simulated_model)
+                                                    ship_packed, simulated_model)
 from automl.configs import option
 from automl.errors import ConfigError
 
@@ -123,6 +123,10 @@ class FakeQuantMethod(Method):
     def _deploy(self, artifact, ctx):
         artifact.precision = self.label()
         artifact.notes["simulated"] = "quantized values computed in float; no low-bit kernels, no speed-up"
+        if ctx.model is not None:  # what ships: the quantized weights bit-packed, reloading exactly
+            artifact.shipped = ship_packed(ctx.model, artifact.path.with_name(artifact.path.stem + ".packed"),
+                                           self.stats)
+            artifact.notes["shipped"] = "packed low-bit weights (deepcomp_format.load_compressed)"
         return artifact
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -135,3 +136,21 @@ def average_bits(frozen: Dict[str, FrozenLayer], model: nn.Module) -> float:
              if isinstance(m, PRUNABLE)}
     names = [n for n in frozen if n in sizes]
     return sum(sizes[n] * frozen[n].w_bits for n in names) / max(sum(sizes[n] for n in names), 1)
+
+
+def ship_packed(model: nn.Module, path, stats: Dict) -> Path:
+    """Write the quantized ``model`` as packed low-bit weights at ``path``, check that it reloads to the
+    very same tensors, and add ``packed_kb``, ``packed_ratio`` (float32 bytes / file bytes) and
+    ``packed_bits`` (per packed weight) to ``stats``. Returns the path."""
+    from automl.compress.deepcomp_format import read_compressed, save_packed
+    from automl.errors import LifecycleError
+
+    report = save_packed(model, path)
+    _, tensors = read_compressed(path)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(tensors[k], v.detach().cpu())]
+    if changed:  # never expected: the file must hold the weights that were measured
+        raise LifecycleError(f"the packed file does not reload exactly: {', '.join(changed[:3])}")
+    stats.update({"packed_kb": report.file_bytes / 1024.0, "packed_ratio": report.ratio,
+                  "packed_bits": ",".join(f"{layer.layer}:{layer.clusters.bit_length() - 1}"
+                                          for layer in report.layers)})
+    return path
