@@ -6,7 +6,7 @@ statistics (``ActivationStats``). ``CRITERIA`` maps names to the functions; each
 a ``needs`` attribute saying what it must be given, so a handler can dispatch on it:
 
   ``groups``          f(groups)                     l1, l2, fpgm
-  ``groups+grads``    f(groups, grad_groups)        taylor
+  ``groups+grads``    f(groups, grad_groups)        taylor, obd (given the diagonal Fisher)
   ``activations``     f(activations (N, C, ...))    apoz, mean_activation
   ``bn_weight``       f(bn_weight (C,))             bn_scale
   ``count``           f(n, seed)                    random
@@ -69,6 +69,19 @@ def taylor(groups: torch.Tensor, grad_groups: torch.Tensor) -> torch.Tensor:
                           value=(tuple(groups.shape), tuple(grad_groups.shape)),
                           fix="call group_view with the same granularity on weight and weight.grad")
     return (groups.float() * grad_groups.float()).sum(dim=1).abs()
+
+
+@_criterion("obd", "groups+grads")
+def obd(groups: torch.Tensor, fisher_groups: torch.Tensor) -> torch.Tensor:
+    """sum(0.5 * F * w^2) per structure: Optimal Brain Damage's second-order estimate of the loss
+    change when the structure is zeroed, with the diagonal empirical Fisher ``F`` (``fisher.py``) as the
+    Hessian's diagonal. Given the Fisher where taylor is given gradients."""
+    groups, fisher_groups = _check_groups(groups), _check_groups(fisher_groups, "fisher_groups")
+    if groups.shape != fisher_groups.shape:
+        raise ConfigError("obd needs weights and Fisher values grouped the same way",
+                          value=(tuple(groups.shape), tuple(fisher_groups.shape)),
+                          fix="call group_view with the same granularity on the weight and its Fisher values")
+    return (0.5 * fisher_groups.float() * groups.float() ** 2).sum(dim=1)
 
 
 @_criterion("fpgm", "groups")

@@ -1,5 +1,5 @@
-"""Target-sparsity pruning by magnitude (per layer or one global threshold), and AGP, which is the
-same ranking on Zhu & Gupta's gradual schedule."""
+"""Target-sparsity pruning by magnitude (per layer or one global threshold), AGP, which is the same
+ranking on Zhu & Gupta's gradual schedule, and OBD, which ranks by second-order saliency instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +9,8 @@ import torch
 
 from automl.compress.base import register_method
 from automl.compress.pruning.base import PruningConfig, PruningMethod
+from automl.compress.pruning.channels import _param
+from automl.compress.pruning.fisher import diagonal_fisher, obd_saliency
 from automl.configs import option
 
 
@@ -64,3 +66,20 @@ class AGPConfig(MagnitudePruningConfig):
 @register_method("agp", "pruning", AGPConfig)
 class AGPPruning(MagnitudePruning):
     """Magnitude ranking on the cubic schedule s_t = s_f (1 - (1 - t/T)^3) (Zhu & Gupta 2017)."""
+
+
+@dataclass(frozen=True)
+class OBDPruningConfig(MagnitudePruningConfig):
+    calib_batches: int = option(32, low=1, high=10_000, doc="training batches of 16 samples for the Fisher estimate")
+
+
+@register_method("obd", "pruning", OBDPruningConfig)
+class OBDPruning(MagnitudePruning):
+    """Optimal Brain Damage (LeCun et al. 1990): smallest 0.5 * F_ii * w_i^2 first, the diagonal Hessian
+    taken as the empirical Fisher on training batches (fisher.py). Ranked as magnitude ranks |w|."""
+
+    def _masks(self, weights, levels, model):
+        params = {n: _param(self.layers[n], "weight") for n in weights}
+        fisher = diagonal_fisher(model, getattr(self.ctx, "task", None), params, batches=self.config.calib_batches,
+                                 seed=self.ctx.seed)
+        return super()._masks({n: obd_saliency(w, fisher[n]) for n, w in weights.items()}, levels, model)

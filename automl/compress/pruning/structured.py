@@ -42,6 +42,7 @@ from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs
 from automl.compress.pruning.base import PruningConfig, PruningMethod
 from automl.compress.pruning.channels import ChannelMaskSet, MacModel, _norm_after, _param, _slices, channel_keep, parity
 from automl.compress.pruning.criteria import CRITERIA, ActivationStats
+from automl.compress.pruning.fisher import diagonal_fisher
 from automl.compress.pruning.granularity import _check_block, expand_mask, group_view
 from automl.compress.pruning.groups import grid_step
 from automl.compress.pruning.masks import MaskSet
@@ -55,6 +56,8 @@ from automl.modelstats import count_macs, count_params
 GRANULARITIES = ("filter", "channel", "kernel", "row", "column", "block")
 CHANNEL_WISE = ("filter", "row", "channel", "column")
 SAME_CUT = {"row": "filter", "column": "channel"}  # one cut, named for Linear or for conv
+
+GRADIENT_CRITERIA = ("taylor", "obd")  # ranked with a tensor per parameter left in .grad
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class StructuredPruningConfig(PruningConfig):
                            "(onnxruntime's CPU kernels use blocks of 8/16 channels; 1 = no rounding)")
     layer_sensitivity: Dict[str, float] = option({}, low=0.0, doc="energy allocation: per-layer sensitivity, e.g. "
                                                  "the accuracy drop at a probe level; sensitive layers lose less")
-    calib_batches: int = option(4, low=1, high=10_000, doc="training batches for taylor/apoz/mean_activation")
+    calib_batches: int = option(4, low=1, high=10_000, doc="training batches of 128 for taylor/apoz/mean_activation "
+                                "(obd: as many samples in batches of 16)")
 
 
 def parse_block(text: str):
@@ -211,6 +215,19 @@ class StructuredPruning(GroupChecks, PruningMethod):
         finally:
             model.train(was_training)
 
+    def _gradients(self, model):
+        """Leave in each parameter's ``.grad`` what the criterion ranks with: taylor the loss gradient
+        summed over the calibration batches, obd the diagonal Fisher over as many samples in batches of 16."""
+        if self.config.criterion == "taylor":
+            self._run(model, grads=True)
+            return
+        self._example()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fisher = diagonal_fisher(model, self.ctx.task, params, batches=self.config.calib_batches * 8,
+                                 batch_size=16, seed=self.ctx.seed)
+        for n, p in params.items():
+            p.grad = fisher[n].to(p.dtype)
+
     def _activation_scores(self, model, units: Dict[str, list]) -> Dict[str, torch.Tensor]:
         """units: {unit: [(layer name, module, idxs, root idxs, channels)]} -> pooled keep-scores."""
         stats = {(u, n): ActivationStats() for u, members in units.items() for n, *_ in members}
@@ -243,8 +260,8 @@ class StructuredPruning(GroupChecks, PruningMethod):
                 normed = [c for c in convs if _norm_after(model, c[0]) is not None]
                 units[u] = normed or convs
             return self._activation_scores(model, units)
-        if crit == "taylor":
-            self._run(model, grads=True)
+        if crit in GRADIENT_CRITERIA:
+            self._gradients(model)
         for i, (u, unit) in enumerate(self.units.items()):
             g = unit["group"]
             side = [(m, s, idx, r) for m, s, idx, r in g.members if s == self.side and isinstance(m, PRUNABLE)]
@@ -255,12 +272,12 @@ class StructuredPruning(GroupChecks, PruningMethod):
                         scores[u].index_add_(0, torch.tensor(r), _param(m, "weight").detach()[list(idx)].abs())
             elif crit == "random":
                 scores[u] = CRITERIA.get("random")(g.channels, seed=self.ctx.seed * 7919 + i)
-            elif crit == "taylor":  # over what the side's masks zero: producers' weights, biases, BN
+            elif crit in GRADIENT_CRITERIA:  # over what the side's masks zero: producers' weights, biases, BN
                 members = side if self.side == "in" else [(m, "out", idx, r) for _, m, idx, r in unit["producers"]]
                 scores[u] = CRITERIA.get(crit)(*self._channel_matrix(g.channels, members, ("weight", "bias"), True))
             else:  # l1 / l2 / fpgm on the concatenated slices of the dense weights
                 scores[u] = CRITERIA.get(crit)(self._channel_matrix(g.channels, side, ("weight",), False)[0])
-        if crit == "taylor":
+        if crit in GRADIENT_CRITERIA:
             model.zero_grad(set_to_none=True)
         return scores
 
@@ -289,11 +306,11 @@ class StructuredPruning(GroupChecks, PruningMethod):
             units = {n: [(n, m, list(range(weights[n].shape[0])), list(range(weights[n].shape[0])),
                           weights[n].shape[0])] for n, m in self.units.items()}
             return self._activation_scores(model, units)
-        if crit == "taylor":
-            self._run(model, grads=True)
+        if crit in GRADIENT_CRITERIA:
+            self._gradients(model)
         for i, (n, m) in enumerate(self.units.items()):
             view = group_view(weights[n], self.cut, self.block)
-            if crit == "taylor":
+            if crit in GRADIENT_CRITERIA:
                 grad = _param(m, "weight").grad
                 scores[n] = CRITERIA.get(crit)(view, group_view(
                     grad if grad is not None else torch.zeros_like(weights[n]), self.cut, self.block))
@@ -303,7 +320,7 @@ class StructuredPruning(GroupChecks, PruningMethod):
                 scores[n] = CRITERIA.get(crit)(view.shape[0], seed=self.ctx.seed * 7919 + i)
             else:
                 scores[n] = CRITERIA.get(crit)(view)
-        if crit == "taylor":
+        if crit in GRADIENT_CRITERIA:
             model.zero_grad(set_to_none=True)
         return scores
 
