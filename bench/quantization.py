@@ -7,6 +7,7 @@ For each model one fp32 model is trained once (same seed); every int8 variant st
   torchao_stock   torchao pt2e with the stock X86InductorQuantizer recipe, converted, exported to ONNX
   ort_static      onnxruntime quantize_static (QDQ, per-channel, 8 calibration batches): our int8_ptq method
   data_free_int8  weights quantized without data (CLE + bias correction, per-tensor), activations calibrated
+  data_free_synthetic  the same with activations calibrated on inputs generated from the BatchNorm statistics
   *_inductor      torch.compile (Inductor, static shapes, 1 thread): fp32, and the stock recipe's int8 model on
                   its intended back end (oneDNN int8 kernels); these run in torch, not in onnxruntime
 Data-free ablation (weights only, simulated, no activation quantization): 8/6/4-bit per-tensor round-to-nearest
@@ -19,13 +20,15 @@ onnxruntime fp32 model within the run. ``resnet_32px`` is the same ResNet on gen
 (latency only: its accuracy is meaningless). Writes JSON (default bench/results/quantization.json) and
 prints Markdown tables.
 
-    python bench/quantization.py            # the README tables (about 3 minutes on 2 shared cores)
+    python bench/quantization.py            # the README tables (about 20 minutes on 2 shared cores)
     python bench/quantization.py --quick    # smoke run
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import statistics
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from automl.compress import ApplyContext, get_method
 from automl.compress.quantization import pt2e
 from automl.compress.quantization.datafree import datafree_quantize
 from automl.compress.quantization.int8_methods import calibration_batches
+from automl.compress.quantization.synthetic import bn_matching_inputs
 from automl.configs import parse_config
 from automl.io import write_json
 from automl.recipe import Recipe, apply_recipe
@@ -111,11 +115,39 @@ def int8_variants(model, task, tmp: Path, calib_n: int):
     art = h.deploy(copy.copy(fp32), ctx)
     int8_ops, float_ops = pt2e.onnx_op_counts(art.path)
     out["ort_static"] = (art.path, {"precision": art.precision, "int8_ops": fmt(int8_ops), "float_ops": fmt(float_ops)})
-    h = handler("data_free", {"calibration_batches": calib_n}, ctx, model)
-    art = h.deploy(copy.copy(fp32), ctx)
-    out["data_free_int8"] = (art.path, {"precision": art.precision, "parity_vs_torch_int8": h.stats["int8_parity"],
-                                        "torch_int8_val": h.stats["int8_torch_accuracy"]})
+    for name, calibration in (("data_free_int8", "data"), ("data_free_synthetic", "synthetic")):
+        h = handler("data_free", {"calibration_batches": calib_n, "calibration": calibration}, ctx,
+                    copy.deepcopy(model))
+        art = h.deploy(copy.copy(fp32), ctx)
+        out[name] = (art.path, {"precision": art.precision, "parity_vs_torch_int8": h.stats["int8_parity"],
+                                "torch_int8_val": h.stats["int8_torch_accuracy"],
+                                "activations": art.notes["activations"]})
     return out
+
+
+def range_fidelity(model, task, calib_n: int) -> dict:
+    """Mean |log(range / range on training data)| over the conv / linear outputs, for activation ranges
+    taken on synthetic inputs (BatchNorm-matched) and on Gaussian noise: 0 = the real data's ranges."""
+    model = copy.deepcopy(model).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+    def ranges(batches):
+        seen = {n: 0.0 for n in layers}
+        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, max(seen[n], float(o.abs().max()))))
+                 for n, m in layers.items()]
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    real = ranges(calibration_batches(task, calib_n))
+    noise = [torch.randn(32, *task.example_input(1).shape[1:], generator=torch.Generator().manual_seed(i))
+             for i in range(calib_n)]
+    error = lambda got: statistics.mean(abs(math.log(got[n] / real[n])) for n in real)  # noqa: E731
+    return {"synthetic": error(ranges(bn_matching_inputs(model, task.example_input(2), batches=calib_n))),
+            "noise": error(ranges(noise))}
 
 
 class Compiled:
@@ -167,6 +199,7 @@ def bench_model(key, args, tmp):
             row["val_accuracy"] = task.evaluate(runner, task.val_loader())
             row["test_accuracy"] = task.evaluate(runner, task.test_loader())
         rows.append(row)
+    rows[0]["range_fidelity"] = range_fidelity(model, task, args.calibration_batches)
     extra_rows = []
     if real:
         extra_rows += datafree_ablation(model, task, key)
@@ -225,6 +258,10 @@ def tables(rows, extra, deepc) -> str:
         out.append(f"| {r['model']} | {r['variant']} | {r['runtime'].split(' (')[0]} | {pct(r.get('val_accuracy'))} | "
                    f"{pct(r.get('test_accuracy'))} | {parity} | {size} | {r['latency_b1_ms']:.3f} "
                    f"({r['speedup_b1']:.2f}) | {r['latency_b32_ms']:.3f} ({r['speedup_b32']:.2f}) | {ops} |")
+    out += ["", "| model | activation ranges from | mean \\|log(range / range on training data)\\| |", "|---|---|---|"]
+    for r in rows:
+        for source, err in r.get("range_fidelity", {}).items():
+            out.append(f"| {r['model']} | {source} | {err:.3f} |")
     out += ["", "| model | variant | kind | avg weight bits | val % | test % |", "|---|---|---|---|---|---|"]
     for r in extra:
         bits = f"{r['avg_w_bits']:.2f}" if "avg_w_bits" in r else "-"

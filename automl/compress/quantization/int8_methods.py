@@ -10,7 +10,7 @@ it stays a simulated, weight-only quantized float model and is labelled so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -31,8 +31,9 @@ def calibration_batches(task, count: int, seed: int = 0, batch_size: int = 32) -
 
 
 def deploy_int8(model, ctx, path, *, per_channel: bool, batches: int, precision: str,
-                method: str) -> Tuple[Artifact, Dict[str, float]]:
-    """pt2e int8 of ``model`` written to ``path``; returns the artifact and its parity stats.
+                method: str, calib: Optional[List[torch.Tensor]] = None) -> Tuple[Artifact, Dict[str, float]]:
+    """pt2e int8 of ``model`` written to ``path``; returns the artifact and its parity stats. Activation
+    ranges come from ``calib`` when given (e.g. synthetic inputs), else ``batches`` training batches.
 
     Stats: ``int8_torch_accuracy`` (validation accuracy of the pt2e int8 torch model, computed with
     reference Q/DQ ops) and ``int8_parity`` (share of test samples on which the onnxruntime int8
@@ -41,7 +42,8 @@ def deploy_int8(model, ctx, path, *, per_channel: bool, batches: int, precision:
     from automl.compress.quantization import pt2e
 
     task = ctx.task
-    calib = calibration_batches(task, batches, seed=ctx.seed)
+    source = "synthetic batches (no training data)" if calib is not None else "training batches"
+    calib = calib if calib is not None else calibration_batches(task, batches, seed=ctx.seed)
     example = task.example_input(2)
     try:
         converted = pt2e.quantize_pt2e(model, example, calib, per_channel=per_channel)
@@ -58,7 +60,7 @@ def deploy_int8(model, ctx, path, *, per_channel: bool, batches: int, precision:
     stats = {"int8_torch_accuracy": task.evaluate(converted, task.val_loader()),
              "int8_parity": pt2e.parity(converted, session, task.test_loader())}
     artifact.precision = precision
-    artifact.notes["activations"] = f"calibrated on {len(calib)} training batches"
+    artifact.notes["activations"] = f"calibrated on {len(calib)} {source}"
     return artifact, stats
 
 
@@ -111,6 +113,11 @@ class DataFreeConfig:
     int8_deploy: bool = option(True, doc="at 8 bits, deploy real int8 (pt2e) instead of the simulated float model")
     calibration_batches: int = option(8, low=1, high=10_000,
                                       doc="int8 deploy only: batches that set activation ranges")
+    calibration: str = option("data", choices=("data", "synthetic"),
+                              doc="int8 deploy only: activation ranges from training batches, or from inputs "
+                                  "generated to match the model's BatchNorm statistics (no data at all)")
+    synthetic_steps: int = option(500, low=1, high=100_000,
+                                  doc="calibration synthetic: optimisation steps generating the inputs")
 
 
 @register_method("data_free", "quantization", DataFreeConfig)
@@ -121,6 +128,12 @@ class DataFree(Method):
         from automl.compress.quantization.datafree import datafree_quantize
 
         cfg = self.config
+        self.synthetic = None
+        if self.real_int8 and cfg.calibration == "synthetic":  # before datafree_quantize folds the BatchNorms
+            from automl.compress.quantization.synthetic import bn_matching_inputs
+
+            self.synthetic = bn_matching_inputs(model, ctx.task.example_input(2), batches=cfg.calibration_batches,
+                                                steps=cfg.synthetic_steps, seed=ctx.seed)
         gm, report = _traced(lambda: datafree_quantize(model, bits=cfg.bits, per_channel=cfg.per_channel,
                                                        equalize=cfg.equalize, correct_bias=cfg.correct_bias,
                                                        relu6_to_relu=cfg.relu6_to_relu),
@@ -141,7 +154,7 @@ class DataFree(Method):
             return artifact
         out, stats = deploy_int8(self.model, ctx, artifact.path.with_name(artifact.path.stem + ".int8.onnx"),
                                  per_channel=self.config.per_channel, batches=self.config.calibration_batches,
-                                 precision="int8_datafree", method="data_free")
+                                 precision="int8_datafree", method="data_free", calib=self.synthetic)
         out.notes["weights"] = "data-free (CLE + bias correction)"
         self.stats.update(stats)
         return out
