@@ -147,7 +147,9 @@ def _grid(levels: np.ndarray):
         return np.float32(1.0), np.zeros(len(levels), np.int64)
     anchor = abs(float(nonzero[np.abs(nonzero).argmin()]))  # the level nearest zero: a small multiple of scale
     gap = float(np.diff(levels.astype(np.float64)).min()) if len(levels) > 1 else anchor
-    for multiple in (max(1, round(anchor / gap)), *range(1, 2 ** MAX_PACKED_BITS + 1)):
+    # a grid of at most 2**8 steps spans at most 255 scales, so anchor / scale is at most this
+    most = int(anchor * (2 ** MAX_PACKED_BITS - 1) / max(float(levels[-1]) - float(levels[0]), anchor)) + 1
+    for multiple in (max(1, round(anchor / gap)), *range(1, min(most, 2 ** MAX_PACKED_BITS) + 1)):
         first = np.float32(anchor / multiple)
         up, down = np.nextafter(first, np.float32(np.inf)), np.nextafter(first, np.float32(0))
         for scale in (first, up, down, np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))):
