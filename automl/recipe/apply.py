@@ -135,12 +135,12 @@ SLOWER_BELOW = 0.95  # speed-up under which the warning is given: 5 % is beyond 
 
 
 def against_float(float_artifact: Artifact, artifact: Artifact, deployed_ms: float, task, deploy) -> Dict:
-    """An int8 or fp16 model's latency against its own fp32 ONNX form (same runtime, threads and batch):
-    ``float_latency_ms``, ``speedup_vs_float``, and a ``warning`` when it deploys measurably slower (a
-    speed-up under ``SLOWER_BELOW``): int8 does on small models and on graphs whose quantize/dequantize
-    steps outweigh the int8 arithmetic."""
-    if not artifact.precision.startswith(("int8", "fp16")) or artifact.runtime != "onnxruntime" \
-            or not float_artifact.path.is_file():
+    """The latency of a deployed graph that a method rewrote (int8, fp16 ...) against the fp32 ONNX export
+    it came from (same runtime, threads and batch): ``float_latency_ms``, ``speedup_vs_float``, and a
+    ``warning`` when it deploys measurably slower (a speed-up under ``SLOWER_BELOW``): int8 does on small
+    models and on graphs whose quantize/dequantize steps outweigh the int8 arithmetic. Graphs deployed
+    as exported (fp32, simulated low-bit, shared weights) have nothing to compare."""
+    if artifact.path == float_artifact.path or artifact.runtime != "onnxruntime" or not float_artifact.path.is_file():
         return {}
     runner = OrtModel(float_artifact.path, threads=deploy.threads)
     float_ms = measure_latency(runner, task.example_input(deploy.batch).numpy())["median_ms"]
