@@ -15,6 +15,7 @@ import torch.nn as nn
 from automl.errors import UnknownNameError
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _strip(name: str) -> str:

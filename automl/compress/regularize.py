@@ -20,14 +20,13 @@ from typing import ClassVar, Dict, Iterable, Mapping, Tuple, Union
 import torch
 import torch.nn as nn
 
-from automl.compress.layers import PRUNABLE, select_layers
+from automl.compress.layers import BATCHNORMS, PRUNABLE, select_layers
 from automl.configs import option
 from automl.errors import UnknownNameError
 from automl.validate import Where
 
 GROUPS = ("filter", "channel", "row", "column")
 KINDS = ("l1", "group_lasso", "group_variance", "bn_scale_l1")
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def group_norms(weight: torch.Tensor, groups: str) -> Tuple[torch.Tensor, int]:

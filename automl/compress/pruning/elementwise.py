@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from automl.compress.base import register_method
+from automl.compress.layers import BATCHNORMS
 from automl.compress.pruning.base import PruningConfig, PruningMethod
 from automl.compress.pruning.criteria import ActivationStats
 from automl.compress.pruning.magnitude import magnitude_masks
@@ -17,7 +18,6 @@ from automl.errors import ConfigError
 from automl.modelstats import eval_mode
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def threshold_masks(weights: Dict[str, torch.Tensor], thresholds: Dict[str, float]) -> Dict[str, torch.Tensor]:
@@ -66,7 +66,7 @@ def activation_site(model: nn.Module, layer_name: str) -> nn.Module:
     index = [n for n, _ in siblings].index(child)
     site = siblings[index][1]
     for _, module in siblings[index + 1:]:
-        if not isinstance(module, NORMS + ACTIVATIONS):
+        if not isinstance(module, BATCHNORMS + ACTIVATIONS):
             break
         site = module
     return site

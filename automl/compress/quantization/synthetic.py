@@ -12,15 +12,14 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from automl.compress.layers import BATCHNORMS
 from automl.errors import ConfigError
-
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def bn_matching_inputs(model: nn.Module, example: torch.Tensor, *, batches: int, batch_size: int = 32,
                        steps: int = 500, lr: float = 0.1, seed: int = 0) -> List[torch.Tensor]:
     """``batches`` input batches shaped like ``example`` whose statistics match ``model``'s BatchNorm layers."""
-    norms = [m for m in model.modules() if isinstance(m, NORMS) and m.running_mean is not None]
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.running_mean is not None]
     if not norms:
         raise ConfigError("synthetic calibration needs BatchNorm layers with running statistics to match",
                           key="calibration", value="synthetic",
