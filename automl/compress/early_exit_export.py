@@ -10,11 +10,9 @@ and the thresholds, so ``EarlyExitRunner.load(dir)`` makes the same decisions as
 from __future__ import annotations
 
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -23,6 +21,7 @@ import torch.nn as nn
 from automl.compress.early_exit import CRITERIA, EarlyExitModel, check_thresholds, confidence
 from automl.errors import ConfigError
 from automl.io import write_json
+from automl.runtime import onnx_export
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -43,16 +42,6 @@ class _SegmentGraph(nn.Module):
         return h, logits, confidence(logits, self.criterion)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, outputs: List[str]):
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
-                          output_names=outputs, dynamic_shapes=({0: batch},), verbose=False,
-                          external_data=False)
-
-
 def export_early_exit(model: EarlyExitModel, example: torch.Tensor, out_dir, thresholds,
                       criterion: str = "max_softmax") -> Path:
     """Write ``segment_<i>.onnx`` per segment plus the manifest; returns the manifest path."""
@@ -70,7 +59,7 @@ def export_early_exit(model: EarlyExitModel, example: torch.Tensor, out_dir, thr
         last = i == model.num_exits - 1
         graph = _SegmentGraph(segment, head, criterion, last).eval()
         name = f"segment_{i}.onnx"
-        _export(graph, h, out_dir / name, ["logits"] if last else ["features", "logits", "confidence"])
+        onnx_export(graph, h, out_dir / name, ["logits"] if last else ["features", "logits", "confidence"])
         files.append(name)
         if not last:
             with torch.no_grad():

@@ -12,6 +12,7 @@ from ray import tune
 from automl.compress.teacher import teacher_entries
 from automl.errors import MeasurementError
 from automl.recipe import apply_recipe, recipe_from_config
+from automl.runtime import warm_onnx_exporter
 from automl.search.baseline import relative_metrics
 from automl.search.costing import example_batch
 from automl.search.isolate import run_in_child
@@ -33,6 +34,7 @@ def _warm_up():
             importlib.import_module(name)
         except ImportError:  # a module another torch version moved: only the warm-up is lost
             continue
+    warm_onnx_exporter()
 
 
 def run_trial(config: Dict, space: SearchSpace = None, task=None, costing=None, teachers=None, baseline=None,

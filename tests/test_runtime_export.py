@@ -1,0 +1,41 @@
+"""ONNX export: the exporter's op registry is built once per process and the patch never leaks."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from automl import runtime
+from automl.runtime import OrtModel, export_onnx
+
+_registration = pytest.importorskip("torch.onnx._internal.exporter._registration")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def test_two_exports_build_the_registry_once_and_restore_the_exporter(monkeypatch, tmp_path):
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    builds = []
+
+    def counting(cls, *args, **kwargs):
+        builds.append(args or tuple(kwargs.items()))
+        return original.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "_REGISTRIES", {})
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    model, x = _model(), torch.randn(5, 1, 8, 8)
+    for name in ("a.onnx", "b.onnx"):
+        artifact = export_onnx(model, x[:1], tmp_path / name)
+        got = OrtModel(artifact.path)(x.numpy())
+        np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert len(builds) == 1
+    # outside our exports the class is exactly what it was (a custom op table elsewhere mutates a fresh one)
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting
+
+
+def test_a_warmed_process_already_holds_the_registry(monkeypatch):
+    monkeypatch.setattr(runtime, "_REGISTRIES", {})
+    runtime.warm_onnx_exporter()
+    assert len(runtime._REGISTRIES) == 1
