@@ -12,7 +12,8 @@ from automl.compress.early_exit import EarlyExitModel, exit_indices
 from automl.errors import ConfigError
 from automl.hardware.candidates import InvalidCandidate, _deployed_pools, build_candidate, space_layer_keys
 from automl.hardware.layers import LayerKey, layer_cost
-from automl.hardware.measure import Stats, make_entry, measure_early_exit
+from automl.hardware.measure import make_entry, measure_early_exit
+from automl.hardware.timing import Stats
 from automl.hardware.predict import fit_handoff, reach_probabilities
 from automl.hardware.profile import DeviceInfo, HardwareProfile, Protocol
 from automl.hardware.validate import (calibrate, calibrate_handoff, exit_inputs, exit_thresholds, plan_exits,

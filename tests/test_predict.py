@@ -9,7 +9,8 @@ import torch
 from automl.errors import ConfigError
 from automl.hardware.candidates import space_layer_keys
 from automl.hardware.layers import LayerKey, layer_cost, modelled_energy_mj, weight_bytes
-from automl.hardware.measure import Stats, make_entry
+from automl.hardware.measure import make_entry
+from automl.hardware.timing import Stats
 from automl.hardware.predict import (CACHE_SHARES, cold_share, expected_cost, fit_correction, interpolate, predict_keys,
                                      price_layer, reach_probabilities)
 from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol

@@ -7,7 +7,8 @@ import pytest
 from automl.cli import main
 from automl.errors import ProfileError
 from automl.hardware.layers import LayerKey
-from automl.hardware.measure import Progress, RaplMeter, Stats, build_profile, make_entry, time_interleaved
+from automl.hardware.measure import build_profile, make_entry
+from automl.hardware.timing import Progress, RaplMeter, Stats, time_interleaved
 from automl.hardware.predict import price_layer
 from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol
 from automl.io import dump_yaml, load_yaml

@@ -11,7 +11,8 @@ import torch
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.candidates import space_layer_keys
 from automl.hardware.layers import layer_cost, trace_layers
-from automl.hardware.measure import Stats, build_profile
+from automl.hardware.measure import build_profile
+from automl.hardware.timing import Stats
 from automl.hardware.predict import predict_model
 from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol
 from automl.io import parse_yaml

@@ -108,7 +108,8 @@ def exit_inputs(task, batch: int, n: int = EXIT_INPUTS) -> torch.Tensor:
 
 
 def _real_measure(profile: HardwareProfile, label: str, progress: bool) -> MeasureFn:
-    from automl.hardware.measure import Progress, measure_candidates
+    from automl.hardware.measure import measure_candidates
+    from automl.hardware.timing import Progress
 
     def measure(cands):
         bar = Progress(len(cands), label, unit="models", enabled=progress)

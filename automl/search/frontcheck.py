@@ -23,7 +23,7 @@ TOLERANCE = 0.10
 
 def time_artifacts(paths: Sequence[Path], x: np.ndarray, profile: HardwareProfile) -> List[float]:
     """Median latency (ms) of each deployed ONNX file under the profile's protocol."""
-    from automl.hardware.measure import REFERENCE, REFERENCE_KEY, layer_runner, time_interleaved, with_retries
+    from automl.hardware.measure import time_with_reference
     from automl.runtime import OrtModel
 
     proto, threads = profile.protocol, profile.device.threads
@@ -32,13 +32,7 @@ def time_artifacts(paths: Sequence[Path], x: np.ndarray, profile: HardwareProfil
         chunk = list(paths[start:start + proto.chunk])
         with tempfile.TemporaryDirectory(prefix="automl-front-") as tmp:
             runners = {f"m{i}": (lambda m=OrtModel(p, threads=threads): m(x)) for i, p in enumerate(chunk)}
-            if proto.reference_ms > 0:
-                runners[REFERENCE] = layer_runner(REFERENCE_KEY, profile.device.runtime, threads, Path(tmp))
-
-            def attempt():
-                stats = time_interleaved(runners, proto)
-                return stats, stats[REFERENCE].median_ms if REFERENCE in stats else None
-            stats, _ = with_retries(attempt, proto, proto.reference_ms)
+            stats, _ = time_with_reference(runners, profile.device.runtime, threads, proto, Path(tmp))
         out += [stats[f"m{i}"].median_ms for i in range(len(chunk))]
     return out
 
