@@ -74,6 +74,12 @@ def warm_onnx_exporter():
         export_onnx(tiny, torch.zeros(1, 1, 1, 1), Path(tmp) / "warm.onnx")
 
 
+def _registered_ops():
+    """How many operators torch's dispatcher knows (about 5 ms); None where torch lacks the call."""
+    names = getattr(torch._C, "_dispatch_get_all_op_names", None)
+    return len(names()) if names is not None else None
+
+
 @contextlib.contextmanager
 def _shared_onnx_registry():
     """Build torch.onnx's op registry once per process instead of once per export.
@@ -82,6 +88,9 @@ def _shared_onnx_registry():
     small model's export); a search exports several models per trial. Patched only while our own
     export runs, which passes no custom ops (the one thing that would mutate it). Where torch has
     moved the private class, exports simply run uncached."""
+    if _registered_ops() is None:
+        yield None
+        return
     try:
         from torch.onnx._internal.exporter import _registration
         original = _registration.ONNXRegistry.__dict__["from_torchlib"]
@@ -94,7 +103,9 @@ def _shared_onnx_registry():
     def cached(cls, *args, **kwargs):
         bound = signature.bind(cls, *args, **kwargs)
         bound.apply_defaults()  # from_torchlib() and from_torchlib(opset_version=<default>) are one entry
-        key = repr(list(bound.arguments.items())[1:])
+        # The registry holds only the ops that exist when it is built (quantized_decomposed appears when
+        # torchao is imported): a registry built before is rebuilt, never reused without them.
+        key = repr((list(bound.arguments.items())[1:], _registered_ops()))
         if key not in _REGISTRIES:
             _REGISTRIES[key] = build(cls, *args, **kwargs)
         return _REGISTRIES[key]

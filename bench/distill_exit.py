@@ -40,8 +40,8 @@ import numpy as np
 import onnx
 import torch
 
-from automl.compress.early_exit_export import EarlyExitRunner, mean_latency
-from automl.compress.teacher import train_teacher
+from automl.compress.early_exit.export import EarlyExitRunner, mean_latency
+from automl.compress.distill.teacher import train_teacher
 from automl.io import write_json
 from automl.modelstats import count_macs, count_params
 from automl.recipe import Recipe, apply_recipe

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from automl.compress.deepcomp_format import read_compressed
+from automl.compress.coding.deepcomp_format import read_compressed
 from automl.hardware.profile import cpu_model
 from automl.io import write_json
 from automl.recipe import Recipe, apply_recipe

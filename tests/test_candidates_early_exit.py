@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress.early_exit import EarlyExitModel, exit_indices
+from automl.compress.early_exit.model import EarlyExitModel, exit_indices
 from automl.errors import ConfigError
 from automl.hardware.candidates import InvalidCandidate, _deployed_pools, build_candidate, space_layer_keys
 from automl.hardware.layers import LayerKey, layer_cost

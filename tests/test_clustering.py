@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress.clustering import (SharedWeights, cluster_model, cluster_weight, kmeans_1d,
-                                        materialize, share_weights)
+from automl.compress.quantization.clustering import (SharedWeights, cluster_model, cluster_weight, kmeans_1d,
+                                                     materialize, share_weights)
 from automl.errors import ConfigError, UnknownNameError
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from automl.compress import ApplyContext
-from automl.compress.deepcomp_format import load_compressed
+from automl.compress.coding.deepcomp_format import load_compressed
 from automl.errors import ConfigError, LifecycleError
 from automl.modelstats import count_params
 from automl.recipe import Recipe, apply_recipe
@@ -37,16 +37,16 @@ def test_mlp_family_is_lenet_300_100_shaped(task):
 
 
 def test_kmeans_centroids_are_trained_and_weights_shared(task, monkeypatch):
-    from automl.compress import coding_methods
+    from automl.compress.quantization import kmeans
 
     seen = {}
-    original = coding_methods.KMeans._share
+    original = kmeans.KMeans._share
 
     def spy(self, model):
         original(self, model)
         seen.update({n: sw.centroids.detach().clone() for n, (_, sw) in self.shared.items()})
 
-    monkeypatch.setattr(coding_methods.KMeans, "_share", spy)
+    monkeypatch.setattr(kmeans.KMeans, "_share", spy)
     torch.manual_seed(0)
     model, (handler,) = train(task, "[{method: kmeans, start_epoch: 2, config: {bits: 3}}]")
     slots = {id(p) for p in handler.trainable_parameters()}
@@ -96,17 +96,17 @@ def test_deep_compression_recipe(task, tmp_path):
 
 
 def test_lowrank_factors_are_trained_and_renamed(task, monkeypatch):
-    from automl.compress import factorization_method
+    from automl.compress.factorization import method as lowrank_method
 
     seen = {}
-    original = factorization_method.LowRank._factorize
+    original = lowrank_method.LowRank._factorize
 
     def spy(self, model, ctx, epoch, reserved):
         original(self, model, ctx, epoch, reserved)
         seen["w"] = model.fc1[0].weight.detach().clone()
         seen["epoch"] = epoch
 
-    monkeypatch.setattr(factorization_method.LowRank, "_factorize", spy)
+    monkeypatch.setattr(lowrank_method.LowRank, "_factorize", spy)
     torch.manual_seed(0)
     model, (handler,) = train(task, "[{method: lowrank, start_epoch: 2, config: {rank_rule: rank, rank: 4}}]",
                               width=64)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress import deepcomp_format as fmt
-from automl.compress.clustering import cluster_model, materialize, share_weights
-from automl.compress.deepcomp_format import load_compressed, read_compressed, save_compressed
+from automl.compress.coding import deepcomp_format as fmt
+from automl.compress.quantization.clustering import cluster_model, materialize, share_weights
+from automl.compress.coding.deepcomp_format import load_compressed, read_compressed, save_compressed
 from automl.compress.pruning.magnitude import magnitude_masks
 from automl.errors import ConfigError
 

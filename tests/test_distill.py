@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from automl.compress.distill import Distiller, distillation_loss, kd_loss, parse_hint, resolve_module
+from automl.compress.distill.loss import Distiller, distillation_loss, kd_loss, parse_hint, resolve_module
 from automl.errors import ConfigError, UnknownNameError
 from automl.tasks import get_task
 

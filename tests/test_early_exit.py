@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from automl.compress.early_exit import (EarlyExitModel, calibrate_thresholds, check_thresholds, confidence,
-                                        early_exit_loss, exit_indices, expected_cost, segments_of)
+from automl.compress.early_exit.calibrate import calibrate_thresholds
+from automl.compress.early_exit.model import (EarlyExitModel, check_thresholds, confidence, early_exit_loss,
+                                              exit_indices, expected_cost, segments_of)
 from automl.errors import ConfigError
 
 
@@ -157,7 +158,7 @@ def test_calibration_meets_its_target(task, trained):
 
 
 def test_onnx_runner_agrees_with_pytorch(task, trained, tmp_path):
-    from automl.compress.early_exit_export import EarlyExitRunner, export_early_exit
+    from automl.compress.early_exit.export import EarlyExitRunner, export_early_exit
 
     thresholds = calibrate_thresholds(trained, task.val_loader(), 0.005).thresholds
     export_early_exit(trained, task.example_input(2), tmp_path, thresholds)
@@ -179,7 +180,7 @@ def test_onnx_runner_agrees_with_pytorch(task, trained, tmp_path):
 
 
 def test_segment_macs_add_up_to_the_backbone(task):
-    from automl.compress.early_exit import segment_macs
+    from automl.compress.early_exit.model import segment_macs
     from automl.modelstats import count_macs
 
     torch.manual_seed(0)
@@ -192,7 +193,7 @@ def test_segment_macs_add_up_to_the_backbone(task):
 
 
 def test_positions_from_config(task):
-    from automl.compress.early_exit import EarlyExitConfig, default_positions, early_exit_from_config
+    from automl.compress.early_exit.model import EarlyExitConfig, default_positions, early_exit_from_config
     from automl.configs import parse_config
     from automl.validate import Where
 

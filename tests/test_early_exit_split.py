@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from byom_models import GRAPHS
-from automl.compress.early_exit import EarlyExitConfig, early_exit_from_config
-from automl.compress.early_exit_split import split_model
+from automl.compress.early_exit.model import EarlyExitConfig, early_exit_from_config
+from automl.compress.early_exit.split import split_model
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from automl.compress import huffman
+from automl.compress.coding import huffman
 
 
 def kraft(lengths):

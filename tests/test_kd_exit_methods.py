@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from automl.compress import ApplyContext
-from automl.compress.early_exit import EarlyExitModel, segment_macs
-from automl.compress.teacher import load_teacher
+from automl.compress.early_exit.model import EarlyExitModel, segment_macs
+from automl.compress.distill.teacher import load_teacher
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
@@ -24,7 +24,7 @@ def recipe(stages: str) -> Recipe:
 
 
 def test_kd_teacher_is_frozen_cached_and_unchanged(task, tmp_path, monkeypatch):
-    import automl.compress.distill_method as kd_mod
+    import automl.compress.distill.method as kd_mod
     import automl.recipe.apply as apply_mod
 
     r = recipe("- {method: kd, config: {alpha: 0.7, temperature: 3.0, teacher_epochs: 1}}\n")
@@ -112,7 +112,7 @@ def test_teacher_with_other_output_shape_is_refused(task, tmp_path):
     bad.write_text(BASE.replace("digits", "digits", 1))
     ctx = ApplyContext(task=task, work_dir=tmp_path, epochs=2, recipe=r, cache_dir=tmp_path / "c")
     teacher = load_teacher(str(bad), ctx)
-    from automl.compress.teacher import check_outputs_match
+    from automl.compress.distill.teacher import check_outputs_match
 
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     with pytest.raises(ConfigError, match="the teacher outputs"):

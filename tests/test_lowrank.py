@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress.lowrank import (RankRule, factorize, rank_for_energy, spatial_svd_conv, svd_linear,
-                                     tucker2_conv)
+from automl.compress.factorization.lowrank import (RankRule, factorize, rank_for_energy, spatial_svd_conv, svd_linear,
+                                                   tucker2_conv)
 from automl.errors import ConfigError, UnknownNameError
 from automl.modelstats import count_macs, count_params
 

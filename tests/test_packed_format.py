@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress.deepcomp_format import load_compressed, read_compressed, save_packed
+from automl.compress.coding.deepcomp_format import load_compressed, read_compressed, save_packed
 from automl.compress.quantization import qmath
 from automl.compress.quantization.binary import binarize, ternarize
 from automl.errors import ConfigError

@@ -193,7 +193,7 @@ def test_early_exit_expected_cost():
 
 
 def test_early_exit_model_is_priced_as_the_expected_cost_over_segments():
-    from automl.compress.early_exit import EarlyExitModel
+    from automl.compress.early_exit.model import EarlyExitModel
     from automl.hardware.layers import trace_layers
     from automl.hardware.predict import predict_early_exit
     from automl.tasks import get_task

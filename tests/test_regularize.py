@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl.compress.regularize import (Regularizer, RegularizerConfig, bn_scale_l1, group_lasso, group_norms,
-                                        group_variance, l1_penalty, select_batchnorms)
+from automl.compress.regularization.penalties import (Regularizer, RegularizerConfig, bn_scale_l1, group_lasso,
+                                                      group_norms, group_variance, l1_penalty, select_batchnorms)
 from automl.errors import UnknownNameError
 from automl.validate import Where
 

@@ -16,6 +16,7 @@ def _model():
 
 
 def test_two_exports_build_the_registry_once_and_restore_the_exporter(monkeypatch, tmp_path):
+    export_onnx(_model(), torch.randn(1, 1, 8, 8), tmp_path / "warm.onnx")  # a first export may register ops
     original = _registration.ONNXRegistry.__dict__["from_torchlib"]
     builds = []
 
@@ -39,3 +40,27 @@ def test_a_warmed_process_already_holds_the_registry(monkeypatch):
     monkeypatch.setattr(runtime, "_REGISTRIES", {})
     runtime.warm_onnx_exporter()
     assert len(runtime._REGISTRIES) == 1
+
+
+def test_ops_registered_after_a_build_get_a_fresh_registry(monkeypatch, tmp_path):
+    """torchao's quantized_decomposed ops appear when it is imported: a registry built before lacks them."""
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    builds = []
+
+    def counting(cls, *args, **kwargs):
+        builds.append(1)
+        return original.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "_REGISTRIES", {})
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    model, x = _model(), torch.randn(1, 1, 8, 8)
+    export_onnx(model, x, tmp_path / "warm.onnx")
+    builds.clear()
+    export_onnx(model, x, tmp_path / "a.onnx")
+    assert builds == []  # nothing new since the warm export: its registry serves
+    library = torch.library.Library("automl_test_ops", "DEF")  # noqa: F841 -- kept alive while the op is needed
+    library.define("twice(Tensor x) -> Tensor")
+    export_onnx(model, x, tmp_path / "b.onnx")
+    assert len(builds) == 1  # a new op: built again
+    export_onnx(model, x, tmp_path / "c.onnx")
+    assert len(builds) == 1

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from automl.compress.regularize import Regularizer, RegularizerConfig
+from automl.compress.regularization.penalties import Regularizer, RegularizerConfig
 from automl.compress.schedule import (CompressionScheduler, LRConfig, LRPolicy, Policy, PolicySpec,
                                       RegularizationPolicy, build_scheduler, check_schedule_epochs,
                                       cosine_decay, parse_schedule, schedule_to_dict, step_decay)

@@ -94,7 +94,7 @@ def apply_structure(model: nn.Module, structure: Mapping, state: Mapping[str, to
         raise ConfigError(f"the compressed model is a {root}, not the {_qualname(model)} the recipe builds (a "
                           "stage wrapped it, e.g. early exit)", key="structure", value=root,
                           fix="load the deployed files instead (the ONNX model, or the early-exit segments with "
-                              "automl.compress.early_exit_export.EarlyExitRunner)")
+                              "automl.compress.early_exit.export.EarlyExitRunner)")
     current = dict(model.named_modules())
     for name in sorted(recorded, key=lambda n: (n.count(".") + bool(n), n)):
         info = recorded[name]

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 import torch
 
-from automl.compress.regularize import Regularizer, RegularizerConfig
+from automl.compress.regularization.penalties import Regularizer, RegularizerConfig
 from automl.configs import config_to_dict, field_names, option, parse_config
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 

@@ -195,7 +195,7 @@ def _grid_of(size) -> Tuple[int, int]:
 
 def _deployed_pools(ee, example) -> None:
     """Exit heads pool to their grid as the AvgPool2d the ONNX export deploys (see the module docstring)."""
-    from automl.compress.early_exit import ExitHead
+    from automl.compress.early_exit.model import ExitHead
 
     h = example
     with torch.no_grad():
@@ -214,7 +214,7 @@ def _deployed_pools(ee, example) -> None:
 
 def _attach_exits(model: nn.Module, example, stage, notes: Dict) -> nn.Module:
     """The early-exit model the ``exits`` method builds from ``stage.config`` (untrained heads)."""
-    from automl.compress.early_exit import early_exit_from_config
+    from automl.compress.early_exit.model import early_exit_from_config
 
     try:
         ee = early_exit_from_config(stage.config, model, example)

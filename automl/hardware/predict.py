@@ -299,7 +299,7 @@ class ExitPrediction:
 
 def predict_early_exit(profile: HardwareProfile, model, example, exit_shares: Sequence[float],
                        precision: str = "fp32", *, space: Optional[str] = None) -> ExitPrediction:
-    """Expected latency and energy of an early-exit model (``automl.compress.early_exit.EarlyExitModel``).
+    """Expected latency and energy of an early-exit model (``automl.compress.early_exit.model.EarlyExitModel``).
 
     Each segment (its blocks and its exit head, one deployed graph) is predicted on the features that
     reach it; the expectation weighs segment i by P(reach i) from ``exit_shares``, the share of inputs

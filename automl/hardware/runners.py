@@ -139,7 +139,7 @@ def early_exit_runners(candidate, runtime: str, threads: int, work_dir: Path
         run = lambda b: model.infer(b, list(plan.thresholds), plan.criterion)  # noqa: E731
         inputs = tensors
     else:
-        from automl.compress.early_exit_export import EarlyExitRunner, export_early_exit
+        from automl.compress.early_exit.export import EarlyExitRunner, export_early_exit
 
         manifest = export_early_exit(candidate.model, candidate.example[:1], Path(work_dir) / "early_exit",
                                      list(plan.thresholds), plan.criterion)

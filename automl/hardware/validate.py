@@ -85,7 +85,7 @@ def exit_thresholds(conf: torch.Tensor, counts: Sequence[int]) -> List[float]:
 def plan_exits(cand: Candidate, inputs: torch.Tensor, seed: int) -> ExitPlan:
     """A random exit distribution over ``inputs`` for an (untrained) early-exit candidate: the shares
     leaving at each exit are drawn uniformly from the simplex, thresholds placed to realise them."""
-    from automl.compress.early_exit import confidence, exit_indices
+    from automl.compress.early_exit.model import confidence, exit_indices
 
     model, criterion = cand.model.eval(), cand.early_exit.criterion
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 
 from automl.compress import ApplyContext
 from automl.compress.base import check_stage_combination
-from automl.compress.early_exit_method import RUNTIME as EARLY_EXIT_RUNTIME
+from automl.compress.early_exit.method import RUNTIME as EARLY_EXIT_RUNTIME
 from automl.compress.schedule import build_scheduler
 from automl.errors import MeasurementError
 from automl.modelstats import count_macs, count_nonzero, count_params
@@ -107,7 +107,7 @@ def deployed_runner(artifact: Artifact, task, deploy):
     A model with data-dependent cost (early exit) is timed as the mean over the test split in
     batches of ``deploy.batch``; any other on one example batch (runtime.measure_latency)."""
     if artifact.runtime == EARLY_EXIT_RUNTIME:
-        from automl.compress.early_exit_export import EarlyExitRunner, mean_latency
+        from automl.compress.early_exit.export import EarlyExitRunner, mean_latency
 
         runner = EarlyExitRunner.load(artifact.path.parent, threads=deploy.threads)
         samples = torch.cat([x for x, _ in task.test_loader()])

@@ -43,6 +43,7 @@ class QuantLayer(nn.Module):
         self.act_observer_name = act_observer
         self.observer = make_observer(act_observer) if act_quant is not None else None
         self.calibrating = False
+        self.float_compute = False  # float weight and input, nothing observed (AdaRound's reference)
 
     def init_activation(self):
         """Choose the sign of the input grid from what the observer saw and initialise from it."""
@@ -60,6 +61,8 @@ class QuantLayer(nn.Module):
         if self.calibrating:  # observe float inputs, compute in float
             if self.observer is not None:
                 self.observer.update(x)
+            return self.layer(x)
+        if self.float_compute:
             return self.layer(x)
         if self.act_quant is not None:
             if not self.act_quant.initialized and self.training:

@@ -50,8 +50,12 @@ class FakeQuantMethod(Method):
 
     def _prepare(self, model, ctx):
         self.ctx, self.active, self.frozen = ctx, False, None
-        self.epoch, self.step = -1, 0
+        self.epoch, self.step, self.rounding_stats = -1, 0, {}
         select_layers(model, self.config.layers)  # a bad pattern fails now, not at the start epoch
+        if getattr(self.config, "rounding", "nearest") == "adaround" and self.config.quantizer != "lsq":
+            raise ConfigError("adaround learns the rounding on a fixed weight grid; only the lsq quantizer keeps "
+                              "one (pact and ste recompute it from the weights)", key="rounding", value="adaround",
+                              fix="use quantizer: lsq, or rounding: nearest")
         self._check(model)
         layers = sum(isinstance(m, PRUNABLE) for m in model.modules())
         per_layer = self.params_per_layer.get(getattr(self.config, "quantizer", ""), 0)
@@ -103,6 +107,18 @@ class FakeQuantMethod(Method):
     def _wrap(self, model, plan: Plan, ctx):
         batches = calibration_batches(ctx.task, self.config.calibration_batches, seed=ctx.seed)
         prepare_qat(model, plan, self.config.quantizer, self.config.per_channel, batches=batches)
+        if getattr(self.config, "rounding", "nearest") == "adaround":
+            self._adaround(model, ctx)
+
+    def _adaround(self, model, ctx):
+        """Learned rounding of every wrapped layer's weight on its fixed grid, kept where the model then
+        agrees with the float model on validation inputs at least as often (see adaround.py)."""
+        from automl.compress.quantization.adaround import AdaRoundSettings, adaround_if_better
+
+        cfg = self.config
+        batches = calibration_batches(ctx.task, cfg.rounding_batches, seed=ctx.seed + 1)
+        self.rounding_stats = adaround_if_better(model, batches, ctx.task.val_loader(),
+                                                 AdaRoundSettings(iterations=cfg.rounding_iterations, seed=ctx.seed))
 
     def _finalize(self, model, ctx):
         if not self.active:
@@ -113,7 +129,8 @@ class FakeQuantMethod(Method):
         self.plain = model  # quantized weights, float inputs: what a real int8 export starts from
         self.stats = {"quant_layers": len(self.frozen), "quant_avg_w_bits": average_bits(self.frozen, model),
                       # per-layer weight bits: a modelled accelerator profile prices each layer at its own
-                      "quant_w_bits": ",".join(f"{n}:{e.w_bits}" for n, e in self.frozen.items())}
+                      "quant_w_bits": ",".join(f"{n}:{e.w_bits}" for n, e in self.frozen.items()),
+                      **self.rounding_stats}
         return simulated
 
     def label(self) -> str:
@@ -131,6 +148,7 @@ class FakeQuantMethod(Method):
 
 
 _FIRST_LAST = ("same", "int8", "float")
+ROUNDINGS = ("nearest", "adaround")
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,10 @@ class QATConfig:
     layers: Tuple[str, ...] = option(("re:.*",), doc="layer names or 're:' patterns (Conv/Linear)")
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="training batches that set activation ranges")
+    rounding: str = option("nearest", choices=ROUNDINGS,
+                           doc="weight rounding: nearest, or adaround (learned per layer on calibration inputs)")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches AdaRound learns the rounding on")
+    rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
 @register_method("qat", "quantization", QATConfig)
@@ -212,6 +234,10 @@ class MixedConfig:
     layers: Tuple[str, ...] = option(("re:.*",), doc="layers the allocator distributes bits over")
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="batches for sensitivity and activation ranges")
+    rounding: str = option("nearest", choices=ROUNDINGS,
+                           doc="weight rounding: nearest, or adaround (learned per layer on calibration inputs)")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches AdaRound learns the rounding on")
+    rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
 @register_method("mixed", "quantization", MixedConfig)

@@ -142,7 +142,7 @@ def ship_packed(model: nn.Module, path, stats: Dict) -> Path:
     """Write the quantized ``model`` as packed low-bit weights at ``path``, check that it reloads to the
     very same tensors, and add ``packed_kb``, ``packed_ratio`` (float32 bytes / file bytes) and
     ``packed_bits`` (per packed weight) to ``stats``. Returns the path."""
-    from automl.compress.deepcomp_format import read_compressed, save_packed
+    from automl.compress.coding.deepcomp_format import read_compressed, save_packed
     from automl.errors import LifecycleError
 
     report = save_packed(model, path)

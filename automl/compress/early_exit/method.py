@@ -1,7 +1,7 @@
 """The ``exits`` early-exit method: exit heads trained jointly, thresholds calibrated, deployed as segments.
 
 prepare: the model is cut into blocks (a family's own, ``early_exit.segments_of``; any other model's
-by torch.fx, ``early_exit_split``) and exit heads are attached after the chosen blocks; from then on
+by torch.fx, ``early_exit.split``) and exit heads are attached after the chosen blocks; from then on
 the training loss adds ``w_i * task_loss(exit_i)`` for every early exit to the final exit's loss.
 finalize: thresholds are calibrated on the validation split to ``max_accuracy_drop``. deploy: one
 ONNX graph per segment plus a manifest; the artifact is run by ``EarlyExitRunner``, so measured
@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from automl.compress.base import Method, register_method
-from automl.compress.early_exit import (EarlyExitConfig, EarlyExitModel, calibrate_thresholds,
-                                        early_exit_from_config, expected_cost, segment_macs)
+from automl.compress.early_exit.calibrate import calibrate_thresholds
+from automl.compress.early_exit.model import (EarlyExitConfig, EarlyExitModel, early_exit_from_config, expected_cost,
+                                              segment_macs)
 from automl.errors import ConfigError
 from automl.runtime import Artifact, OrtModel
 
@@ -74,7 +75,7 @@ class Exits(Method):
         return model
 
     def _deploy(self, artifact, ctx):
-        from automl.compress.early_exit_export import export_early_exit
+        from automl.compress.early_exit.export import export_early_exit
 
         if artifact.runtime != "onnxruntime" or artifact.precision != "fp32":
             raise ConfigError("early exit deploys float segment graphs and cannot follow a stage that changed "
@@ -94,7 +95,7 @@ class Exits(Method):
 
 def exit_report(model: EarlyExitModel, manifest: Path, full_model: Path, ctx, thresholds, criterion) -> dict:
     """Test-split exit distribution, agreement with PyTorch, and measured vs expected latency."""
-    from automl.compress.early_exit_export import EarlyExitRunner, mean_latency
+    from automl.compress.early_exit.export import EarlyExitRunner, mean_latency
 
     x = torch.cat([xb for xb, _ in ctx.task.test_loader()])
     runner = EarlyExitRunner.load(manifest.parent, threads=ctx.threads)

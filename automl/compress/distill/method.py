@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from automl.compress.base import Method, register_method
-from automl.compress.distill import DistillationConfig, distiller_from_config
-from automl.compress.teacher import check_outputs_match, load_teacher
+from automl.compress.distill.loss import DistillationConfig, distiller_from_config
+from automl.compress.distill.teacher import check_outputs_match, load_teacher
 from automl.configs import option
 
 

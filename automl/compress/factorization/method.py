@@ -23,7 +23,7 @@ from typing import Tuple
 from automl.compress.base import Method, register_method
 from automl.compress.late_params import LateParameters
 from automl.compress.layers import select_layers
-from automl.compress.lowrank import CONV_SCHEMES, RULES, factorize
+from automl.compress.factorization.lowrank import CONV_SCHEMES, RULES, factorize
 from automl.compress.quantization.simulated import replace_module
 from automl.configs import option
 from automl.errors import LifecycleError

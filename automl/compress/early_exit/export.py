@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from automl.compress.early_exit import CRITERIA, EarlyExitModel, check_thresholds, confidence
+from automl.compress.early_exit.model import CRITERIA, EarlyExitModel, check_thresholds, confidence
 from automl.errors import ConfigError
 from automl.io import write_json
 from automl.runtime import onnx_export

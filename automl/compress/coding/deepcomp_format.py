@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from automl.compress import huffman
-from automl.compress.clustering import cluster_weight
+from automl.compress.coding import huffman
+from automl.compress.quantization.clustering import cluster_weight
 from automl.compress.layers import select_layers
 from automl.errors import ConfigError
 from automl.io import atomic_write_bytes
@@ -250,7 +250,7 @@ def _clustered_keys(model: nn.Module, layers: Iterable[str]) -> Dict[str, str]:
         if id(module) in chosen:
             if hasattr(module, "weight_shared"):
                 raise ConfigError("layer still shares its weights", key=chosen[id(module)],
-                                  fix="call automl.compress.clustering.materialize(model) before saving")
+                                  fix="call automl.compress.quantization.clustering.materialize(model) before saving")
             keys[f"{full}.weight" if full else "weight"] = chosen[id(module)]
     return keys
 

@@ -25,8 +25,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from automl.compress.base import Method, register_method
-from automl.compress.clustering import INITS, materialize, share_weights
-from automl.compress.deepcomp_format import CENTROID_DTYPES, save_compressed
+from automl.compress.quantization.clustering import INITS, materialize, share_weights
+from automl.compress.coding.deepcomp_format import CENTROID_DTYPES, save_compressed
 from automl.compress.late_params import LateParameters
 from automl.compress.layers import PRUNABLE, select_layers
 from automl.configs import option

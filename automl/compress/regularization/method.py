@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from automl.compress.base import Method, register_method
-from automl.compress.regularize import GROUPS, Regularizer, RegularizerConfig
+from automl.compress.regularization.penalties import GROUPS, Regularizer, RegularizerConfig
 from automl.configs import option
 
 

@@ -1,0 +1,1 @@
+"""Sparsity regularizers: the penalties (penalties) and their registered methods (method)."""
