@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from automl.compress.quantization.adaround import AdaRoundSettings, adaround, adaround_if_better, agreement
+from automl.compress.quantization.adaround import (AdaRoundSettings, adaround, adaround_if_better, agreement,
+                                                  float_predictions, float_weights)
 from automl.compress.quantization.qat import prepare_qat, qat_layers
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
@@ -49,17 +50,34 @@ def test_rounded_weights_sit_on_the_grid_next_to_the_float_weight(trained, task)
         assert report[name]["error"] <= report[name]["error_nearest"] * 1.05 + 1e-9, name
 
 
-def test_rounding_that_agrees_less_with_float_is_given_back(trained, task):
-    """On this small CNN at 2 bits everywhere AdaRound lowers every layer's output error and still agrees
-    with the float model less often; the guard then restores nearest rounding."""
+def test_adaround_is_kept_only_where_it_agrees_with_float_at_least_as_often(trained, task):
     model = _prepared(trained, task, 2)
-    nearest = agreement(model, task.val_loader())
+    reference = float_predictions(model, task.val_loader(), float_weights(model))
+    nearest = agreement(model, task.val_loader(), reference)
     stats = adaround_if_better(model, _batches(task, 8, seed=1), task.val_loader(), AdaRoundSettings(iterations=300))
     assert stats["nearest_agreement"] == pytest.approx(nearest)
     assert stats["adaround_error_ratio"] < 0.8
-    final = agreement(model, task.val_loader())
+    final = agreement(model, task.val_loader(), reference)
     assert final == pytest.approx(max(stats["adaround_agreement"], nearest))
     assert stats["adaround_kept"] == float(stats["adaround_agreement"] >= nearest)
+
+
+def test_a_rounding_that_agrees_less_is_given_back(trained, task, monkeypatch):
+    from automl.compress.quantization import adaround as module
+
+    def harmful(model, batches, settings, floats):  # every weight rounded the wrong way, as a bad optimum would
+        for layer in qat_layers(model).values():
+            with torch.no_grad():
+                layer.layer.weight.copy_(-layer.weight_quant(layer.layer.weight))
+        return {n: {"flipped": 1.0, "error": 2.0, "error_nearest": 1.0} for n in qat_layers(model)}
+
+    model = _prepared(trained, task, 4)
+    floats = {n: w.clone() for n, w in float_weights(model).items()}
+    monkeypatch.setattr(module, "adaround", harmful)
+    stats = module.adaround_if_better(model, [], task.val_loader())
+    assert stats["adaround_kept"] == 0.0 and stats["adaround_agreement"] < stats["nearest_agreement"]
+    for name, weight in float_weights(model).items():
+        assert torch.equal(weight, floats[name]), name
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from automl.compress.quantization.qat import QuantLayer, qat_layers
 from automl.errors import ConfigError
 
 ZETA, GAMMA = 1.1, -0.1
+Weights = Dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,12 @@ class _Capture:
     def __call__(self, module, args):
         self.inputs.append(args[0].detach())
 
-    def run(self, model: nn.Module, batches: List[torch.Tensor], float_compute: bool) -> torch.Tensor:
+    def run(self, model: nn.Module, batches: List[torch.Tensor], floats: Optional[Weights] = None) -> torch.Tensor:
+        """The layer's inputs in the float model (``floats``: its original weights) or, without, in the
+        fake-quantized model as it stands."""
         handle = self.layer.register_forward_pre_hook(self)
         try:
-            with torch.no_grad(), float_reference(model, float_compute):
+            with torch.no_grad(), float_reference(model, floats, on=floats is not None):
                 for x in batches:
                     model(x)
         finally:
@@ -80,30 +83,48 @@ class _Capture:
         return out
 
 
+def float_weights(model: nn.Module) -> Weights:
+    return {name: layer.layer.weight.detach().clone() for name, layer in qat_layers(model).items()}
+
+
 @contextlib.contextmanager
-def float_reference(model: nn.Module, on: bool = True):
-    """Every QuantLayer of ``model`` computes in float (weights and inputs unquantized) inside."""
-    layers = list(qat_layers(model).values())
-    for layer in layers:
-        layer.float_compute = on
+def float_reference(model: nn.Module, floats: Weights, on: bool = True):
+    """Inside, every QuantLayer of ``model`` computes in float with its weight from ``floats`` (the
+    weights before any rounding was learned); outside, the (rounded) weights are back."""
+    layers = qat_layers(model) if on else {}
+    current = {name: layer.layer.weight.detach().clone() for name, layer in layers.items()}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.float_compute = True
+            layer.layer.weight.copy_(floats[name])
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.float_compute = False
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.float_compute = False
+                layer.layer.weight.copy_(current[name])
 
 
 @torch.no_grad()
-def agreement(model: nn.Module, loader) -> float:
-    """Share of the loader's inputs on which the fake-quantized model predicts the float model's class."""
+def float_predictions(model: nn.Module, loader, floats: Weights) -> List[torch.Tensor]:
+    """The float model's predicted classes over the loader, batch by batch."""
+    with float_reference(model, floats):
+        return [model(_inputs(batch)).argmax(1) for batch in loader]
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, loader, reference: List[torch.Tensor]) -> float:
+    """Share of the loader's inputs on which ``model`` predicts the ``reference`` class."""
     same = total = 0
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        with float_reference(model):
-            reference = model(x).argmax(1)
-        same += int((model(x).argmax(1) == reference).sum())
-        total += len(x)
+    for batch, expected in zip(loader, reference):
+        same += int((model(_inputs(batch)).argmax(1) == expected).sum())
+        total += len(expected)
     return same / max(total, 1)
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _beta(i: int, settings: AdaRoundSettings) -> float:
@@ -153,21 +174,23 @@ def round_layer(layer: QuantLayer, x_float: torch.Tensor, x_quant: torch.Tensor,
     return {"flipped": float((hard != nearest).float().mean()), "error_nearest": before, "error": error(hard)}
 
 
-def adaround(model: nn.Module, batches: Iterable, settings: AdaRoundSettings = AdaRoundSettings()
-             ) -> Dict[str, Dict[str, float]]:
-    """Round every QuantLayer of ``model`` (prepared and activation-calibrated), earliest first."""
-    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+def adaround(model: nn.Module, batches: Iterable, settings: AdaRoundSettings = AdaRoundSettings(),
+             floats: Optional[Weights] = None) -> Dict[str, Dict[str, float]]:
+    """Round every QuantLayer of ``model`` (prepared and activation-calibrated), earliest first.
+    ``floats``: the float weights, when the model's own are no longer them."""
+    inputs = [_inputs(b) for b in batches]
     if not inputs:
         raise ConfigError("AdaRound needs calibration batches", key="rounding_batches", value=0,
                           fix="give at least one batch")
+    floats = floats if floats is not None else float_weights(model)
     was_training = model.training
     model.eval()
     report = {}
     try:
         for name, layer in qat_layers(model).items():
             capture = _Capture(layer)
-            x_float = capture.run(model, inputs, float_compute=True)
-            x_quant = capture.run(model, inputs, float_compute=False)
+            x_float = capture.run(model, inputs, floats)
+            x_quant = capture.run(model, inputs)
             report[name] = round_layer(layer, x_float, x_quant, settings)
     finally:
         model.train(was_training)
@@ -179,15 +202,15 @@ def adaround_if_better(model: nn.Module, batches: Iterable, check_loader,
     """AdaRound, kept only where the model then agrees with the float model on ``check_loader`` at least
     as often as with nearest rounding; otherwise the float weights come back (nearest rounding).
 
-    Measured here: a smaller output error per layer does not always mean more agreement. On a small
-    digits CNN at 2 bits AdaRound cut the logits' squared error to a quarter and still agreed with the
-    float model on fewer inputs (nearest rounding mostly shrank the logits, which argmax forgives)."""
+    A smaller output error per layer need not mean more agreement with the float model (argmax forgives
+    an error that only shrinks the logits, and not one that turns them); the check costs two passes."""
     was_training = model.training
     model.eval()
-    floats = {n: layer.layer.weight.detach().clone() for n, layer in qat_layers(model).items()}
-    before = agreement(model, check_loader)
-    report = adaround(model, batches, settings)
-    after = agreement(model, check_loader)
+    floats = float_weights(model)
+    reference = float_predictions(model, check_loader, floats)
+    before = agreement(model, check_loader, reference)
+    report = adaround(model, batches, settings, floats)
+    after = agreement(model, check_loader, reference)
     kept = after >= before
     if not kept:
         with torch.no_grad():
@@ -202,4 +225,5 @@ def adaround_if_better(model: nn.Module, batches: Iterable, check_loader,
             "adaround_agreement": after, "nearest_agreement": before}
 
 
-__all__ = ["AdaRoundSettings", "adaround", "adaround_if_better", "agreement", "float_reference", "round_layer"]
+__all__ = ["AdaRoundSettings", "adaround", "adaround_if_better", "agreement", "float_predictions", "float_reference",
+           "float_weights", "round_layer"]
