@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl", description="Joint architecture + compression search "
                                      "scored on measured deployed cost.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _search_parser(sub)
+    _recipe_parsers(sub)
+    _profile_parser(sub)
+    return parser
+
+
+def _search_parser(sub):
     s = sub.add_parser("search", help="run a search (default: the embedded digits space)")
     s.add_argument("--space", help="search-space YAML (default: embedded digits_cnn.yaml)")
     s.add_argument("--out", help="run directory (default: runs/search-<time>)")
@@ -303,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --profile: after the search, apply and measure every Pareto point and report "
                         "predicted vs measured latency")
     s.set_defaults(fn=cmd_search)
+
+
+def _recipe_parsers(sub):
     r = sub.add_parser("resume", help="finish an interrupted search")
     r.add_argument("run_dir")
     r.add_argument("--address")
@@ -325,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-drop", type=float, default=0.01, help="tolerated accuracy drop per layer (default 0.01)")
     v.add_argument("--write-recipe", help="write a copy of the recipe whose pruning stage has per_layer = the ratios")
     v.set_defaults(fn=cmd_sensitivity)
+
+
+def _profile_parser(sub):
     pr = sub.add_parser("profile", help="measure, validate or model a hardware latency profile")
     psub = pr.add_subparsers(dest="profile_command", required=True)
     pm = psub.add_parser("measure", help="measure every distinct layer of a space on this device (resumable)")
@@ -361,7 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     pmo.add_argument("--out", required=True, help="profile YAML to write")
     pmo.add_argument("--force", action="store_true", help="replace an existing --out file")
     pmo.set_defaults(fn=cmd_profile_model)
-    return parser
 
 
 def main(argv=None) -> int:

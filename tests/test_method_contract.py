@@ -40,3 +40,20 @@ def test_method_compresses_or_refuses_clearly(method, kind, task, tmp_path):
     assert m["latency_ms"] > 0 and m["size_kb"] > 0 and 0.0 <= m["accuracy"] <= 1.0
     assert result.artifact.path.is_file()
     assert torch.isfinite(result.model(task.example_input(2))).all() if method != "exits" else True
+
+
+@pytest.mark.parametrize("method", [name for name, _ in METHODS.items()])
+def test_method_says_what_precision_a_profile_prices_it_at(method):
+    """Every method answers Method.profile_precision for its default config: a profile precision, None
+    (the stage leaves the precision as it is) or a ProfileError that names the fix; no table elsewhere."""
+    from automl.errors import ProfileError
+    from automl.hardware.layers import PRECISIONS
+
+    info = METHODS.get(method)
+    config = parse_config(info.config_cls, {}, Where(key=method))
+    try:
+        precision = info.handler_cls.profile_precision(config)
+    except ProfileError as exc:
+        assert "Fix:" in str(exc), str(exc)
+        return
+    assert precision is None or precision in PRECISIONS

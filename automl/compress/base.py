@@ -88,6 +88,13 @@ class Method:
 
     method_name: ClassVar[str] = "?"
 
+    @classmethod
+    def profile_precision(cls, config) -> Optional[str]:
+        """The hardware-profile precision this stage deploys the model at, from its parsed config (one of
+        automl.hardware.layers.PRECISIONS), or None when it leaves the precision as it is. Simulated
+        low-bit models compute in float: None. A precision no profile can price raises ProfileError."""
+        return None
+
     def __init__(self, config, *, start_epoch: Optional[int] = None):
         self.config = config
         self.start_epoch = start_epoch

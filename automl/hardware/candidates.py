@@ -8,7 +8,7 @@ rounds; layer pruning bypasses the first removable blocks, and masks-only prunin
 threshold ...) changes nothing a dense kernel sees. Other allocations and criteria pick *which*
 channels go; the channel counts, and so the latency, are what uniform gives.
 
-The quantization stage gives the deployed precision (DEPLOYED_PRECISION): int8 methods that write a
+The quantization stage gives the deployed precision (its method's ``profile_precision``): int8 methods that write a
 QDQ int8 model deploy ``int8_static`` (``int8_ptq`` its mode); a *simulated* model (``mixed``,
 ``binary``, ``ternary``, ``qat`` / ``data_free`` below 8 bits, ``kmeans`` weight sharing) computes in
 float and is priced as the fp32 model, noted in ``notes['quantization']``: its fake-quantizers'
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from automl.compress.quantization.half import not_in_profiles
+from automl.compress import get_method
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.layers import PRECISIONS, LayerKey, TracedLayer, distinct_keys, trace_layers
 from automl.spaces.adapter import resolve, sample_config
@@ -41,15 +41,6 @@ from automl.spaces.domains import Choice, Fixed, IntRange
 # runtime -> the precisions it deploys. onnxruntime_int8 deploys every candidate as static int8.
 RUNTIMES: Dict[str, Tuple[str, ...]] = {"onnxruntime": PRECISIONS, "onnxruntime_int8": ("int8_static",),
                                         "torch": ("fp32",)}
-# quantization method -> deployed precision, from its parsed config (see the module docstring)
-DEPLOYED_PRECISION = {
-    "int8_ptq": lambda cfg: f"int8_{cfg.mode}",
-    "int8_pt2e": lambda cfg: "int8_static",
-    "qat": lambda cfg: "int8_static" if cfg.w_bits == 8 and cfg.a_bits == 8 else "fp32",
-    "data_free": lambda cfg: "int8_static" if cfg.bits == 8 and cfg.int8_deploy else "fp32",
-    "mixed": lambda cfg: "fp32", "binary": lambda cfg: "fp32", "ternary": lambda cfg: "fp32",
-    "kmeans": lambda cfg: "fp32", "fp16": not_in_profiles,
-}
 # early-exit config options that change the deployed graphs (the rest change only where inputs leave)
 EXIT_SHAPE_OPTIONS = ("method", "exits", "positions", "head_size", "head_pool")
 
@@ -131,13 +122,8 @@ def deployed_precision(recipe, runtime: str = "onnxruntime") -> str:
     if runtime == "onnxruntime_int8":
         return "int8_static"
     precision = "fp32"   # early exit deploys float segment graphs (it cannot share a recipe with quantization)
-    for stage in recipe.stages:
-        if stage.category == "quantization":
-            if stage.method not in DEPLOYED_PRECISION:
-                raise ProfileError(f"the profiler does not know which precision quantization method "
-                                   f"'{stage.method}' deploys", key="quantization.method", value=stage.method,
-                                   fix="add it to automl.hardware.candidates.DEPLOYED_PRECISION")
-            precision = DEPLOYED_PRECISION[stage.method](stage.config)
+    for stage in recipe.stages:  # each method says what it deploys (Method.profile_precision)
+        precision = get_method(stage.method).handler_cls.profile_precision(stage.config) or precision
     return precision
 
 

@@ -73,6 +73,10 @@ class Int8PT2EConfig:
 
 @register_method("int8_pt2e", "quantization", Int8PT2EConfig)
 class Int8PT2E(Method):
+    @classmethod
+    def profile_precision(cls, config) -> str:
+        return "int8_static"
+
     """Real int8: torchao pt2e static quantization, deployed as an int8 ONNX model."""
 
     def _finalize(self, model, ctx):
@@ -122,6 +126,10 @@ class DataFreeConfig:
 
 @register_method("data_free", "quantization", DataFreeConfig)
 class DataFree(Method):
+    @classmethod
+    def profile_precision(cls, config) -> Optional[str]:
+        return "int8_static" if config.bits == 8 and config.int8_deploy else None
+
     """Weights quantized without data (CLE + bias correction) after training."""
 
     def _finalize(self, model, ctx):

@@ -172,6 +172,10 @@ class QATConfig:
 class QAT(FakeQuantMethod):
     """Uniform QAT at w_bits / a_bits; real int8 when both are 8."""
 
+    @classmethod
+    def profile_precision(cls, config) -> Optional[str]:
+        return "int8_static" if config.w_bits == 8 and config.a_bits == 8 else None
+
     def _check(self, model):
         _act_bits(self.config.a_bits)
 
