@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from automl.compress.early_exit.model import EarlyExitModel, exit_indices
 from automl.errors import ConfigError
-from automl.hardware.candidates import InvalidCandidate, _deployed_pools, build_candidate, space_layer_keys
+from automl.compress.early_exit.method import deployed_pools
+from automl.hardware.candidates import InvalidCandidate, build_candidate, space_layer_keys
 from automl.hardware.layers import LayerKey, layer_cost
 from automl.hardware.measure import make_entry, measure_early_exit
 from automl.hardware.timing import Stats
@@ -101,7 +102,7 @@ def test_grid_that_does_not_divide_the_map_is_refused():
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     ee = EarlyExitModel(blocks, head, exits=[0], example=x, head_pool=4).eval()
     with pytest.raises(ConfigError, match="6x6 map to a 4x4 grid") as err:
-        _deployed_pools(ee, x)
+        deployed_pools(ee, x)
     assert err.value.key == "early_exit.head_pool"
 
 

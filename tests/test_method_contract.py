@@ -57,3 +57,25 @@ def test_method_says_what_precision_a_profile_prices_it_at(method):
         assert "Fix:" in str(exc), str(exc)
         return
     assert precision is None or precision in PRECISIONS
+
+
+@pytest.mark.parametrize("method", [name for name, _ in METHODS.items()])
+def test_method_builds_its_deployed_shape_or_refuses(method, task):
+    """Method.deployed_shape (what a profile prices): a model that still runs the example, or a ConfigError."""
+    info = METHODS.get(method)
+    config = parse_config(info.config_cls, {}, Where(key=method))
+    torch.manual_seed(0)
+    model = task.build_model("resnet", {"width": 8, "stages": 2, "blocks": 2}).eval()
+    example = task.example_input(2)
+    notes = {}
+    try:
+        shaped = info.handler_cls.deployed_shape(model, example, config, notes)
+    except ConfigError as exc:
+        assert "Fix:" in str(exc), str(exc)
+        return
+    with torch.no_grad():
+        out = shaped.eval()(example)
+    assert out.shape == (2, task.num_classes)
+    # the methods that change shapes say what they did; the rest leave the model as it was
+    changed = {"structured": "thinned_ratio", "layer": "removed_blocks", "exits": "exit_after"}
+    assert set(notes) == ({changed[method]} if method in changed else set())

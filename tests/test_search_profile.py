@@ -296,7 +296,8 @@ def test_profiled_search_end_to_end(space, tmp_path):
 def test_thinned_candidate_has_the_shapes_structured_pruning_produces(tmp_path):
     """Candidates (what profiles are measured and validated on) keep a multiple of round_to channels
     per group, as the structured method does: 24 -> 14 kept -> 16, 48 -> 29 kept -> 32."""
-    from automl.hardware.candidates import build_candidate, thinned_count
+    from automl.compress.pruning.shapes import thinned_count
+    from automl.hardware.candidates import build_candidate
     from automl.recipe import apply_recipe, recipe_from_config
 
     assert [thinned_count(c, r, q) for c, r, q in [(24, 0.4, 8), (48, 0.4, 8), (16, 0.5, 16), (16, 0.5, 1),

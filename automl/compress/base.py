@@ -95,6 +95,13 @@ class Method:
         low-bit models compute in float: None. A precision no profile can price raises ProfileError."""
         return None
 
+    @classmethod
+    def deployed_shape(cls, model, example, config, notes: Dict[str, Any]):
+        """The model with this stage's structural effect and random weights, as a hardware profile prices
+        it (see automl.hardware.candidates): thinned channels, removed blocks, exit heads. Default: none
+        (masks, value changes). A config the architecture cannot take raises ConfigError."""
+        return model
+
     def __init__(self, config, *, start_epoch: Optional[int] = None):
         self.config = config
         self.start_epoch = start_epoch

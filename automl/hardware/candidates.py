@@ -1,12 +1,10 @@
 """Candidates of a search space in their deployed *shape*, without training.
 
 Latency does not depend on weight values, so a candidate is built from its flat config with random
-weights and the structural effect of its compression: channel pruning that thins (``structured``
-with a channel-wise granularity and ``thin: true``) removes the same share of channels in every
-coupled group (the ``uniform`` allocation), rounded to a multiple of ``round_to`` as the method
-rounds; layer pruning bypasses the first removable blocks, and masks-only pruning (magnitude, AGP,
-threshold ...) changes nothing a dense kernel sees. Other allocations and criteria pick *which*
-channels go; the channel counts, and so the latency, are what uniform gives.
+weights and the structural effect of each compression stage, which its method builds
+(``Method.deployed_shape``): structured pruning thins channels uniformly, layer pruning bypasses
+blocks (automl.compress.pruning.shapes), ``exits`` attaches untrained exit heads; masks-only pruning
+changes nothing a dense kernel sees.
 
 The quantization stage gives the deployed precision (its method's ``profile_precision``): int8 methods that write a
 QDQ int8 model deploy ``int8_static`` (``int8_ptq`` its mode); a *simulated* model (``mixed``,
@@ -127,91 +125,6 @@ def deployed_precision(recipe, runtime: str = "onnxruntime") -> str:
     return precision
 
 
-def thinned_count(channels: int, ratio: float, round_to: int = 1) -> int:
-    """Channels a group keeps under uniform structured pruning: ``round(ratio * channels)`` go (at
-    least one stays), then the count moves to a multiple of ``round_to`` as the method does
-    (``allocation.rounded_count`` on the group's grid, ``groups.grid_step``), so the candidate has the
-    shapes the method produces."""
-    from automl.compress.pruning.allocation import rounded_count
-    from automl.compress.pruning.groups import grid_step
-
-    kept = channels - min(int(round(ratio * channels)), channels - 1)
-    return rounded_count(kept, channels, grid_step(channels, round_to))
-
-
-def _thin_uniform(model: nn.Module, example, ratio: float, patterns, round_to: int = 1) -> nn.Module:
-    from automl.compress.layers import select_layers
-    from automl.compress.pruning.thinning import coupled_groups, thin
-
-    chosen = set(select_layers(model, patterns))
-    keep = {}
-    for g in coupled_groups(model, example):
-        if chosen.intersection(g.outputs) or chosen.intersection(g.inputs):
-            kept = thinned_count(g.channels, ratio, round_to)
-            if kept < g.channels:
-                keep[g.root] = list(range(kept))
-    return thin(model, example, keep) if keep else model
-
-
-def _apply_structure(model: nn.Module, example, stage, notes: Dict) -> nn.Module:
-    cfg = stage.config
-    if stage.method == "structured" and cfg.thin and cfg.granularity in ("filter", "row", "channel", "column"):
-        ratio, round_to = cfg.ratio, cfg.round_to
-        if cfg.mac_reduction:
-            from automl.compress.pruning.allocation import ratio_for_mac_target
-
-            ratio, _ = ratio_for_mac_target(model, example, cfg.mac_reduction,
-                                            lambda level: _thin_uniform(model, example, level, cfg.layers, round_to))
-        notes["thinned_ratio"] = float(ratio)
-        return _thin_uniform(model, example, ratio, cfg.layers, round_to)
-    if stage.method == "layer":
-        from automl.compress.pruning import layerwise as lw
-
-        candidates = lw.select_blocks(lw.removable_blocks(model, example, plain=cfg.plain), cfg.layers)
-        count = lw.blocks_to_remove(cfg.blocks, len(candidates))
-        chosen = lw.choose_blocks({n: float(i) for i, n in enumerate(candidates)}, count, candidates)
-        lw.remove_blocks(model, [(n, candidates[n]) for n in chosen])
-        notes["removed_blocks"] = list(chosen)
-    return model   # masks only: the deployed dense kernels keep their shapes
-
-
-def _grid_of(size) -> Tuple[int, int]:
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-
-def _deployed_pools(ee, example) -> None:
-    """Exit heads pool to their grid as the AvgPool2d the ONNX export deploys (see the module docstring)."""
-    from automl.compress.early_exit.model import ExitHead
-
-    h = example
-    with torch.no_grad():
-        for i, (segment, head) in enumerate(zip(ee.segments, ee.exit_heads)):
-            h = segment(h)
-            pool = head.net[0] if isinstance(head, ExitHead) else None
-            if not isinstance(pool, nn.AdaptiveAvgPool2d) or h.dim() != 4 or _grid_of(pool.output_size) == (1, 1):
-                continue
-            (gh, gw), (rows, cols) = _grid_of(pool.output_size), tuple(h.shape[2:])
-            if rows % gh or cols % gw or rows // gh != cols // gw:
-                raise ConfigError(f"exit head {i} pools a {rows}x{cols} map to a {gh}x{gw} grid: windows of unequal "
-                                  "size, which no profile entry describes", key="early_exit.head_pool", value=gh,
-                                  fix="choose a head_pool that divides the feature maps at the exits, or 1")
-            head.net[0] = nn.AvgPool2d(rows // gh)
-
-
-def _attach_exits(model: nn.Module, example, stage, notes: Dict) -> nn.Module:
-    """The early-exit model the ``exits`` method builds from ``stage.config`` (untrained heads)."""
-    from automl.compress.early_exit.model import early_exit_from_config
-
-    try:
-        ee = early_exit_from_config(stage.config, model, example)
-    except ConfigError as exc:   # e.g. more exits than the (pruned) model has blocks
-        raise InvalidCandidate(exc.message, key=exc.key, value=exc.value, fix=exc.fix) from None
-    ee.joint_output = False      # model(x) is the backbone alone, as the method's evaluation sees it
-    _deployed_pools(ee.eval(), example)
-    notes["exit_after"] = list(ee.exit_after)
-    return ee
-
-
 def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = "onnxruntime",
                     batch: Optional[int] = None, seed: int = 0) -> Candidate:
     """The deployed-shape model of ``config`` with random weights (see the module docstring). Raises
@@ -231,20 +144,15 @@ def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = 
     exits = None
     # category order: pruning thins the backbone, then exit heads are built on the thinned blocks
     # (the method thins the model with its heads attached, which gives the heads the same inputs)
-    for stage in recipe.stages:
-        if stage.category == "pruning":
-            try:
-                model = _apply_structure(model, probe, stage, notes).eval()
-            except ProfileError:
-                raise
-            except ConfigError as exc:   # e.g. a MAC target this architecture cannot reach
-                raise InvalidCandidate(exc.message, key=exc.key, value=exc.value, fix=exc.fix) from None
-        elif stage.category == "early_exit":
-            if stage.method != "exits":
-                raise ProfileError(f"the profiler does not know how early-exit method '{stage.method}' deploys",
-                                   key="early_exit.method", value=stage.method,
-                                   fix="extend automl.hardware.candidates.build_candidate")
-            model, exits = _attach_exits(model, probe, stage, notes), stage.config
+    for stage in recipe.stages:  # each method builds its own structural effect (Method.deployed_shape)
+        try:
+            model = get_method(stage.method).handler_cls.deployed_shape(model, probe, stage.config, notes).eval()
+        except ProfileError:
+            raise
+        except ConfigError as exc:   # e.g. a MAC target or more exits than this architecture allows
+            raise InvalidCandidate(exc.message, key=exc.key, value=exc.value, fix=exc.fix) from None
+        if stage.category == "early_exit":
+            exits = stage.config
     precision = deployed_precision(recipe, runtime)
     quant = [s for s in recipe.stages if s.category == "quantization"]
     if quant and precision == "fp32":

@@ -12,23 +12,56 @@ with the PyTorch early-exit model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from automl.compress.base import Method, register_method
 from automl.compress.early_exit.calibrate import calibrate_thresholds
-from automl.compress.early_exit.model import (EarlyExitConfig, EarlyExitModel, early_exit_from_config, expected_cost,
-                                              segment_macs)
+from automl.compress.early_exit.model import (EarlyExitConfig, EarlyExitModel, ExitHead, early_exit_from_config,
+                                              expected_cost, segment_macs)
 from automl.errors import ConfigError
 from automl.runtime import Artifact, OrtModel
 
 RUNTIME = "onnxruntime_early_exit"
 
 
+def _grid_of(size) -> Tuple[int, int]:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def deployed_pools(ee: EarlyExitModel, example) -> None:
+    """Exit heads pool to their grid with AdaptiveAvgPool2d; on a map the grid divides that is the
+    AvgPool2d the ONNX export writes, so the priced model holds that (a layer profiles measure)."""
+    h = example
+    with torch.no_grad():
+        for i, (segment, head) in enumerate(zip(ee.segments, ee.exit_heads)):
+            h = segment(h)
+            pool = head.net[0] if isinstance(head, ExitHead) else None
+            if not isinstance(pool, nn.AdaptiveAvgPool2d) or h.dim() != 4 or _grid_of(pool.output_size) == (1, 1):
+                continue
+            (gh, gw), (rows, cols) = _grid_of(pool.output_size), tuple(h.shape[2:])
+            if rows % gh or cols % gw or rows // gh != cols // gw:
+                raise ConfigError(f"exit head {i} pools a {rows}x{cols} map to a {gh}x{gw} grid: windows of unequal "
+                                  "size, which no profile entry describes", key="early_exit.head_pool", value=gh,
+                                  fix="choose a head_pool that divides the feature maps at the exits, or 1")
+            head.net[0] = nn.AvgPool2d(rows // gh)
+
+
+def exits_shape(model: nn.Module, example, config: EarlyExitConfig, notes: Dict) -> EarlyExitModel:
+    """The early-exit model the method builds from ``config`` (untrained heads), as profiles price it."""
+    ee = early_exit_from_config(config, model, example)
+    ee.joint_output = False      # model(x) is the backbone alone, as the method's evaluation sees it
+    deployed_pools(ee.eval(), example)
+    notes["exit_after"] = list(ee.exit_after)
+    return ee
+
+
 @register_method("exits", "early_exit", EarlyExitConfig)
 class Exits(Method):
+    deployed_shape = classmethod(lambda cls, model, example, config, notes: exits_shape(model, example, config, notes))
     """Exit heads after chosen blocks; a sample leaves at the first confident exit."""
 
     def _prepare(self, model, ctx):

@@ -297,6 +297,12 @@ class LayerPruningConfig:
 
 @register_method("layer", "pruning", LayerPruningConfig)
 class LayerPruning(Method):
+    @classmethod
+    def deployed_shape(cls, model, example, config, notes):
+        from automl.compress.pruning.shapes import layer_shape
+
+        return layer_shape(model, example, config, notes)
+
     """Bypasses the lowest-scored removable blocks at the start epoch; finalize reports what went."""
 
     def _prepare(self, model, ctx):

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from automl.compress.base import register_method
+from automl.compress.pruning.shapes import structured_shape
 from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs
 from automl.compress.pruning.base import PruningConfig, PruningMethod
 from automl.compress.pruning.channels import ChannelMaskSet, MacModel, _norm_after, _param, channel_keep, parity
@@ -87,6 +88,8 @@ def parse_block(text: str):
 
 @register_method("structured", "pruning", StructuredPruningConfig)
 class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
+    deployed_shape = classmethod(lambda cls, model, example, config, notes: structured_shape(model, example, config,
+                                                                                             notes))
     """Units are structure groups (thinned path) or layers (masks only); see the module docstring."""
 
     # setup -------------------------------------------------------------------------------------------
