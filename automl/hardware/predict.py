@@ -5,8 +5,8 @@ whole models measured by ``automl profile measure`` (weighted least squares on r
 cold term prices what a layer timed alone again and again cannot see: it keeps its weights in L2, but
 in a model whose weights exceed L2 together they come from L3 on every inference (measured here: a
 5.7 MB fp32 CNN ran 1.6x its summed layers, a 0.9 MB one matched them). Each heavy layer's entry
-holds its cold time too (timed cycling over copies whose weights exceed L2); ``share`` = 1 - C / (model weight bytes) when
-the weights exceed the fitted effective capacity C (``cache_kb``), else 0 -- the share of a cyclic
+holds its cold time too (timed cycling over copies whose weights exceed L2); ``share`` = 1 - C / (model
+weight bytes) when the weights exceed the fitted effective capacity C (``cache_kb``), else 0 -- the share of a cyclic
 sweep over the weights that a cache of size C misses. A layer whose
 channel counts were not measured is interpolated linearly in each channel count between the
 nearest measured ones of the same op, geometry and precision (extrapolated linearly beyond them);

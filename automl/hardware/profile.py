@@ -25,8 +25,8 @@ from the section.
 ``latency_ms`` is the median of the layer run alone minus the per-call overhead of an empty model,
 both timed in the same interleaved rounds -- or, for fp32 and static int8 layers on onnxruntime, the
 layer *in context*: behind a producer layer, less the producer alone (onnxruntime converts to its
-blocked layouts at a graph's edges; see measure.CONTEXT_PRECISIONS). ``drift`` is the time of a fixed reference layer in those
-rounds over ``protocol.reference_ms`` (the median over all chunks): a chunk whose reference is off by
+blocked layouts at a graph's edges; see runners.CONTEXT_PRECISIONS). ``drift`` is the time of a fixed reference
+layer in those rounds over ``protocol.reference_ms`` (the median over all chunks): a chunk whose reference is off by
 more than ``max_drift`` was measured while the machine was busier or quieter than usual and is
 measured again (``retries``), keeping the attempt closest to the usual time.
 

@@ -134,12 +134,14 @@ def _baseline_markdown(report: Dict) -> List[str]:
     lines = ["## Against the uncompressed model", "",
              f"Baseline (the model as given, measured once): accuracy {_fmt(base.get('accuracy'))}, test accuracy "
              f"{_fmt(base.get('test_accuracy'))}, latency {_fmt(base.get('latency_ms'))} ms, size "
-             f"{_fmt(base.get('size_kb'))} kB, {_fmt(base.get('params'))} parameters, {_fmt(base.get('macs'))} MACs.", ""]
+             f"{_fmt(base.get('size_kb'))} kB, {_fmt(base.get('params'))} parameters, "
+             f"{_fmt(base.get('macs'))} MACs.", ""]
     picks = report.get("within_budget") or {}
     if not picks:
         return lines + ["No completed trial meets the constraints (the accuracy budget).", ""]
     lines += ["Within the constraints (the accuracy budget):", "",
-              "| pick | trial | accuracy | accuracy drop | latency ms | speed-up | size kB | size reduction | precision |",
+              "| pick | trial | accuracy | accuracy drop | latency ms | speed-up | size kB | size reduction "
+              "| precision |",
               "|---|---|---|---|---|---|---|---|---|"]
     for label, p in picks.items():
         lines.append(f"| {label} | {p['trial_id']} | {_fmt(p['accuracy'])} | {_fmt(p['accuracy_drop'])} | "

@@ -63,5 +63,5 @@ def build_task(name: str | None, data=None, *, file=None) -> Task:
     return get_task(name, file=file)
 
 
-__all__ = ["TASKS", "Task", "DatasetTask", "TensorClassificationTask", "DigitsTask", "Digits32Task", "LOADERS_TASK", "build_task",
-           "get_task"]
+__all__ = ["TASKS", "Task", "DatasetTask", "TensorClassificationTask", "DigitsTask", "Digits32Task", "LOADERS_TASK",
+           "build_task", "get_task"]

@@ -221,7 +221,8 @@ def _npz_task(spec: DataSpec, where: Where) -> TensorClassificationTask:
         raise (where / "path").error(f"cannot read the .npz without unpickling ({exc})", spec.path,
                                      "save plain numeric arrays (np.savez with float/uint8 x and integer y)") from None
     except Exception as exc:
-        raise (where / "path").error(f"cannot read the .npz: {exc}", spec.path, "give a file written by np.savez") from None
+        raise (where / "path").error(f"cannot read the .npz: {exc}", spec.path,
+                                     "give a file written by np.savez") from None
     pairs = {s: (f"x_{s}", f"y_{s}") for s in SPLITS}
     if "x" in arrays and "y" in arrays:
         pairs = {"train": ("x", "y")}
@@ -298,8 +299,9 @@ class LoaderTask(DatasetTask):
         for split, loader in self.loaders.items():
             batch = next(iter(loader), None)
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)):
-                raise ConfigError(f"the {split} loader must yield (inputs, labels) pairs of tensors", key=f"{split}_loader",
-                                  value=type(batch).__name__, fix="wrap your dataset so that it returns (x, y)")
+                raise ConfigError(f"the {split} loader must yield (inputs, labels) pairs of tensors",
+                                  key=f"{split}_loader", value=type(batch).__name__,
+                                  fix="wrap your dataset so that it returns (x, y)")
         super().__init__(None, None, None, num_classes=num_classes, name=name)
 
     def _loader(self, split, batch_size, shuffle, seed=0):

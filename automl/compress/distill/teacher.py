@@ -200,4 +200,5 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, example: torch.T
                           fix="use a teacher classifier trained on the same task")
 
 
-__all__ = ["check_outputs_match", "load_checkpoint", "load_teacher", "teacher_entries", "teacher_recipe", "train_teacher"]
+__all__ = ["check_outputs_match", "load_checkpoint", "load_teacher", "teacher_entries", "teacher_recipe",
+           "train_teacher"]

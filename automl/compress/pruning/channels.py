@@ -135,7 +135,8 @@ class MacModel:
                 if n not in slot:
                     continue
                 row = torch.zeros(group.channels, dtype=torch.float64)
-                row.index_add_(0, torch.tensor(classes, dtype=torch.long), torch.ones(len(classes), dtype=torch.float64))
+                row.index_add_(0, torch.tensor(classes, dtype=torch.long),
+                               torch.ones(len(classes), dtype=torch.float64))
                 rows.append(2 * slot[n] + (side == "in"))
                 counts.append(row)
             if rows:

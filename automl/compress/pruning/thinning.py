@@ -216,8 +216,9 @@ def _reroot(dg, group, members, names):
     than the root's: from a layer reading a ghost module's cat(x1, dw(x1)), channels j and j + C1 are
     two root channels that Torch-Pruning's merge never links; from x1's conv they are one."""
     channels = len(group[0].idxs)
-    sizes = [(len(idxs), i) for i, (m, side, idxs, *_) in enumerate(members) if side == "out"
-             and isinstance(m, PRUNABLE) and len(idxs) == (m.out_features if isinstance(m, nn.Linear) else m.out_channels)]
+    sizes = [(len(idxs), i) for i, (m, side, idxs, *_) in enumerate(members)
+             if side == "out" and isinstance(m, PRUNABLE)
+             and len(idxs) == (m.out_features if isinstance(m, nn.Linear) else m.out_channels)]
     if not sizes or min(sizes)[0] >= channels:
         return group, members
     module = members[min(sizes)[1]][0]

@@ -59,12 +59,8 @@ def _ao() -> types.SimpleNamespace:
     """torchao's pt2e API, imported on first use (the import takes seconds)."""
     try:
         with _quiet("torchao", "torch.utils._pytree"):
-            from torchao.quantization.pt2e import (MinMaxObserver, MovingAverageMinMaxObserver,
-                                                   FusedMovingAvgObsFakeQuantize,
-                                                   move_exported_model_to_eval,
-                                                   move_exported_model_to_train)
-            from torchao.quantization.pt2e.quantize_pt2e import (convert_pt2e, prepare_pt2e,
-                                                                 prepare_qat_pt2e)
+            from torchao.quantization import pt2e as ao
+            from torchao.quantization.pt2e import quantize_pt2e
             from torchao.quantization.pt2e.quantizer import QuantizationSpec
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as exc:
@@ -101,7 +97,14 @@ def _ao() -> types.SimpleNamespace:
                         output_qspec=act, _annotated=True, _is_output_of_quantized_pattern=True)
             return model
 
-    return types.SimpleNamespace(**locals())
+    return types.SimpleNamespace(
+        x86=x86, OnnxQDQQuantizer=OnnxQDQQuantizer, QuantizationSpec=QuantizationSpec,
+        MinMaxObserver=ao.MinMaxObserver, MovingAverageMinMaxObserver=ao.MovingAverageMinMaxObserver,
+        FusedMovingAvgObsFakeQuantize=ao.FusedMovingAvgObsFakeQuantize,
+        move_exported_model_to_eval=ao.move_exported_model_to_eval,
+        move_exported_model_to_train=ao.move_exported_model_to_train,
+        convert_pt2e=quantize_pt2e.convert_pt2e, prepare_pt2e=quantize_pt2e.prepare_pt2e,
+        prepare_qat_pt2e=quantize_pt2e.prepare_qat_pt2e)
 
 
 def quantization_config(*, per_channel: bool = True, qat: bool = False):
