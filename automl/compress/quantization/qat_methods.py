@@ -52,9 +52,10 @@ class FakeQuantMethod(Method):
         self.ctx, self.active, self.frozen = ctx, False, None
         self.epoch, self.step, self.rounding_stats = -1, 0, {}
         select_layers(model, self.config.layers)  # a bad pattern fails now, not at the start epoch
-        if getattr(self.config, "rounding", "nearest") == "adaround" and self.config.quantizer != "lsq":
-            raise ConfigError("adaround learns the rounding on a fixed weight grid; only the lsq quantizer keeps "
-                              "one (pact and ste recompute it from the weights)", key="rounding", value="adaround",
+        rounding = getattr(self.config, "rounding", "nearest")
+        if rounding != "nearest" and self.config.quantizer != "lsq":
+            raise ConfigError(f"{rounding} fits the rounding to a fixed weight grid; only the lsq quantizer keeps "
+                              "one (pact and ste recompute it from the weights)", key="rounding", value=rounding,
                               fix="use quantizer: lsq, or rounding: nearest")
         self._check(model)
         layers = sum(isinstance(m, PRUNABLE) for m in model.modules())
@@ -107,18 +108,24 @@ class FakeQuantMethod(Method):
     def _wrap(self, model, plan: Plan, ctx):
         batches = calibration_batches(ctx.task, self.config.calibration_batches, seed=ctx.seed)
         prepare_qat(model, plan, self.config.quantizer, self.config.per_channel, batches=batches)
-        if getattr(self.config, "rounding", "nearest") == "adaround":
-            self._adaround(model, ctx)
+        if getattr(self.config, "rounding", "nearest") != "nearest":
+            self._learned_rounding(model, ctx)
 
-    def _adaround(self, model, ctx):
-        """Learned rounding of every wrapped layer's weight on its fixed grid, kept where the model then
-        agrees with the float model on validation inputs at least as often (see adaround.py)."""
-        from automl.compress.quantization.adaround import AdaRoundSettings, adaround_if_better
+    def _learned_rounding(self, model, ctx):
+        """AdaRound or GPTQ on every wrapped layer's fixed grid, kept where the model then agrees with
+        the float model on validation inputs at least as often as with nearest rounding (rounding.py)."""
+        from functools import partial
+
+        from automl.compress.quantization.adaround import AdaRoundSettings, adaround_layer
+        from automl.compress.quantization.gptq import gptq_layer
+        from automl.compress.quantization.rounding import rounded_if_better
 
         cfg = self.config
+        round_fn = {"adaround": partial(adaround_layer, settings=AdaRoundSettings(iterations=cfg.rounding_iterations)),
+                    "gptq": gptq_layer}[cfg.rounding]
         batches = calibration_batches(ctx.task, cfg.rounding_batches, seed=ctx.seed + 1)
-        self.rounding_stats = adaround_if_better(model, batches, ctx.task.val_loader(),
-                                                 AdaRoundSettings(iterations=cfg.rounding_iterations, seed=ctx.seed))
+        self.rounding_stats = rounded_if_better(model, batches, ctx.task.val_loader(), round_fn, cfg.rounding,
+                                                seed=ctx.seed)
 
     def _finalize(self, model, ctx):
         if not self.active:
@@ -148,7 +155,7 @@ class FakeQuantMethod(Method):
 
 
 _FIRST_LAST = ("same", "int8", "float")
-ROUNDINGS = ("nearest", "adaround")
+ROUNDINGS = ("nearest", "adaround", "gptq")
 
 
 @dataclass(frozen=True)
@@ -163,8 +170,9 @@ class QATConfig:
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="training batches that set activation ranges")
     rounding: str = option("nearest", choices=ROUNDINGS,
-                           doc="weight rounding: nearest, or adaround (learned per layer on calibration inputs)")
-    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches AdaRound learns the rounding on")
+                           doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
+                               "over the inverse Hessian), both fitted per layer on calibration inputs")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
     rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
@@ -239,8 +247,9 @@ class MixedConfig:
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="batches for sensitivity and activation ranges")
     rounding: str = option("nearest", choices=ROUNDINGS,
-                           doc="weight rounding: nearest, or adaround (learned per layer on calibration inputs)")
-    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches AdaRound learns the rounding on")
+                           doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
+                               "over the inverse Hessian), both fitted per layer on calibration inputs")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
     rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 

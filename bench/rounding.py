@@ -1,16 +1,16 @@
-"""AdaRound against nearest rounding: post-training quantization of trained models, no fine-tuning.
+"""Learned rounding (AdaRound, GPTQ) against nearest: post-training quantization of trained models, no fine-tuning.
 
 Each model is trained once in float; then the registered ``qat`` method with ``finetune_epochs: 0``
 quantizes it at w4a8, w3a8 and w2a8 (first and last layer 8 bits, LSQ grids from the MSE observer,
-activations calibrated on 4 training batches), once with ``rounding: nearest`` and once with
-``rounding: adaround`` (8 training batches, 1000 steps per layer) for each seed (3 on ours, 1 on the zoo models). AdaRound is kept only
-where the model then agrees with the float model's predictions on the validation split at least as
-often as with nearest rounding, so validation accuracy is not a clean measure of the choice: read the
-test column. Models: our digits CNN and ResNet (12 epochs, Adam, as in bench/quantization.py) and
+activations calibrated on 4 training batches), with ``rounding: nearest``, ``adaround`` (8 training
+batches, 1000 steps per layer) and ``gptq`` (8 training batches), the learned ones for each seed (3 on
+ours, 1 on the zoo models). A learned rounding is kept only where the model then agrees with the
+float model's predictions on the validation split at least as often as with nearest rounding, so
+validation accuracy is not a clean measure of the choice: read the test column. Models: our digits CNN and ResNet (12 epochs, Adam, as in bench/quantization.py) and
 pytorchcv's ResNet-20 and MobileNetV2 w0.5 on 32x32 digit images (24 epochs, SGD, as in bench/byom.py).
 
-    python bench/adaround.py                      # README table (about 25 minutes on 2 shared cores)
-    python bench/adaround.py --quick              # smoke run
+    python bench/rounding.py                      # README table
+    python bench/rounding.py --quick              # smoke run
 """
 from __future__ import annotations
 
@@ -80,30 +80,30 @@ def bench_model(name, args, zoo_task):
         rows.append({"model": name, "bits": f"w{bits}a8", "rounding": "nearest", **accuracy(simulated, task),
                      "seconds": seconds})
         print(rows[-1], flush=True)
-        for seed in range(args.zoo_seeds if name in ZOO else args.seeds):
-            simulated, stats, seconds = quantize(model, task, {**base, "rounding": "adaround"}, seed)
-            rows.append({"model": name, "bits": f"w{bits}a8", "rounding": "adaround", "seed": seed,
-                         **accuracy(simulated, task), "seconds": seconds,
-                         **{k: v for k, v in stats.items() if k.startswith(("adaround", "nearest"))}})
-            print(rows[-1], flush=True)
+        for rounding in args.roundings:
+            for seed in range(args.zoo_seeds if name in ZOO else args.seeds):
+                simulated, stats, seconds = quantize(model, task, {**base, "rounding": rounding}, seed)
+                rows.append({"model": name, "bits": f"w{bits}a8", "rounding": rounding, "seed": seed,
+                             **accuracy(simulated, task), "seconds": seconds,
+                             **{k: v for k, v in stats.items() if k.startswith(("rounding_", "nearest"))}})
+                print(rows[-1], flush=True)
     return rows
 
 
 def table(rows) -> str:
-    out = ["| model | bits | fp32 val / test | nearest val / test | AdaRound val / test (mean of seeds) | kept | "
-           "output error vs nearest | s per run |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | bits | fp32 val / test | rounding | val / test (mean of seeds) | kept | output error vs nearest "
+           "| s per run |", "|---|---|---|---|---|---|---|---|"]
     fp32 = {r["model"]: r for r in rows if r["rounding"] == "float"}
-    for (model, bits) in dict.fromkeys((r["model"], r["bits"]) for r in rows if r["rounding"] != "float"):
-        near = next(r for r in rows if (r["model"], r["bits"], r["rounding"]) == (model, bits, "nearest"))
-        ada = [r for r in rows if (r["model"], r["bits"], r["rounding"]) == (model, bits, "adaround")]
-        mean = lambda key: 100 * statistics.mean(r[key] for r in ada)  # noqa: E731
-        pct = lambda r, key: f"{100 * r[key]:.1f}"  # noqa: E731
+    pct = lambda r, key: f"{100 * r[key]:.1f}"  # noqa: E731
+    for (model, bits, rounding) in dict.fromkeys((r["model"], r["bits"], r["rounding"]) for r in rows
+                                                 if r["rounding"] != "float"):
+        runs = [r for r in rows if (r["model"], r["bits"], r["rounding"]) == (model, bits, rounding)]
+        mean = lambda key: statistics.mean(r[key] for r in runs)  # noqa: E731
+        learned = rounding != "nearest"
         out.append(f"| {model} | {bits} | {pct(fp32[model], 'val_accuracy')} / {pct(fp32[model], 'test_accuracy')} | "
-                   f"{pct(near, 'val_accuracy')} / {pct(near, 'test_accuracy')} | "
-                   f"{mean('val_accuracy'):.1f} / {mean('test_accuracy'):.1f} | "
-                   f"{sum(int(r['adaround_kept']) for r in ada)}/{len(ada)} | "
-                   f"{statistics.mean(r['adaround_error_ratio'] for r in ada):.2f} | "
-                   f"{statistics.mean(r['seconds'] for r in ada):.0f} |")
+                   f"{rounding} | {100 * mean('val_accuracy'):.1f} / {100 * mean('test_accuracy'):.1f} | "
+                   + (f"{sum(int(r['rounding_kept']) for r in runs)}/{len(runs)} | "
+                      f"{mean('rounding_error_ratio'):.2f} | {mean('seconds'):.0f} |" if learned else "- | 1 | 0 |"))
     return "\n".join(out)
 
 
@@ -111,13 +111,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["digits_cnn", "digits_resnet", *ZOO])
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    parser.add_argument("--roundings", nargs="+", default=["adaround", "gptq"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--zoo-seeds", type=int, default=1, help="AdaRound seeds on the (slower) zoo models")
+    parser.add_argument("--zoo-seeds", type=int, default=1, help="seeds of each learned rounding on the (slower) zoo models")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--zoo-epochs", type=int, default=24)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/automl-adaround-bench"))
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "adaround.json")
+    parser.add_argument("--out", type=Path, default=BENCH / "results" / "rounding.json")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -133,7 +134,7 @@ def main(argv=None):
     rows = []
     for name in args.models:
         rows += bench_model(name, args, zoo_task)
-        write_json(args.out, {"benchmark": "adaround", "settings": {k: str(v) for k, v in vars(args).items()},
+        write_json(args.out, {"benchmark": "rounding", "settings": {k: str(v) for k, v in vars(args).items()},
                               "cpu": platform.processor(), "rows": rows, "wall_time_s": round(time.time() - started, 1),
                               "versions": library_versions()})
     print(table(rows))
