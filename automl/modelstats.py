@@ -47,14 +47,20 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict:
         return record
 
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
+    forward_with_hooks(model, example, {m: hook(n) for n, m in model.named_modules() if isinstance(m, kinds)})
+    return macs
+
+
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: dict):
+    """One eval-mode, no-grad forward of ``example`` with ``{module: forward hook}`` attached; the hooks
+    are removed afterwards whatever happens."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
     try:
         with eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return macs
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:

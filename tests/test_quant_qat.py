@@ -12,14 +12,8 @@ from automl.errors import ConfigError, LifecycleError, UnknownNameError
 
 
 @pytest.fixture(scope="module")
-def trained(task):
-    """The digits CNN trained in float for a few epochs (about 97% validation accuracy)."""
-    torch.manual_seed(0)
-    model = task.build_model("cnn", {"width": 16, "depth": 2})
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for epoch in range(5):
-        task.train_epoch(model, opt, task.train_loader(32, epoch))
-    return model
+def trained(trained_cnn):
+    return trained_cnn
 
 
 def _batches(task, n=4):

@@ -24,13 +24,8 @@ ROUNDINGS = {"adaround": fast_adaround, "gptq": gptq_layer}
 
 
 @pytest.fixture(scope="module")
-def trained(task):
-    torch.manual_seed(0)
-    model = task.build_model("cnn", {"width": 16, "depth": 2})
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for epoch in range(4):
-        task.train_epoch(model, opt, task.train_loader(32, epoch))
-    return model.eval()
+def trained(trained_cnn):
+    return trained_cnn
 
 
 def _batches(task, n, seed=0):
@@ -89,13 +84,16 @@ def test_gptq_lowers_each_layers_error_on_its_own_inputs(trained, task):
     """GPTQ's objective: || W x~ - Q x~ || with x~ the layer's (quantized) input, lower than nearest's."""
     model = _prepared(trained, task, 2)
     floats = float_weights(model)
+    totals = {"nearest": 0.0, "gptq": 0.0}
     for name, layer in qat_layers(model).items():
         x_float, x_in = layer_inputs(model, layer, _batches(task, 4, seed=1), floats)
         with torch.no_grad():
             exact = layer._compute(x_in, layer.layer.weight)
             error = {k: float((layer._compute(x_in, w) - exact).pow(2).mean())
                      for k, w in (("nearest", nearest(layer)), ("gptq", gptq_layer(layer, x_float, x_in)))}
-        assert error["gptq"] < 0.8 * error["nearest"], (name, error)
+        assert error["gptq"] < error["nearest"], (name, error)  # the 9-column first layer has little room
+        totals = {k: totals[k] + error[k] for k in totals}
+    assert totals["gptq"] < 0.5 * totals["nearest"]
 
 
 def test_gptq_solves_grouped_and_depthwise_convolutions_per_group(task):

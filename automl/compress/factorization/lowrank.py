@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from automl.compress.layers import select_layers
 from automl.errors import ConfigError
-from automl.modelstats import eval_mode
+from automl.modelstats import forward_with_hooks
 
 RULES = ("energy", "macs", "rank")
 CONV_SCHEMES = ("spatial", "tucker2")
@@ -157,21 +157,14 @@ class LayerFactorization:
 
 def _shapes(model, layers, example):
     """Per-sample input/output shapes of each selected layer, from one forward pass."""
-    seen, hooks = {}, []
+    seen = {}
 
     def record(name):
         def hook(module, inputs, output):  # returns None: a hook's return value replaces the output
             seen.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
         return hook
 
-    for name, module in layers.items():
-        hooks.append(module.register_forward_hook(record(name)))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, {module: record(name) for name, module in layers.items()})
     return seen
 
 
