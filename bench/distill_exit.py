@@ -41,7 +41,7 @@ import onnx
 import torch
 
 from automl.compress.early_exit.export import EarlyExitRunner, mean_latency
-from automl.compress.distill.teacher import train_teacher
+from automl.recipe.teacher import train_teacher
 from automl.io import write_json
 from automl.modelstats import count_macs, count_params
 from automl.recipe import Recipe, apply_recipe

@@ -6,7 +6,7 @@ import torch
 
 from automl.compress import ApplyContext
 from automl.compress.early_exit.model import EarlyExitModel, segment_macs
-from automl.compress.distill.teacher import load_teacher
+from automl.recipe.teacher import load_teacher
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
@@ -24,7 +24,6 @@ def recipe(stages: str) -> Recipe:
 
 
 def test_kd_teacher_is_frozen_cached_and_unchanged(task, tmp_path, monkeypatch):
-    import automl.compress.distill.method as kd_mod
     import automl.recipe.apply as apply_mod
 
     r = recipe("- {method: kd, config: {alpha: 0.7, temperature: 3.0, teacher_epochs: 1}}\n")
@@ -48,8 +47,8 @@ def test_kd_teacher_is_frozen_cached_and_unchanged(task, tmp_path, monkeypatch):
         return seen["teacher"]
 
     monkeypatch.setattr(apply_mod, "train_with_stages", counting)
-    monkeypatch.setattr(kd_mod, "load_teacher", spy)
-    ctx2 = ApplyContext(task=task, work_dir=tmp_path / "w", epochs=2, recipe=r, cache_dir=tmp_path / "cache")
+    ctx2 = ApplyContext(task=task, work_dir=tmp_path / "w", epochs=2, recipe=r, cache_dir=tmp_path / "cache",
+                        load_teacher=spy)  # the kd method gets its teacher through the context
     _, handlers = real_train(r, task, ctx2)
     assert trainings == [], "the teacher came from the cache, not from a second training"
     after = seen["teacher"].state_dict()
@@ -112,7 +111,7 @@ def test_teacher_with_other_output_shape_is_refused(task, tmp_path):
     bad.write_text(BASE.replace("digits", "digits", 1))
     ctx = ApplyContext(task=task, work_dir=tmp_path, epochs=2, recipe=r, cache_dir=tmp_path / "c")
     teacher = load_teacher(str(bad), ctx)
-    from automl.compress.distill.teacher import check_outputs_match
+    from automl.compress.distill.method import check_outputs_match
 
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     with pytest.raises(ConfigError, match="the teacher outputs"):

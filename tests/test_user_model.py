@@ -160,7 +160,7 @@ def test_recipe_source_errors(data, words):
 
 def test_kd_self_teacher_of_a_user_model_is_the_trained_checkpoint(trained, tmp_path):
     from automl.compress import ApplyContext
-    from automl.compress.distill.teacher import load_teacher
+    from automl.recipe.teacher import load_teacher
     from automl.tasks import get_task
 
     path, accuracy = trained
@@ -174,7 +174,7 @@ def test_kd_self_teacher_of_a_user_model_is_the_trained_checkpoint(trained, tmp_
 
 def test_kd_self_teacher_of_a_user_model_without_checkpoint_is_trained_first(tmp_path):
     from automl.compress import ApplyContext
-    from automl.compress.distill.teacher import load_teacher
+    from automl.recipe.teacher import load_teacher
     from automl.tasks import get_task
 
     recipe = Recipe.from_dict({"version": 1, "task": "digits", "model": {"builder": BUILDER},

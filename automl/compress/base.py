@@ -81,6 +81,8 @@ class ApplyContext:
     recipe: Any = None  # the recipe being applied (a distillation teacher is built from it)
     cache_dir: Any = None  # where trained teachers are kept between trials (default: work_dir/cache)
     model: Any = None  # the trained model that was exported, set before the deploy calls
+    # (spec, ctx, teacher_epochs) -> trained teacher; the recipe layer sets it (automl.recipe.teacher)
+    load_teacher: Any = None
 
 
 class Method:

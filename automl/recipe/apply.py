@@ -58,6 +58,10 @@ def train_with_stages(recipe: Recipe, task, ctx: ApplyContext, on_epoch: Optiona
     loader = augmented(task.train_loader(batch_size=recipe.train.batch_size, seed=recipe.train.seed),
                        recipe.train.augment, recipe.train.seed)
     ctx.steps_per_epoch = len(loader)
+    if ctx.load_teacher is None:  # distillation replays recipes: this layer, not compress/, knows how
+        from automl.recipe.teacher import load_teacher
+
+        ctx.load_teacher = load_teacher
     handlers = [stage.handler() for stage in recipe.stages]
     for h in handlers:
         model = h.prepare(model, ctx)

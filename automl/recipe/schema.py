@@ -5,18 +5,18 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
-from automl.arch.user import ModelSource, parse_model_source
+from automl.arch.user import ModelSource
 from automl.compress import CATEGORIES, get_method
 from automl.compress.base import check_stage_combination
 from automl.compress.schedule import PolicySpec, check_schedule_epochs, parse_schedule, schedule_to_dict
 from automl.configs import config_to_dict, parse_config
 from automl.io import load_yaml, parse_yaml, write_yaml
 from automl.settings import DeploySettings, TrainSettings
-from automl.tasks.data import DataSpec, parse_data
+from automl.sections import model_section, task_section
+from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_keys, expect_mapping, expect_type
 
 RECIPE_VERSION = 1
-DATA_TASK = "data"  # the task name of a recipe or space whose task is its data: section
 
 
 @dataclass(frozen=True)
@@ -134,35 +134,3 @@ class Recipe:
     @classmethod
     def loads(cls, text: str, source: str = "<string>") -> "Recipe":
         return cls.from_dict(parse_yaml(text, source), source)
-
-
-def model_section(data: dict, where: Where):
-    """(family, arch params, user model) of a space or recipe: ``arch:`` (a built-in family) or
-    ``model:`` (your own), exactly one."""
-    if ("arch" in data) == ("model" in data):
-        raise where.error("give exactly one of 'arch:' (a built-in family) and 'model:' (your own model)",
-                          sorted(k for k in ("arch", "model") if k in data),
-                          "write 'model: {builder: package.module:function, checkpoint: weights.pt}' or "
-                          f"'arch: {{family: ...}}' with one of {', '.join(ARCHS.names())}")
-    if "model" in data:
-        return "", {}, parse_model_source(data["model"], where / "model")
-    arch = dict(expect_mapping(data["arch"], where / "arch"))
-    if "family" not in arch:
-        raise (where / "arch" / "family").error("missing required key", no_value=True,
-                                                 fix=f"add 'family:' with one of {', '.join(ARCHS.names())}")
-    family = ARCHS.get(arch.pop("family"), file=where.file, key="arch.family")
-    return family.name, arch, None
-
-
-def task_section(data: dict, where: Where):
-    """(task name, data spec): a ``task:`` name, or a ``data:`` section (whose task name is 'data')."""
-    if "data" in data:
-        if "task" in data and data["task"] != DATA_TASK:
-            raise (where / "task").error("give either 'task:' or 'data:', not both", data["task"],
-                                         "drop task: (the data section defines the task)")
-        return DATA_TASK, parse_data(data["data"], where / "data")
-    if "task" not in data:
-        raise (where / "task").error("missing required key", no_value=True,
-                                     fix="add 'task:' (a task name such as digits, or 'package.module:function'), or a "
-                                         "'data:' section naming a folder of class folders or an .npz file")
-    return expect_type(data["task"], where / "task", str), None

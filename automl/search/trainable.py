@@ -9,7 +9,7 @@ from typing import Dict
 
 from ray import tune
 
-from automl.compress.distill.teacher import teacher_entries
+from automl.recipe.teacher import teacher_entries
 from automl.errors import MeasurementError
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.runtime import warm_onnx_exporter

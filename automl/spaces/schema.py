@@ -280,7 +280,7 @@ def _check_combinations(params, where: Where):
 
 
 def parse_space(data: Any, source: str | None = None) -> SearchSpace:
-    from automl.recipe.schema import model_section, task_section
+    from automl.sections import model_section, task_section
 
     where = Where(source)
     data = expect_mapping(data, where)

@@ -1,2 +1,3 @@
-"""Knowledge distillation: the loss and hint layers (loss), the registered ``kd`` method (method) and
-how a teacher is found, trained once and cached (teacher)."""
+"""Knowledge distillation: the loss and hint layers (loss) and the registered ``kd`` method (method). The
+teacher is another recipe's model or a checkpoint, so finding, training and caching it is the recipe
+layer's job (automl.recipe.teacher), handed to the method as ``ApplyContext.load_teacher``."""

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn as nn
+
 from automl.compress.base import Method, register_method
 from automl.compress.distill.loss import DistillationConfig, distiller_from_config
-from automl.compress.distill.teacher import check_outputs_match, load_teacher
 from automl.configs import option
+from automl.errors import ConfigError, LifecycleError
+
+
+def check_outputs_match(teacher: nn.Module, student: nn.Module, example: torch.Tensor, spec: str):
+    """The teacher must produce logits of the student's shape."""
+    was_training = student.training
+    with torch.no_grad():
+        t_out, s_out = teacher(example), student.eval()(example)
+    student.train(was_training)
+    t_shape = tuple(t_out.shape) if isinstance(t_out, torch.Tensor) else type(t_out).__name__
+    s_shape = tuple(s_out.shape) if isinstance(s_out, torch.Tensor) else type(s_out).__name__
+    if t_shape != s_shape:
+        raise ConfigError(f"the teacher outputs {t_shape}, the student {s_shape}", key="distillation.teacher",
+                          value=spec, fix="use a teacher classifier trained on the same task")
 
 
 @dataclass(frozen=True)
@@ -28,7 +44,10 @@ class KD(Method):
 
     def _prepare(self, model, ctx):
         cfg = self.config
-        teacher = load_teacher(cfg.teacher, ctx, cfg.teacher_epochs)
+        if ctx.load_teacher is None:  # the recipe layer provides it (recipe.teacher), compress does not replay recipes
+            raise LifecycleError("kd needs ctx.load_teacher; run distillation through automl.recipe "
+                                 "(apply_recipe or train_with_stages), which sets it")
+        teacher = ctx.load_teacher(cfg.teacher, ctx, cfg.teacher_epochs)
         example = ctx.task.example_input(2)
         check_outputs_match(teacher, model, example, cfg.teacher)
         self.distiller = distiller_from_config(cfg, model, teacher, example=example)

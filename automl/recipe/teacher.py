@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from automl.compress.base import ApplyContext
 from automl.errors import ConfigError
 from automl.io import atomic_write_bytes
+from automl.recipe.schema import Recipe
 from automl.validate import Where
 
 KEY = "distillation.teacher"
@@ -40,8 +42,6 @@ LOG = logging.getLogger(__name__)
 
 def teacher_recipe(spec: str, recipe, teacher_epochs: int = 0):
     """The Recipe that trains the teacher, or None when ``spec`` names a trained checkpoint."""
-    from automl.recipe.schema import Recipe
-
     if spec == "self" and recipe.model is not None and recipe.model.has_weights:
         return None  # the user's trained model teaches as it is
     if spec == "self":
@@ -76,7 +76,6 @@ def load_checkpoint(spec: str, task) -> nn.Module:
     shapes in structure.json, the weights of model.pt (read with weights_only=True)."""
     from automl.arch.user import APPLY_STRUCTURE, load_checkpoint as load_weights
     from automl.recipe.saved import untrained_model
-    from automl.recipe.schema import Recipe
 
     weights, recipe_path = _checkpoint_files(spec)
     model = untrained_model(Recipe.load(recipe_path), task)
@@ -109,7 +108,6 @@ def teacher_entries(recipe) -> list:
 
 def train_teacher(recipe, task, work_dir: Path, cache_dir: Path) -> nn.Module:
     """Replay ``recipe`` without export, through the cache."""
-    from automl.compress.base import ApplyContext
     from automl.recipe.apply import train_with_stages
 
     entry = Path(cache_dir) / f"teacher-{_cache_key(recipe)}"
@@ -187,18 +185,4 @@ def load_teacher(spec: str, ctx, teacher_epochs: int = 0) -> nn.Module:
     return teacher
 
 
-def check_outputs_match(teacher: nn.Module, student: nn.Module, example: torch.Tensor, spec: str):
-    """The teacher must produce logits of the student's shape."""
-    was_training = student.training
-    with torch.no_grad():
-        t_out, s_out = teacher(example), student.eval()(example)
-    student.train(was_training)
-    t_shape = tuple(t_out.shape) if isinstance(t_out, torch.Tensor) else type(t_out).__name__
-    s_shape = tuple(s_out.shape) if isinstance(s_out, torch.Tensor) else type(s_out).__name__
-    if t_shape != s_shape:
-        raise ConfigError(f"the teacher outputs {t_shape}, the student {s_shape}", key=KEY, value=spec,
-                          fix="use a teacher classifier trained on the same task")
-
-
-__all__ = ["check_outputs_match", "load_checkpoint", "load_teacher", "teacher_entries", "teacher_recipe",
-           "train_teacher"]
+__all__ = ["load_checkpoint", "load_teacher", "teacher_entries", "teacher_recipe", "train_teacher"]
