@@ -52,7 +52,7 @@ def test_no_import_cycle_between_subpackages():
 
 
 
-def test_a_cycle_made_inside_a_function_is_found(tmp_path, monkeypatch):
+def test_a_cycle_made_inside_a_function_is_found():
     """compress importing recipe inside a function (as the teacher loader once did) closes a cycle."""
     edges, _ = import_graph()
     edges["automl.compress"].add("automl.recipe")
