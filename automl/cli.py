@@ -238,10 +238,8 @@ def cmd_profile_model(args) -> int:
     from collections import Counter
 
     from automl.hardware.accelerator import ACCELERATORS, build_modelled_profile, layer_model
-    from automl.registry import unknown_name
 
-    if args.accelerator not in ACCELERATORS:
-        raise unknown_name("accelerator", args.accelerator, ACCELERATORS, key="--accelerator")
+    ACCELERATORS.get(args.accelerator, key="--accelerator")
     for key in ("batch", "samples"):
         value = getattr(args, key)
         if value is not None and value < 1:

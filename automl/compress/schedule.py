@@ -23,6 +23,7 @@ import torch
 
 from automl.compress.regularization.penalties import Regularizer, RegularizerConfig
 from automl.configs import config_to_dict, field_names, option, parse_config
+from automl.registry import Registry
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
 TIMING = ("start_epoch", "end_epoch", "frequency")
@@ -185,16 +186,15 @@ def _build_lr(config, *, model, optimizer, start_epoch, end_epoch, where):
 
 
 # ``policy:`` name -> config class + builder; pruners register here later (register_policy).
-POLICIES: Dict[str, PolicyKind] = {
-    "regularization": PolicyKind(RegularizerConfig, _build_regularization),
-    "lr": PolicyKind(LRConfig, _build_lr),
-}
+POLICIES: Registry[PolicyKind] = Registry("schedule policy")
 
 
 def register_policy(name: str, config_cls: type, build: Callable[..., Any]):
-    if name in POLICIES:
-        raise ValueError(f"schedule policy '{name}' is registered twice")
-    POLICIES[name] = PolicyKind(config_cls, build)
+    POLICIES.register(name)(PolicyKind(config_cls, build))
+
+
+register_policy("regularization", RegularizerConfig, _build_regularization)
+register_policy("lr", LRConfig, _build_lr)
 
 
 @dataclass(frozen=True)
@@ -216,12 +216,12 @@ def _epoch(value, where: Where, low: int) -> int:
 
 def _parse_one(raw, at: Where) -> PolicySpec:
     raw = expect_mapping(raw, at)
-    names = list(POLICIES)
+    names = POLICIES.names()
     if "policy" not in raw:
         raise (at / "policy").error("missing required key", no_value=True,
                                     fix=f"add 'policy:' with one of: {', '.join(names)}")
     name = expect_choice(expect_type(raw["policy"], at / "policy", str), at / "policy", names)
-    cls = POLICIES[name].config_cls
+    cls = POLICIES.get(name).config_cls
     expect_keys(raw, at, ("policy",) + TIMING + tuple(field_names(cls)))
     body = {k: v for k, v in raw.items() if k != "policy" and k not in TIMING}
     config = parse_config(cls, body, at)
@@ -287,7 +287,7 @@ def build_scheduler(specs, model, optimizer, *, epochs: int, where: Where = Wher
     (cosine lr); the scheduler window itself stays open."""
     sched = CompressionScheduler()
     for i, s in enumerate(specs):
-        policy = POLICIES[s.policy].build(s.config, model=model, optimizer=optimizer, start_epoch=s.start_epoch,
+        policy = POLICIES.get(s.policy).build(s.config, model=model, optimizer=optimizer, start_epoch=s.start_epoch,
                                           end_epoch=s.end_epoch if s.end_epoch is not None else epochs,
                                           where=where / i)
         sched.add(policy, start_epoch=s.start_epoch, end_epoch=s.end_epoch, frequency=s.frequency)

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from automl.configs import option
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.energy import DRAM_PJ_PER_32BIT, OP_PJ, SRAM_PJ_PER_32BIT
 from automl.hardware.layers import MAC_OPS, LayerKey, bit_pair, layer_cost, out_hw, pair_precision
-from automl.registry import unknown_name
+from automl.registry import Registry
 
 MODEL_VERSION = "1"
 RUNTIME = "bitfusion_model"
@@ -82,7 +82,8 @@ class AcceleratorConfig:
                 f"bit-bricks, {self.clock_mhz:g} MHz, 45 nm energies")
 
 
-ACCELERATORS: Dict[str, AcceleratorConfig] = {"bitfusion": AcceleratorConfig()}
+ACCELERATORS: Registry[AcceleratorConfig] = Registry("accelerator")
+ACCELERATORS.register("bitfusion")(AcceleratorConfig())
 
 
 def fused_bits(bits: int) -> int:
@@ -247,9 +248,7 @@ def build_modelled_profile(space, *, accelerator: str = "bitfusion", config: Opt
     from automl.hardware.candidates import space_layer_keys
     from automl.hardware.profile import DeviceInfo, HardwareProfile, Protocol
 
-    if accelerator not in ACCELERATORS:
-        raise unknown_name("accelerator", accelerator, ACCELERATORS, key="--accelerator")
-    config = config or ACCELERATORS[accelerator]
+    config = config or ACCELERATORS.get(accelerator, key="--accelerator")
     if bit_pair(reference) is None:
         raise ConfigError("the reference precision is an integer pair", key="reference", value=reference,
                           fix="use e.g. w8a8")
