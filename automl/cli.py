@@ -52,7 +52,7 @@ def cmd_search(args) -> int:
     space = _override_budget(_search_space(args), args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
-    cost = f", costs predicted from {args.profile or 'the shipped profile'}" if profile is not None else ""
+    cost = f", costs predicted from {args.profile}" if args.profile is not None else ""
     print(f"automl search: {space.budget.trials} trials of '{space.source}'{cost} -> {out}", flush=True)
     outcome = run_search(space, out, address=args.address, force=args.force, profile=profile,
                          measure_trials=args.measure_trials, measure_front=measure_front)
@@ -72,13 +72,7 @@ def _search_profile(args):
         return None, False
     if args.profile is not None or args.space is not None or getattr(args, "model", None) is not None:
         return args.profile, args.measure_front
-    from automl.hardware.shipped import shipped_profile_here
-
-    choice = shipped_profile_here()
-    print(f"automl search: {choice.reason}", flush=True)
-    if choice.profile is None:
-        return None, False
-    return choice.profile, True
+    return "auto", True   # run_search decides: the shipped profile of this CPU, if there is one
 
 
 def cmd_resume(args) -> int:

@@ -63,14 +63,15 @@ def test_search_picks_the_shipped_profile_only_for_the_default_search(monkeypatc
     from automl import cli
     from automl.hardware import shipped as shipped_mod
 
-    here = shipped_mod.ShippedChoice(shipped, "predicted from the shipped profile")
-    monkeypatch.setattr(shipped_mod, "shipped_profile_here", lambda: here)
-    assert cli._search_profile(_args()) == (shipped, True)
-    assert "shipped profile" in capsys.readouterr().out
+    assert cli._search_profile(_args()) == ("auto", True)   # the default search: run_search decides
     assert cli._search_profile(_args(no_profile=True)) == (None, False)
     assert cli._search_profile(_args(space="s.yaml")) == (None, False)
     assert cli._search_profile(_args(profile="p.yaml")) == ("p.yaml", False)
+    here = shipped_mod.ShippedChoice(shipped, "predicted from the shipped profile")
+    monkeypatch.setattr(shipped_mod, "shipped_profile_here", lambda: here)
+    assert shipped_mod.auto_profile() == (shipped, True)   # what run_search(profile="auto") uses
+    assert "shipped profile" in capsys.readouterr().out
     monkeypatch.setattr(shipped_mod, "shipped_profile_here", lambda: shipped_mod.ShippedChoice(None, "elsewhere"))
-    assert cli._search_profile(_args()) == (None, False)
+    assert shipped_mod.auto_profile() == (None, False)
     with pytest.raises(ConfigError, match="--no-profile.*cannot be combined with --profile"):
         cli._search_profile(_args(no_profile=True, profile="p.yaml"))

@@ -61,4 +61,12 @@ def shipped_profile_here(paths: Sequence[Path] = SHIPPED_PROFILES, *, here_cpu: 
                          "automl profile measure --threads 1 --out my_cpu.yaml, then pass --profile my_cpu.yaml")
 
 
-__all__ = ["SHIPPED_PROFILES", "ShippedChoice", "shipped_profile_here"]
+def auto_profile(measure_front: bool = True, log=print):
+    """(profile, measure_front) for ``profile="auto"``: the shipped profile of this CPU (its front then
+    measured for real when ``measure_front``), else (None, False); the reason is logged."""
+    choice = shipped_profile_here()
+    log(f"automl search: {choice.reason}")
+    return (choice.profile, measure_front) if choice.profile is not None else (None, False)
+
+
+__all__ = ["SHIPPED_PROFILES", "ShippedChoice", "auto_profile", "shipped_profile_here"]

@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.errors import AutoMLError, ConfigError, RunDirError
+from automl.hardware.shipped import auto_profile
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_json, write_yaml
 from automl.search.baseline import measure_baseline
@@ -294,7 +295,9 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
                measure_trials: bool = False, measure_front: bool = False, task=None) -> SearchOutcome:
     """Run the joint search and write the run directory.
 
-    ``profile`` (a profile file or a loaded HardwareProfile) makes the search hardware-aware: each
+    ``profile`` (a profile file, a loaded HardwareProfile, or "auto": the shipped CPU profile measured on
+    this machine's kind of CPU when there is one, else none; what `automl search` does with the embedded
+    default space) makes the search hardware-aware: each
     trial's latency_ms and energy_mj are predicted from it (see ``automl.search.costing``);
     ``measure_trials`` keeps the latency measured in each trial as measured_latency_ms, and
     ``measure_front`` re-applies and measures every Pareto point after the search. ``task`` replaces
@@ -302,6 +305,8 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     SIGINT or SIGTERM returns with ``interrupted`` set; ``resume_search`` finishes it."""
     started = time.time()
     check_run_dir(Path(out), force)
+    if isinstance(profile, str) and profile == "auto":
+        profile, measure_front = auto_profile(measure_front)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
     task = task if task is not None else space.build_task()  # a bad task must not cost the old run
     with run_lock(Path(out)):
