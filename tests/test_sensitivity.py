@@ -240,3 +240,18 @@ def test_cli_write_recipe_needs_a_pruning_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no pruning stage" in err and "--write-recipe" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_python_api_runs_what_the_cli_runs(tmp_path):
+    from automl.recipe.sensitivity import run_sensitivity
+
+    lines = []
+    result = run_sensitivity(Recipe.loads(RECIPE % MAGNITUDE), tmp_path / "out", levels=[0.5], granularities=["element"],
+                             write_recipe=tmp_path / "new.yaml", log=lines.append)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"sensitivity.csv", "sensitivity.png", "ratios.yaml"}
+    assert set(result.ratios["element"]) == {"features.0", "head"} and result.granularity == "element"
+    assert Recipe.load(tmp_path / "new.yaml").stages[result.written_stage].config.per_layer == result.ratios["element"]
+    assert any("dense val accuracy" in line for line in lines)
+    with pytest.raises(ConfigError) as err:   # API errors name the API's own argument
+        run_sensitivity(Recipe.loads(RECIPE % MAGNITUDE), tmp_path / "bad", levels=[1.5])
+    assert err.value.key == "levels" and not (tmp_path / "bad").exists()
