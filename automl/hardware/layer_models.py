@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterable, List
+from typing import List
 
 import numpy as np
 import onnx
@@ -353,28 +353,16 @@ def _quiet():
         root.setLevel(level)
 
 
-class _Reader:
-    def __init__(self, name: str, arrays: Iterable[np.ndarray]):
-        self._it = iter([{name: a} for a in arrays])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
-def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], input_name: str = "input", *,
-                  alone: bool = False) -> Path:
+def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], *, alone: bool = False) -> Path:
     """int8 QDQ (static, calibrated on ``calibration``) or dynamic, with the deployed settings (as
     ``int8_ptq``: uint8 activations, the type onnxruntime's x86 int8 kernels fuse).
 
     ``alone``: the model is one layer cut out of a network. The quantizer leaves a lone pool in fp32
     because its input is not quantized; inside a quantized network it runs on int8 (QLinearAveragePool,
     int8 MaxPool), so the layer is forced to quantize as it would there."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from automl.compress.quantization.ptq import quantize_dynamic_int8
-
-    from automl.runtime import int8_reduce_range  # the kernels the deployed int8 models use (see there)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from automl.compress.quantization.ptq import quantize_dynamic_int8, quantize_static_qdq
 
     src, dst = Path(src), Path(dst)
     pre = dst.with_name(dst.stem + ".pre.onnx")
@@ -382,11 +370,8 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], input
         quant_pre_process(str(src), str(pre))
         if precision == "int8_dynamic":  # as deployed: grouped convolutions stay float
             quantize_dynamic_int8(pre, dst, per_channel=True)
-        elif precision == "int8_static":
-            quantize_static(str(pre), str(dst), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax, reduce_range=int8_reduce_range(),
-                            extra_options={"ForceQuantizeNoInputCheck": True} if alone else None)
+        elif precision == "int8_static":  # as int8_ptq deploys (its defaults: per channel, min/max, uint8)
+            quantize_static_qdq(pre, dst, calibration, per_channel=True, force_quantize=alone)
         else:
             raise ValueError(f"not an int8 precision: {precision}")
     pre.unlink(missing_ok=True)

@@ -76,12 +76,14 @@ def calibration_arrays(task, n_batches: int, batch_size: int = 32, seed: int = 0
 
 def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
                         calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=(),
-                        calibration_cache=None) -> None:
+                        calibration_cache=None, force_quantize: bool = False) -> None:
     """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``.
+    The one static int8 path: deployed models and the int8 layers of hardware profiles both use it.
 
     ``calibration_cache``: a JSON file of the activation ranges, written by the first call and read by
     the next ones on the same ``src`` (ranges cover every quantizable tensor whichever nodes are
-    quantized), so the float-fallback search calibrates once instead of once per try."""
+    quantized), so the float-fallback search calibrates once instead of once per try.
+    ``force_quantize``: quantize ops whose input is not quantized (a layer cut out of a network)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from automl.runtime import OrtModel, int8_reduce_range
@@ -96,7 +98,8 @@ def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetri
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         calibrate_method=method, reduce_range=int8_reduce_range(),
                         nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
-                        extra_options={"ActivationSymmetric": symmetric_activations},
+                        extra_options={"ActivationSymmetric": symmetric_activations,
+                                       **({"ForceQuantizeNoInputCheck": True} if force_quantize else {})},
                         calibration_cache_path=None if calibration_cache is None else str(calibration_cache))
 
 
