@@ -52,7 +52,7 @@ class FakeQuantMethod(Method):
         self.ctx, self.active, self.frozen = ctx, False, None
         self.epoch, self.step, self.rounding_stats = -1, 0, {}
         select_layers(model, self.config.layers)  # a bad pattern fails now, not at the start epoch
-        rounding = getattr(self.config, "rounding", "nearest")
+        rounding = self.rounding
         if rounding != "nearest" and self.config.quantizer != "lsq":
             raise ConfigError(f"{rounding} fits the rounding to a fixed weight grid; only the lsq quantizer keeps "
                               "one (pact and ste recompute it from the weights)", key="rounding", value=rounding,
@@ -108,8 +108,13 @@ class FakeQuantMethod(Method):
     def _wrap(self, model, plan: Plan, ctx):
         batches = calibration_batches(ctx.task, self.config.calibration_batches, seed=ctx.seed)
         prepare_qat(model, plan, self.config.quantizer, self.config.per_channel, batches=batches)
-        if getattr(self.config, "rounding", "nearest") != "nearest":
+        if self.rounding != "nearest":
             self._learned_rounding(model, ctx)
+
+    @property
+    def rounding(self) -> str:
+        """The configured weight rounding (binary and ternary have none to choose: nearest)."""
+        return self.config.rounding if isinstance(self.config, RoundingOptions) else "nearest"
 
     def _learned_rounding(self, model, ctx):
         """AdaRound or GPTQ on every wrapped layer's fixed grid, kept where the model then agrees with
@@ -159,7 +164,18 @@ ROUNDINGS = ("nearest", "adaround", "gptq")
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class RoundingOptions:
+    """How a post-training (or pre-fine-tune) quantizer rounds weights onto its grid (rounding.py)."""
+
+    rounding: str = option("nearest", choices=ROUNDINGS,
+                           doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
+                               "over the inverse Hessian), both fitted per layer on calibration inputs")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
+    rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
+
+
+@dataclass(frozen=True)
+class QATConfig(RoundingOptions):
     w_bits: int = option(8, low=2, high=8, doc="weight bit-width")
     a_bits: int = option(8, low=0, high=8, doc="input activation bit-width (0: float activations)")
     quantizer: str = option("lsq", choices=QAT_METHODS, doc="lsq (learned steps), pact (learned clip) or ste")
@@ -169,11 +185,6 @@ class QATConfig:
     layers: Tuple[str, ...] = option(("re:.*",), doc="layer names or 're:' patterns (Conv/Linear)")
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="training batches that set activation ranges")
-    rounding: str = option("nearest", choices=ROUNDINGS,
-                           doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
-                               "over the inverse Hessian), both fitted per layer on calibration inputs")
-    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
-    rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
 @register_method("qat", "quantization", QATConfig)
@@ -229,7 +240,7 @@ def monotone(sensitivity: Dict[str, Dict[int, float]]) -> Dict[str, Dict[int, fl
 
 
 @dataclass(frozen=True)
-class MixedConfig:
+class MixedConfig(RoundingOptions):
     target_bits: float = option(4.0, low=2.0, high=8.0, doc="parameter-weighted average weight bits to allocate")
     layer_bits: Dict[str, float] = option({}, low=2, high=8,
                                           doc="explicit weight bits per layer (name or 're:'); replaces the allocator")
@@ -246,11 +257,6 @@ class MixedConfig:
     layers: Tuple[str, ...] = option(("re:.*",), doc="layers the allocator distributes bits over")
     finetune_epochs: int = option(3, low=0, high=10_000, doc="epochs trained with fake quantization")
     calibration_batches: int = option(4, low=1, high=10_000, doc="batches for sensitivity and activation ranges")
-    rounding: str = option("nearest", choices=ROUNDINGS,
-                           doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
-                               "over the inverse Hessian), both fitted per layer on calibration inputs")
-    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
-    rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
 @register_method("mixed", "quantization", MixedConfig)
