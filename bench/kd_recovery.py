@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from automl.errors import MeasurementError
 from automl.io import write_json
 from automl.recipe import apply_recipe
 from automl.search.versions import library_versions
@@ -48,17 +49,26 @@ def held_out(metrics):
 def run_model(name, args, data, task, work: Path):
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "weights.pt"
+    torch.set_num_threads(2)  # the checkpoint: at 1 thread MobileNetV2's SGD run once stalled at 77 %
     row = {"model": name, "train": train_user_model(name, data, task, args.train_epochs, checkpoint)}
+    torch.set_num_threads(1)
     row["baseline"] = held_out(apply_recipe(recipe(name, data, checkpoint=checkpoint), work / "baseline",
                                             task=task).metrics)
     for variant, extra in (("without_kd", []), ("with_kd", [KD])):
         started = time.time()
-        result = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
-                                     stages=extra + compression(args.finetune_epochs, args.mac_reduction,
-                                                                args.round_to)),
-                              work / variant, task=task)
+        try:
+            result = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
+                                         stages=extra + compression(args.finetune_epochs, args.mac_reduction,
+                                                                    args.round_to)),
+                                  work / variant, task=task)
+        except MeasurementError as exc:  # int8 refused (parity): a result too
+            row[variant], row["error"] = None, str(exc)[:300]
+            continue
         row[variant] = {**held_out(result.metrics), "mac_reduction": result.metrics.get("mac_reduction"),
                         "precision": result.metrics.get("precision"), "seconds": time.time() - started}
+    if row["without_kd"] is None or row["with_kd"] is None:
+        row["lost_points"] = row["kd_gain_points"] = row["recovered_share"] = None
+        return row
     lost = row["baseline"]["held_out"] - row["without_kd"]["held_out"]
     gained = row["with_kd"]["held_out"] - row["without_kd"]["held_out"]
     row["lost_points"], row["kd_gain_points"] = 100 * lost, 100 * gained
@@ -70,14 +80,18 @@ def table(rows) -> str:
     out = ["| model | baseline % | 3x + int8, no KD % | 3x + int8 + `kd` % | MACs x | lost (points) | KD gain | "
            "recovered |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["kd_gain_points"] is None:
+            out.append(f"| {r['model']} | {100 * r['baseline']['held_out']:.1f} | refused: {r['error'][:80]} |")
+            continue
         share = "-" if r["recovered_share"] is None else f"{100 * r['recovered_share']:.0f} %"
         out.append(f"| {r['model']} | {100 * r['baseline']['held_out']:.1f} | {100 * r['without_kd']['held_out']:.1f} | "
                    f"{100 * r['with_kd']['held_out']:.1f} | {r['with_kd']['mac_reduction']:.2f} | "
                    f"{r['lost_points']:.1f} | {r['kd_gain_points']:+.1f} | {share} |")
     shares = [r["recovered_share"] for r in rows if r["recovered_share"] is not None]
     if shares:
+        gains = [r["kd_gain_points"] for r in rows if r["kd_gain_points"] is not None]
         out.append(f"\nmean recovered share: {100 * statistics.mean(shares):.0f} % "
-                   f"(KD gain {statistics.mean(r['kd_gain_points'] for r in rows):+.2f} points on average)")
+                   f"(KD gain {statistics.mean(gains):+.2f} points on average)")
     return "\n".join(out)
 
 
