@@ -170,7 +170,8 @@ class RoundingOptions:
     rounding: str = option("nearest", choices=ROUNDINGS,
                            doc="weight rounding: nearest, adaround (learned per weight) or gptq (error feedback "
                                "over the inverse Hessian), both fitted per layer on calibration inputs")
-    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on")
+    rounding_batches: int = option(8, low=1, high=10_000, doc="training batches the rounding is fitted on (each "
+                                                               "layer's input over them is held twice in memory)")
     rounding_iterations: int = option(1000, low=10, high=100_000, doc="AdaRound optimisation steps per layer")
 
 
