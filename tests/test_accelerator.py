@@ -1,5 +1,7 @@
 """The modelled BitFusion-like accelerator: bit-brick scaling, memory-bound layers, energy by hand, the
 modelled profile (YAML round trip, CLI) and pricing quantized candidates layer by layer."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from automl.hardware.profile import HardwareProfile
 from automl.io import dump_yaml, load_yaml, parse_yaml
 from automl.recipe import Recipe
 from automl.recipe.apply import train_with_stages
+from automl.runtime import Artifact, QuantInfo
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.spaces import parse_space
 
@@ -62,7 +65,10 @@ def trained(task, stage: str):
     torch.manual_seed(0)
     model, handlers = train_with_stages(Recipe.loads(RECIPE % stage), task, ApplyContext(task=task, work_dir=".",
                                                                                          epochs=1))
-    return model, (dict(handlers[0].stats), handlers[0].label()) if handlers else ({}, "fp32")
+    if not handlers:
+        return model, ({}, Artifact(Path("model.onnx")))
+    return model, (dict(handlers[0].stats), Artifact(Path("model.onnx"), precision=handlers[0].label(),
+                                                     quant=handlers[0].quant_info()))
 
 
 def test_precision_strings_and_fused_widths():
@@ -165,11 +171,11 @@ def test_profile_yaml_round_trip(profile_path, tmp_path):
 
 
 def test_mixed_precision_model_priced_layer_by_layer(profile_path, task):
-    model, (stats, label) = trained(task, "{method: mixed, start_epoch: 0, config: {layer_bits: "
+    model, (stats, artifact) = trained(task, "{method: mixed, start_epoch: 0, config: {layer_bits: "
                                           "{'re:features.*': 3, features.4: 5, head: 8}, finetune_epochs: 1}}")
     prof = HardwareProfile.load(profile_path)
     x = task.example_input(1)
-    out = Costing(prof, str(profile_path)).trial_metrics({"accuracy": 0.5, "latency_ms": 9.0, **stats}, model, label, x)
+    out = Costing(prof, str(profile_path)).trial_metrics({"accuracy": 0.5, "latency_ms": 9.0, **stats}, model, artifact, x)
     assert out["predicted_layer_bits"] == "features.0:w3a8,features.4:w5a8,head:w8a8"
     assert out["predicted_precision"] == "w3a8+w5a8+w8a8"
     assert out["energy_source"] == "modelled" and out["latency_source"] == "modelled"
@@ -196,14 +202,15 @@ def test_qat_binary_and_float_candidates(profile_path, task):
               "features.0:w16a16,features.4:w1a16,head:w16a16"),     # first / last float, float inputs
              ("", "features.0:w16a16,features.4:w16a16,head:w16a16")]
     for stage, bits in cases:
-        model, (stats, label) = trained(task, stage)
-        assert costing.trial_metrics(stats, model, label, x)["predicted_layer_bits"] == bits, label
+        model, (stats, artifact) = trained(task, stage)
+        assert costing.trial_metrics(stats, model, artifact, x)["predicted_layer_bits"] == bits, stage
     model, _ = trained(task, "")
-    assert costing.trial_metrics({}, model, "int8_static", x)["predicted_precision"] == "w8a8"
+    int8 = Artifact(Path("model.onnx"), precision="int8_static", quant=QuantInfo("int8_static", w_bits=8, a_bits=8))
+    assert costing.trial_metrics({}, model, int8, x)["predicted_precision"] == "w8a8"
     strict = HardwareProfile.load(profile_path)
     strict.accelerator = AcceleratorConfig(float_bits=0)
     with pytest.raises(ProfileError, match="layer 'features.0' \\(deployed as 'fp32'\\) computes in float"):
-        Costing(strict, "strict.yaml").trial_metrics({}, model, "fp32", x)
+        Costing(strict, "strict.yaml").trial_metrics({}, model, Artifact(Path("model.onnx")), x)
 
 
 def test_costing_checks_and_report(profile_path, tmp_path):

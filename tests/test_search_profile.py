@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from automl.hardware.timing import Stats
 from automl.hardware.predict import predict_model
 from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol
 from automl.io import parse_yaml
+from automl.runtime import Artifact, QuantInfo
 from automl.search.costing import (Costing, load_costing, profile_precision, profile_report, restore_costing,
                                    save_costing)
 from automl.search.frontcheck import compare, measure_front
@@ -78,13 +80,15 @@ def model_and_example(width=8):
     return task.build_model("cnn", {"width": width, "depth": 2}).eval(), task.example_input(1)
 
 
+INT8 = Artifact(Path("model.onnx"), precision="int8_static", quant=QuantInfo("int8_static", w_bits=8, a_bits=8))
+FP32 = Artifact(Path("model.onnx"))
 MEASURED = {"accuracy": 0.9, "latency_ms": 0.05, "latency_p10_ms": 0.04, "latency_p90_ms": 0.06, "size_kb": 3.0}
 
 
 def test_trial_metrics_are_predicted(space, profile_path):
     costing = load_costing(profile_path, space)
     model, x = model_and_example()
-    out = costing.trial_metrics(MEASURED, model, "int8_static", x, space.source)
+    out = costing.trial_metrics(MEASURED, model, INT8, x, space.source)
     expected = predict_model(costing.profile, model, x, "int8_static")
     assert out["latency_ms"] == pytest.approx(expected.latency_ms) and out["latency_ms"] != MEASURED["latency_ms"]
     sum_ms = sum(costing.profile.entries[t.key].latency_ms for t in trace_layers(model, x, "int8_static"))
@@ -93,17 +97,17 @@ def test_trial_metrics_are_predicted(space, profile_path):
     assert out["energy_source"] == "modelled" and out["predicted_precision"] == "int8_static"
     assert out["accuracy"] == 0.9 and out["size_kb"] == 3.0
     assert not any(k.startswith("measured_") or k.startswith("latency_p") for k in out)
-    kept = Costing(costing.profile, costing.source, measure_trials=True).trial_metrics(MEASURED, model, "fp32", x)
+    kept = Costing(costing.profile, costing.source, measure_trials=True).trial_metrics(MEASURED, model, FP32, x)
     assert kept["measured_latency_ms"] == 0.05 and kept["measured_latency_p90_ms"] == 0.06
     assert kept["latency_ms"] == pytest.approx(predict_model(costing.profile, model, x, "fp32").latency_ms)
 
 
-def test_deployed_precision_labels():
-    assert [profile_precision(p) for p in ("fp32", "int8_dynamic", "int8_pt2e", "int8_qat", "w4a8 (simulated)",
-                                           "fp32 (shared weights, 5-bit fc / 8-bit conv indices)")] == \
-        ["fp32", "int8_dynamic", "int8_static", "int8_static", "fp32", "fp32"]
-    with pytest.raises(ProfileError, match="cannot price a model deployed at precision 'fp8'"):
-        profile_precision("fp8")
+def test_profiles_price_what_the_method_says_it_deployed():
+    assert [profile_precision(QuantInfo(p)) for p in ("fp32", "int8_dynamic", "int8_static")] == \
+        ["fp32", "int8_dynamic", "int8_static"]
+    assert profile_precision(QuantInfo(simulated=True, layer_w_bits={"head": 4})) == "fp32"
+    with pytest.raises(ProfileError, match="cannot price an fp8 model.*--no-profile"):
+        profile_precision(QuantInfo("fp8"))
 
 
 @pytest.mark.parametrize("device, words", [
@@ -158,7 +162,7 @@ def test_missing_op_names_the_op_and_the_reprofile_command(space, tmp_path):
     costing = load_costing(make_profile(space, tmp_path / "nopool.yaml", drop_op="maxpool"), space)
     model, x = model_and_example()
     with pytest.raises(ProfileError) as info:
-        costing.trial_metrics(MEASURED, model, "fp32", x, space.source)
+        costing.trial_metrics(MEASURED, model, FP32, x, space.source)
     text = str(info.value)
     assert "no entry for maxpool (channels 8, h 8, w 8, kernel 2, stride 2, padding 0) at fp32" in text
     assert f"automl profile measure --space tiny.yaml --device cpu --threads 1 --runtime onnxruntime --out " \

@@ -44,7 +44,7 @@ def measure_baseline(space, task, run_dir: Path, costing=None, log=print) -> Opt
     if costing is not None:
         from automl.search.costing import example_batch
 
-        metrics = costing.trial_metrics(metrics, result.model, result.artifact.precision,
+        metrics = costing.trial_metrics(metrics, result.model, result.artifact,
                                         example_batch(task, space.deploy.batch), space.source)
     write_json(path, {"space_hash": space.hash, "seconds": time.time() - started, "metrics": metrics})
     log(f"automl search: baseline accuracy {metrics['accuracy']:.4f}, latency {metrics['latency_ms']:.4g} ms, "

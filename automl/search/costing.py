@@ -13,14 +13,12 @@ threads and runtime describe the CPU that evaluates accuracy, not the accelerato
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from automl.compress.quantization.half import not_in_profiles
 from automl.configs import config_to_dict
 from automl.errors import ConfigError, ProfileError, RunDirError
 from automl.hardware.accelerator import float_precision
@@ -29,11 +27,10 @@ from automl.hardware.predict import (Prediction, assign_precisions, predict_earl
                                      predict_model)
 from automl.hardware.profile import HardwareProfile
 from automl.io import load_yaml, write_yaml
+from automl.runtime import Artifact, QuantInfo
 
 # space deploy.runtime -> the profile runtimes that price it (onnxruntime_int8 profiles hold int8 entries)
 PROFILE_RUNTIMES = {"onnxruntime": ("onnxruntime", "onnxruntime_int8")}
-# artifact precision labels of int8 methods that deploy static QDQ int8 ONNX models
-STATIC_INT8_LABELS = ("int8_pt2e", "int8_qat", "int8_datafree")
 MEASURED_KEYS = ("latency_ms", "latency_p10_ms", "latency_p90_ms")
 OPTIONS_FILE = "search_options.yaml"
 PROFILE_COPY = "profile.yaml"
@@ -48,22 +45,24 @@ class Costing:
     measure_trials: bool = False
     measure_front: bool = False
 
-    def trial_metrics(self, metrics: Dict, model, precision_label: str, example: torch.Tensor,
+    def trial_metrics(self, metrics: Dict, model, artifact: Artifact, example: torch.Tensor,
                       space_source: Optional[str] = None) -> Dict:
-        """``metrics`` of an applied recipe with the cost metrics replaced by the profile's prediction."""
+        """``metrics`` of an applied recipe with the cost metrics replaced by the profile's prediction for
+        its deployed ``artifact`` (priced by what its method says it is: ``artifact.quant``)."""
         out = dict(metrics)
         measured = {k: out.pop(k) for k in MEASURED_KEYS if k in out}
         if self.measure_trials:
             out.update({f"measured_{k}": v for k, v in measured.items()})
+        quant = artifact.quant
         if self.profile.modelled:
-            pred, bits = predict_on_accelerator(self.profile, model, example, metrics, precision_label,
+            pred, bits = predict_on_accelerator(self.profile, model, example, quant, artifact.precision,
                                                 space=space_source)
             out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=energy_source(pred),
                        latency_source="modelled", predicted_precision="+".join(dict.fromkeys(bits.values())),
                        predicted_layer_bits=",".join(f"{_plan_name(n)}:{p}" for n, p in bits.items()),
                        predicted_extrapolated_layers=0)
             return out
-        precision = profile_precision(precision_label, self.profile)
+        precision = profile_precision(quant, self.profile)
         shares = _exit_shares(metrics)
         if shares is not None:  # early exit: the expected cost over segments, weighed by P(reach)
             pred = predict_early_exit(self.profile, model, example, shares, precision, space=space_source)
@@ -72,7 +71,7 @@ class Costing:
         else:
             # a simulated low-bit model is priced as its float equivalent, without its fake-quantizers
             pred = predict_model(self.profile, model, example, precision, space=space_source,
-                                 free_input_quant="simulated" in precision_label or None)
+                                 free_input_quant=quant.simulated or None)
             source = energy_source(pred)
         out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=source,
                    predicted_precision=precision, predicted_extrapolated_layers=pred.count("extrapolated"))
@@ -87,49 +86,21 @@ def _exit_shares(metrics: Dict) -> Optional[List[float]]:
     return [float(v) for v in text.split(",")][:-1]
 
 
-# Per-layer weight bits a fake-quant method records in its stats ('name:bits,...'): the generic key
-# first, then the mixed method's.
-W_BITS_STATS = ("quant_w_bits", "mixed_bits")
-_QAT_LABEL = re.compile(r"w(\d+)a(\d+) \(simulated\)")
-_WEIGHT_ONLY_LABEL = re.compile(r"w(\d+) \(simulated, weight-only\)")
-_LEVELS = {"binary weights (simulated)": (1, 2), "ternary weights (simulated)": (2, 3)}   # bits, values per row
-
-
 def _plan_name(name: str) -> str:
     """A quantized layer's name in its method's plan (a simulated model holds it as <name>.layer)."""
     return name[: -len(".layer")] if name.endswith(".layer") else name
 
 
-def _recorded_bits(metrics: Dict) -> Optional[Dict[str, int]]:
-    for stat in W_BITS_STATS:
-        text = metrics.get(stat)
-        if isinstance(text, str) and text.strip():
-            pairs = [item.rpartition(":") for item in text.split(",")]
-            return {name.strip(): int(bits) for name, _, bits in pairs if bits.strip().isdigit()}
-    return None
-
-
-def _row_values(module) -> int:
-    """The most distinct weight values in one output channel (2 for binary, 3 for ternary weights)."""
-    weight = module.weight.detach().flatten(1)
-    return max(len(row.unique()) for row in weight)
-
-
-def accelerator_precisions(profile: HardwareProfile, model, layers: List[TracedLayer], metrics: Dict,
+def accelerator_precisions(profile: HardwareProfile, model, layers: List[TracedLayer], quant: QuantInfo,
                            label: str) -> Dict[str, str]:
-    """{conv/linear layer name: 'wXaY'} of a candidate deployed at precision ``label`` on a modelled profile.
+    """{conv/linear layer name: 'wXaY'} of a candidate deployed as ``quant`` on a modelled profile.
 
-    Weight bits: the per-layer record of the method where it keeps one (stats ``quant_w_bits``, or
-    ``mixed_bits`` of the mixed method; layers it does not list stayed float), else the label: int8
-    methods w8a8 everywhere; qat 'wXaY (simulated)' X bits (8 for a first/last layer kept at int8,
-    seen by an 8-bit input grid or by more values per row than X bits hold -- a small first/last
-    layer with an a8 label can pass for X bits; float for one without an input grid); data-free
-    'wX (simulated, weight-only)' X bits; binary / ternary 1 / 2 bits on the layers whose rows hold
-    at most 2 / 3 values. Activation bits: the layer's own input grid in the model (exact), else float. Float
-    weights or inputs run at the profile's ``accelerator.float_bits`` fixed point (or are refused)."""
-    recorded = _recorded_bits(metrics)
-    int8 = label in ("int8_static", "int8_dynamic") or label in STATIC_INT8_LABELS
-    qat, weight_only, levels = _QAT_LABEL.fullmatch(label), _WEIGHT_ONLY_LABEL.fullmatch(label), _LEVELS.get(label)
+    Weight bits: 8 for an int8 model; else the per-layer bits its method recorded (``layer_w_bits``;
+    layers it does not list stayed float), else its uniform ``w_bits`` (data-free weight-only), else
+    float. Activation bits: int8 models 8, else the layer's own input grid in the model (exact), else
+    float. Float weights or inputs run at the profile's ``accelerator.float_bits`` fixed point (or are
+    refused)."""
+    int8 = quant.priced_as in ("int8_static", "int8_dynamic")
     out = {}
     for t in layers:
         if t.key.op not in MAC_OPS:
@@ -137,46 +108,31 @@ def accelerator_precisions(profile: HardwareProfile, model, layers: List[TracedL
         name, a = _plan_name(t.name), t.input_bits
         if int8:
             w, a = 8, 8
-        elif recorded is not None:
-            w = recorded.get(name)
-        elif qat:
-            w = None if a is None and qat[2] != "32" else int(qat[1])
-            # a first/last layer kept at int8 shows an 8-bit input grid, or more values per row than X bits hold
-            if w is not None and ((a == 8 and qat[2] != "8") or _row_values(model.get_submodule(t.name)) > 2 ** w):
-                w = 8
-        elif weight_only:
-            w = int(weight_only[1])
-        elif levels:
-            w = levels[0] if _row_values(model.get_submodule(t.name)) <= levels[1] else None
+        elif quant.layer_w_bits:
+            w = quant.layer_w_bits.get(name)
         else:
-            w = None
+            w = quant.w_bits if quant.simulated else None
         out[t.name] = float_precision(profile.accelerator, w, a, where=f"layer '{name}' (deployed as '{label}')")
     return out
 
 
-def predict_on_accelerator(profile: HardwareProfile, model, example, metrics: Dict, label: str, *,
+def predict_on_accelerator(profile: HardwareProfile, model, example, quant: QuantInfo, label: str, *,
                            space: Optional[str] = None):
     """(prediction, {conv/linear layer: precision}) of a trained candidate on a modelled profile."""
     layers = trace_layers(model, example, "fp32", free_input_quant=True)
-    bits = accelerator_precisions(profile, model, layers, metrics, label)
+    bits = accelerator_precisions(profile, model, layers, quant, label)
     return predict_keys(profile, [t.key for t in assign_precisions(layers, bits)], space=space), bits
 
 
-def profile_precision(label: str, profile: Optional[HardwareProfile] = None) -> str:
-    """The profile precision that prices an artifact deployed with precision ``label``: static int8
-    for every method that writes a QDQ int8 model, fp32 for float models (simulated low-bit ones
-    compute in float)."""
-    if label in PRECISIONS:
-        return label
-    if label in STATIC_INT8_LABELS:
-        return "int8_static"
-    if label.startswith("fp32") or "simulated" in label:
-        return "fp32"
-    if label == "fp16":
-        not_in_profiles()
-    raise ProfileError(f"the profile cannot price a model deployed at precision '{label}'",
-                       file=profile.source if profile else None, key="precision", value=label,
-                       fix="map the label to one of " + ", ".join(PRECISIONS) + " in automl.search.costing")
+def profile_precision(quant: QuantInfo, profile: Optional[HardwareProfile] = None) -> str:
+    """The profile precision that prices a model deployed as ``quant``: what its method says
+    (``priced_as``); CPU profiles hold fp32 and int8 entries, so anything else is refused."""
+    if quant.priced_as in PRECISIONS:
+        return quant.priced_as
+    raise ProfileError(f"CPU profiles hold fp32 and int8 entries, so they cannot price an {quant.priced_as} model",
+                       file=profile.source if profile else None, key="precision", value=quant.priced_as,
+                       fix="search a space that deploys it with --no-profile (latency measured in each trial), "
+                           "or leave that precision out of the space you profile")
 
 
 def energy_source(prediction: Prediction) -> str:

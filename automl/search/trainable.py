@@ -83,7 +83,7 @@ def _trial(recipe, space, task, costing, baseline, work, cache, send):
     result = apply_recipe(recipe, work / "apply", task=task, on_epoch=on_epoch, cache_dir=cache)
     metrics = dict(result.metrics)
     if costing is not None:
-        metrics = costing.trial_metrics(metrics, result.model, result.artifact.precision,
+        metrics = costing.trial_metrics(metrics, result.model, result.artifact,
                                         example_batch(task, space.deploy.batch), space.source)
     metrics.update(relative_metrics(metrics, baseline))
     metrics.update(epoch=recipe.train.epochs, final=True, feasible=feasible(metrics, space.constraints))

@@ -120,7 +120,7 @@ class Exits(Method):
         self.stats.update(exit_report(self.model, manifest, artifact.path, ctx, self.calibration.thresholds,
                                       self.config.criterion))
         files = sorted(manifest.parent.glob("segment_*.onnx"))
-        return Artifact(path=manifest, runtime=RUNTIME, precision=artifact.precision,
+        return Artifact(path=manifest, runtime=RUNTIME, precision=artifact.precision, quant=artifact.quant,
                         notes={**artifact.notes, "early_exit": "per-segment ONNX graphs chained by EarlyExitRunner",
                                "no_exit_model": artifact.path.name},
                         shipped=None, files=tuple(files))

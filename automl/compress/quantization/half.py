@@ -15,7 +15,7 @@ from typing import Tuple
 from automl.compress.base import Method, register_method
 from automl.compress.quantization.fallback import ParityProbe
 from automl.configs import option
-from automl.runtime import Artifact
+from automl.runtime import Artifact, QuantInfo
 
 
 def not_in_profiles(*_):
@@ -63,5 +63,5 @@ class Half(Method):
                 f"inputs (min_parity {self.config.min_parity}): some activations overflow or underflow in "
                 "float16. Fix: list the op types that carry them in keep_float_ops (e.g. [Softmax, "
                 "ReduceMean]), or deploy in float32")
-        return Artifact(path=out, precision="fp16",
+        return Artifact(path=out, precision="fp16", quant=QuantInfo("fp16", w_bits=16, a_bits=16),
                         notes={"kernels": "onnxruntime float16"})

@@ -17,7 +17,7 @@ import torch
 from automl.compress.base import Method, register_method
 from automl.configs import option
 from automl.errors import ConfigError, MeasurementError
-from automl.runtime import Artifact, OrtModel
+from automl.runtime import Artifact, OrtModel, QuantInfo
 
 
 def calibration_batches(task, count: int, seed: int = 0, batch_size: int = 32) -> List[torch.Tensor]:
@@ -59,7 +59,7 @@ def deploy_int8(model, ctx, path, *, per_channel: bool, batches: int, precision:
     session = OrtModel(artifact.path, threads=ctx.threads)
     stats = {"int8_torch_accuracy": task.evaluate(converted, task.val_loader()),
              "int8_parity": pt2e.parity(converted, session, task.test_loader())}
-    artifact.precision = precision
+    artifact.precision, artifact.quant = precision, QuantInfo("int8_static", w_bits=8, a_bits=8)
     artifact.notes["activations"] = f"calibrated on {len(calib)} {source}"
     return artifact, stats
 
@@ -158,6 +158,7 @@ class DataFree(Method):
     def _deploy(self, artifact, ctx):
         if not self.real_int8:
             artifact.precision = f"w{self.config.bits} (simulated, weight-only)"
+            artifact.quant = QuantInfo(simulated=True, w_bits=self.config.bits)
             artifact.notes["simulated"] = "weights fake-quantized in float; activations float; no int8 kernels"
             return artifact
         out, stats = deploy_int8(self.model, ctx, artifact.path.with_name(artifact.path.stem + ".int8.onnx"),

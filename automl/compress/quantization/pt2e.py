@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from automl.errors import ConfigError
-from automl.runtime import Artifact, export_onnx
+from automl.runtime import Artifact, QuantInfo, export_onnx
 
 TARGETS = ("onnx", "inductor")
 _ADD = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
@@ -38,6 +38,8 @@ _RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 _INT8_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
              "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearMul", "QLinearConcat")
 _FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Add", "Mul")
+
+INT8 = QuantInfo("int8_static", w_bits=8, a_bits=8)  # what a pt2e int8 model is priced as
 
 
 @contextlib.contextmanager
@@ -277,7 +279,7 @@ def deploy_pt2e(model: nn.Module, example: torch.Tensor, calib_batches: Iterable
         with inductor_config.patch(freezing=True), torch.no_grad():
             program = torch.export.export(converted, (example,))
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-        return Artifact(path=path, runtime="aoti", precision="int8_pt2e",
+        return Artifact(path=path, runtime="aoti", precision="int8_pt2e", quant=INT8,
                         notes={"kernels": "oneDNN int8 (AOTInductor)", "batch": str(example.shape[0]),
                                "weights": weights})
     artifact = export_onnx(converted, example, path)
@@ -286,7 +288,7 @@ def deploy_pt2e(model: nn.Module, example: torch.Tensor, calib_batches: Iterable
         raise ConfigError("onnxruntime fused no int8 op in the exported model", key="quantization",
                           value=str(artifact.path), fix="check that the model has Conv/Linear layers")
     fmt = lambda ops: ",".join(f"{k}:{v}" for k, v in sorted(ops.items())) or "none"  # noqa: E731
-    return Artifact(path=artifact.path, precision="int8_pt2e",
+    return Artifact(path=artifact.path, precision="int8_pt2e", quant=INT8,
                     notes={"kernels": "onnxruntime int8", "int8_ops": fmt(int8_ops), "float_ops": fmt(float_ops),
                            "weights": weights})
 

@@ -30,7 +30,7 @@ import numpy as np
 from automl.compress.base import Method, register_method
 from automl.compress.quantization.fallback import ParityProbe, describe, float_fallback
 from automl.configs import option
-from automl.runtime import Artifact, int8_reduce_range
+from automl.runtime import Artifact, QuantInfo, int8_reduce_range
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,7 @@ class Int8PTQ(Method):
         # What onnxruntime actually runs after its fusions: a model that stayed mostly float shows here.
         int8_ops, float_ops = onnx_op_counts(out)
         return Artifact(path=out, precision=f"int8_{cfg.mode}",
+                        quant=QuantInfo(f"int8_{cfg.mode}", w_bits=8, a_bits=8),
                         notes={**notes, "kernels": "onnxruntime int8", "int8_ops": _fmt(int8_ops),
                                "float_ops": _fmt(float_ops),
                                "weight_bits": "7 (no VNNI on this CPU)" if int8_reduce_range() else "8"})

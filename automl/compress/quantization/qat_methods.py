@@ -33,6 +33,7 @@ from automl.compress.quantization.simulated import (average_bits, first_and_last
                                                     ship_packed, simulated_model)
 from automl.configs import option
 from automl.errors import ConfigError
+from automl.runtime import QuantInfo
 
 Plan = Dict[str, Tuple[int, Optional[int]]]  # layer -> (weight bits, activation bits or None = float)
 
@@ -145,12 +146,16 @@ class FakeQuantMethod(Method):
                       **self.rounding_stats}
         return simulated
 
+    def quant_info(self) -> QuantInfo:
+        """What the simulated model is, for pricing: float compute, each quantized layer's weight bits."""
+        return QuantInfo(simulated=True, layer_w_bits={n: e.w_bits for n, e in self.frozen.items()})
+
     def label(self) -> str:
         """The deployed artifact's precision; subclasses name their bit-widths."""
         return f"{self.method_name} (simulated)"
 
     def _deploy(self, artifact, ctx):
-        artifact.precision = self.label()
+        artifact.precision, artifact.quant = self.label(), self.quant_info()
         artifact.notes["simulated"] = "quantized values computed in float; no low-bit kernels, no speed-up"
         if ctx.model is not None:  # what ships: the quantized weights bit-packed, reloading exactly
             artifact.shipped = ship_packed(ctx.model, artifact.path.with_name(artifact.path.stem + ".packed"),
