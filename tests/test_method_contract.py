@@ -40,6 +40,19 @@ def test_method_compresses_or_refuses_clearly(method, kind, task, tmp_path):
     assert m["latency_ms"] > 0 and m["size_kb"] > 0 and 0.0 <= m["accuracy"] <= 1.0
     assert result.artifact.path.is_file()
     assert torch.isfinite(result.model(task.example_input(2))).all() if method != "exits" else True
+    # what a profile prices the trained artifact as agrees with what it prices the untrained candidate as
+    declared = _declared_precision(method)
+    assert result.artifact.quant.priced_as == (declared or "fp32"), (result.artifact.quant, declared)
+
+
+def _declared_precision(method):
+    from automl.errors import ProfileError
+
+    info = METHODS.get(method)
+    try:
+        return info.handler_cls.profile_precision(parse_config(info.config_cls, {}, Where(key=method)))
+    except ProfileError as exc:  # fp16: no CPU profile prices it; the artifact says what it is
+        return exc.value
 
 
 @pytest.mark.parametrize("method", [name for name, _ in METHODS.items()])
