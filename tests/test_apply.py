@@ -32,6 +32,8 @@ def test_apply_is_deterministic_and_accurate(task, tmp_path):
     assert first.metrics["latency_ms"] > 0 and first.metrics["size_kb"] > 0
     assert first.metrics["nonzero_params"] == first.metrics["params"]
     assert "speedup_vs_float" not in first.metrics  # a float model is not compared with itself
+    phases = [first.metrics[k] for k in ("train_s", "export_s", "deploy_s", "measure_s")]
+    assert all(s >= 0 for s in phases) and first.metrics["train_s"] > 0 and first.metrics["export_s"] > 0
 
 
 @pytest.mark.parametrize("mode,op", [("static", "QuantizeLinear"), ("dynamic", "ConvInteger")])
@@ -53,6 +55,7 @@ def test_int8_ptq_runs_int8_kernels(task, tmp_path, mode, op):
     m = result.metrics  # timed against its own float form, with a warning when slower
     assert m["speedup_vs_float"] == pytest.approx(m["float_latency_ms"] / m["latency_ms"])
     assert ("warning" in m) == (m["speedup_vs_float"] < 0.95)
+    assert m["deploy_s"] > 0  # the int8 conversion is its own phase
 
 
 def test_magnitude_pruning_reaches_ratio_and_keeps_accuracy(task, tmp_path):

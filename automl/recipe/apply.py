@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -156,10 +158,21 @@ def against_float(float_artifact: Artifact, artifact: Artifact, deployed_ms: flo
     return out
 
 
+@contextmanager
+def timed(seconds: Dict[str, float], phase: str):
+    """Adds the wall time of the block to ``seconds[phase]``: a trial's metrics say where its time went."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - started
+
+
 def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None,
                  cache_dir=None) -> ApplyResult:
     """Rebuild, train, compress, export and measure. Files go to ``work_dir``; trained distillation
-    teachers are cached in ``cache_dir`` (default ``work_dir/cache``)."""
+    teachers are cached in ``cache_dir`` (default ``work_dir/cache``). The metrics carry the wall
+    seconds of each phase (``train_s``, ``export_s``, ``deploy_s``, ``measure_s``)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     check_stage_combination(s.category for s in recipe.stages)
@@ -167,16 +180,22 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
     task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)
-    model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
+    seconds: Dict[str, float] = {}
+    with timed(seconds, "train_s"):
+        model, handlers = train_with_stages(recipe, task, ctx, on_epoch)
     example = task.example_input(1)
-    artifact = float_artifact = export_onnx(model, example, work_dir / "model.onnx")
+    with timed(seconds, "export_s"):
+        artifact = float_artifact = export_onnx(model, example, work_dir / "model.onnx")
     ctx.model = model
-    for h in handlers:
-        artifact = h.deploy(artifact, ctx)
-    deployed = deployed_metrics(artifact, task, recipe.deploy)
+    with timed(seconds, "deploy_s"):
+        for h in handlers:
+            artifact = h.deploy(artifact, ctx)
+    with timed(seconds, "measure_s"):
+        deployed = deployed_metrics(artifact, task, recipe.deploy)
+        deployed.update(against_float(float_artifact, artifact, deployed["latency_ms"], task, recipe.deploy))
     metrics = {
         **deployed,
-        **against_float(float_artifact, artifact, deployed["latency_ms"], task, recipe.deploy),
+        **seconds,
         "torch_accuracy": task.evaluate(model, task.val_loader()),
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
