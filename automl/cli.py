@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from automl.cli_sensitivity import DEFAULT_LEVELS, cmd_sensitivity
+from automl.cli_supernet import add_supernet_parser
 from automl.errors import AutoMLError, ConfigError, with_file
 
 
@@ -23,9 +24,10 @@ def _search_space(args):
     a user's model applied (automl.spaces.user.space_from_flags)."""
     from automl.spaces.user import USER_FLAGS, space_from_flags
 
-    if not any(getattr(args, k, None) is not None for k in USER_FLAGS):
+    flags = [k for k in USER_FLAGS if not (k == "epochs" and getattr(args, "supernet", None))]  # with_supernet's
+    if not any(getattr(args, k, None) is not None for k in flags):
         return _space(args.space)
-    return space_from_flags(args.space, **{k: getattr(args, k, None) for k in USER_FLAGS})
+    return space_from_flags(args.space, **{k: getattr(args, k, None) for k in flags})
 
 
 def _override_budget(space, args):
@@ -49,7 +51,12 @@ def _override_budget(space, args):
 def cmd_search(args) -> int:
     from automl.search import run_search
 
-    space = _override_budget(_search_space(args), args)
+    space = _search_space(args)
+    if args.supernet is not None:  # first: it parses the space again
+        from automl.spaces.user import with_supernet
+
+        space = with_supernet(space, args.supernet, epochs=args.epochs)
+    space = _override_budget(space, args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
     cost = f", costs predicted from {args.profile}" if args.profile is not None else ""
@@ -267,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _search_parser(sub)
     _recipe_parsers(sub)
     _profile_parser(sub)
+    add_supernet_parser(sub)
     return parser
 
 
@@ -284,7 +292,10 @@ def _search_parser(sub):
     s.add_argument("--task", help="a task name (e.g. digits32) or 'package.module:function'; replaces the space's")
     s.add_argument("--max-drop", type=float, help="accuracy budget: constraint accuracy_drop <= this share of the "
                    "uncompressed model's accuracy (e.g. 0.01 = one point)")
-    s.add_argument("--epochs", type=int, help="fine-tune epochs of every trial (0: post-training methods only)")
+    s.add_argument("--epochs", type=int, help="fine-tune epochs of every trial (0: post-training methods only; "
+                   "with --supernet the default is 0: candidates scored with their inherited weights)")
+    s.add_argument("--supernet", help="a trained supernet directory (automl supernet train): every trial starts from "
+                   "the weights its architecture inherits instead of training from scratch")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--strategy", choices=("joint", "sequential", "random"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from automl.arch import ARCHS
+from automl.arch.inherited import parse_supernet_source
 from automl.arch.user import parse_model_source
 from automl.tasks.data import parse_data
 from automl.validate import Where, expect_mapping, expect_type
@@ -27,6 +28,16 @@ def model_section(data: dict, where: Where):
     return family.name, arch, None
 
 
+def supernet_section(data: dict, where: Where, model):
+    """The supernet a built-in family's model inherits its weights from, if the section names one."""
+    if data.get("supernet") is None:
+        return None
+    if model is not None:
+        raise (where / "supernet").error("a supernet gives weights to a built-in family's 'arch:', not to your "
+                                         "model", data["supernet"], "drop supernet:, or use 'arch:'")
+    return parse_supernet_source(data["supernet"], where / "supernet")
+
+
 def task_section(data: dict, where: Where):
     """(task name, data spec): a ``task:`` name, or a ``data:`` section (whose task name is 'data')."""
     if "data" in data:
@@ -41,4 +52,4 @@ def task_section(data: dict, where: Where):
     return expect_type(data["task"], where / "task", str), None
 
 
-__all__ = ["DATA_TASK", "model_section", "task_section"]
+__all__ = ["DATA_TASK", "model_section", "supernet_section", "task_section"]

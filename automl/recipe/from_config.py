@@ -65,4 +65,5 @@ def recipe_from_config(space: SearchSpace, config: Mapping, *, provenance: Mappi
         stages.append(Stage(name, method_config, start_epoch_for(method_config, train.epochs)))
     return Recipe(task=space.task, family=space.family, arch=_group(config, "arch"), train=train,
                   stages=tuple(stages), deploy=space.deploy, model=space.model, data=space.data,
+                  supernet=space.supernet,
                   provenance={"space_hash": space.hash, **dict(provenance or {})})

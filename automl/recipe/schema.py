@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
+from automl.arch.inherited import SupernetSource
 from automl.arch.user import ModelSource
 from automl.compress import CATEGORIES, get_method
 from automl.compress.base import check_stage_combination
@@ -12,7 +13,7 @@ from automl.compress.schedule import PolicySpec, check_schedule_epochs, parse_sc
 from automl.configs import config_to_dict, parse_config
 from automl.io import load_yaml, parse_yaml, write_yaml
 from automl.settings import DeploySettings, TrainSettings
-from automl.sections import model_section, task_section
+from automl.sections import model_section, supernet_section, task_section
 from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_keys, expect_mapping, expect_type
 
@@ -51,6 +52,7 @@ class Recipe:
     metrics: Dict[str, Any] = field(default_factory=dict)
     model: Optional[ModelSource] = None  # a user's model (then family is '' and arch empty)
     data: Optional[DataSpec] = None      # the task's data, when it is a data folder or arrays
+    supernet: Optional[SupernetSource] = None  # the arch model starts from these shared weights
 
     def to_dict(self) -> dict:
         source = {"model": self.model.to_dict()} if self.model is not None else \
@@ -60,6 +62,7 @@ class Recipe:
             "task": self.task,
             **({"data": self.data.to_dict()} if self.data is not None else {}),
             **source,
+            **({"supernet": self.supernet.to_dict()} if self.supernet is not None else {}),
             "train": config_to_dict(self.train),
             "stages": [s.to_dict() for s in self.stages],
             "schedule": schedule_to_dict(self.schedule),
@@ -75,12 +78,13 @@ class Recipe:
     def from_dict(cls, data, source: str | None = None) -> "Recipe":
         where = Where(source)
         data = expect_mapping(data, where)
-        expect_keys(data, where, ("version", "task", "data", "arch", "model", "train", "stages", "schedule",
-                                  "deploy", "provenance", "metrics"), required=("version",))
+        expect_keys(data, where, ("version", "task", "data", "arch", "model", "supernet", "train", "stages",
+                                  "schedule", "deploy", "provenance", "metrics"), required=("version",))
         if isinstance(data["version"], bool) or data["version"] != RECIPE_VERSION:
             raise (where / "version").error("unsupported recipe version", data["version"],
                                             f"use version: {RECIPE_VERSION}")
         family, arch, model = model_section(data, where)
+        supernet = supernet_section(data, where, model)
         if model is None:
             parse_config(ARCHS.get(family).params_cls, arch, where / "arch")  # validate now, build later
         task, data_spec = task_section(data, where)
@@ -114,7 +118,7 @@ class Recipe:
         schedule = parse_schedule(data.get("schedule"), where / "schedule")
         check_schedule_epochs(schedule, train.epochs, where / "schedule")
         return cls(
-            task=task, data=data_spec, model=model, family=family, arch=arch,
+            task=task, data=data_spec, model=model, family=family, arch=arch, supernet=supernet,
             train=train, stages=tuple(stages), schedule=tuple(schedule),
             deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
             provenance=dict(expect_mapping(data.get("provenance") or {}, where / "provenance")),

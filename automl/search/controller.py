@@ -23,6 +23,7 @@ from automl.hardware.shipped import auto_profile
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_json, write_yaml
 from automl.search.baseline import measure_baseline
+from automl.supernet.inherit import check_space
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
@@ -308,6 +309,8 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     if isinstance(profile, str) and profile == "auto":
         profile, measure_front = auto_profile(measure_front)
     costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
+    if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
+        check_space(space)
     task = task if task is not None else space.build_task()  # a bad task must not cost the old run
     with run_lock(Path(out)):
         run_dir = prepare_run_dir(Path(out), force)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from automl.arch import ARCHS
+from automl.arch.inherited import SupernetSource
 from automl.arch.user import ModelSource
 from automl.compress import CATEGORIES, get_method, methods_in
 from automl.compress.base import INCOMPATIBLE
@@ -36,7 +37,7 @@ from automl.tasks import LOADERS_TASK, TASKS
 from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
-TOP_KEYS = ("version", "task", "data", "arch", "model", "train", "compression", "objectives", "constraints", "budget",
+TOP_KEYS = ("version", "task", "data", "arch", "model", "supernet", "train", "compression", "objectives", "constraints", "budget",
             "deploy")
 SUPPORTED_VERSIONS = (1,)
 
@@ -61,6 +62,7 @@ class SearchSpace:
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     model: Optional[ModelSource] = None  # a user's model: the search compresses it (no architecture params)
     data: Optional[DataSpec] = None      # the task's data, when it is a data folder or arrays
+    supernet: Optional[SupernetSource] = None  # trials start from this supernet's weights
 
     @property
     def hash(self) -> str:
@@ -280,7 +282,7 @@ def _check_combinations(params, where: Where):
 
 
 def parse_space(data: Any, source: str | None = None) -> SearchSpace:
-    from automl.sections import model_section, task_section
+    from automl.sections import model_section, supernet_section, task_section
 
     where = Where(source)
     data = expect_mapping(data, where)
@@ -291,6 +293,7 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     if data_spec is None and ":" not in task and task not in TASKS and task != LOADERS_TASK:
         raise unknown_name("task", task, TASKS.names(), file=source, key="task")
     family, _, model = model_section(data, where)
+    supernet = supernet_section(data, where, model)
     earlier: dict = {}  # parameter name -> domain, in sampling order
     params = []
     if model is None:
@@ -316,12 +319,13 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     # files the space names are kept as resolved paths (with the checkpoint's sha256), so the copy a
     # run directory keeps resumes from anywhere and its hash changes with the weights
     raw = {**data, **({"model": model.to_dict()} if model is not None else {}),
-           **({"data": data_spec.to_dict()} if data_spec is not None else {})}
+           **({"data": data_spec.to_dict()} if data_spec is not None else {}),
+           **({"supernet": supernet.to_dict()} if supernet is not None else {})}
     return SearchSpace(
         task=task, family=family, params=tuple(params), objectives=objectives, constraints=constraints,
         budget=budget,
         deploy=parse_config(DeploySettings, data.get("deploy"), where / "deploy"),
-        source=source, raw=raw, model=model, data=data_spec,
+        source=source, raw=raw, model=model, data=data_spec, supernet=supernet,
     )
 
 

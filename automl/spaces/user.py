@@ -65,6 +65,15 @@ def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optiona
     return parse_space(raw, source)
 
 
+def with_supernet(space: SearchSpace, path, *, epochs: Optional[int] = None) -> SearchSpace:
+    """``space`` whose trials start from the supernet at ``path``, training ``epochs`` each (default 0)."""
+    raw = copy.deepcopy(space.raw)
+    raw["supernet"] = {"path": str(path)}
+    raw["train"] = {**(raw.get("train") if isinstance(raw.get("train"), dict) else {}),
+                    "epochs": 0 if epochs is None else int(epochs)}
+    return parse_space(raw, space.source)
+
+
 USER_FLAGS = ("model", "checkpoint", "data", "task", "max_drop", "epochs")
 
 

@@ -1,0 +1,43 @@
+"""`automl supernet train`: train a space's weight-sharing supernet once (automl.supernet.train)."""
+from __future__ import annotations
+
+from automl.errors import ConfigError
+
+
+def cmd_supernet_train(args) -> int:
+    from automl.spaces import load_default_space, load_space
+    from automl.supernet.train import SupernetTraining, train_supernet
+
+    space = load_default_space() if args.space is None else load_space(args.space)
+    settings = SupernetTraining(**{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    for key, value in vars(settings).items():
+        if isinstance(value, (int, float)) and value < (1 if key in ("epochs", "batch_size") else 0):
+            raise ConfigError("out of range", key=f"--{key.replace('_', '-')}", value=value,
+                              fix="give a positive value" if key in ("epochs", "batch_size") else "give a value >= 0")
+    print(f"automl supernet: training the {space.family} supernet of '{space.source}' for {settings.epochs} epochs "
+          f"-> {args.out}", flush=True)
+    train_supernet(space, args.out, settings, force=args.force, log=lambda m: print(m, flush=True))
+    print(f"search it: automl search --space {args.space or '<the space>'} --supernet {args.out}")
+    return 0
+
+
+SETTINGS = ("epochs", "lr", "batch_size", "random_subnets", "bn_samples", "eval_subnets", "seed", "threads")
+
+
+def add_supernet_parser(sub):
+    p = sub.add_parser("supernet", help="train a weight-sharing supernet of a space's architectures once")
+    psub = p.add_subparsers(dest="supernet_command", required=True)
+    t = psub.add_parser("train", help="sandwich-rule training with in-place distillation (resumable)")
+    t.add_argument("--space", help="search-space YAML whose arch: section the supernet covers (default: embedded)")
+    t.add_argument("--out", required=True, help="supernet directory (a stopped training resumes there)")
+    t.add_argument("--epochs", type=int, help="training epochs (default 30)")
+    t.add_argument("--lr", type=float, help="Adam learning rate, cosine decay (default 3e-3)")
+    t.add_argument("--batch-size", type=int, help="default 32")
+    t.add_argument("--random-subnets", type=int, help="random sub-networks per batch besides the largest and "
+                   "smallest (default 2)")
+    t.add_argument("--bn-samples", type=int, help="samples that recalibrate batch norm when scoring (default 256)")
+    t.add_argument("--eval-subnets", type=int, help="random sub-networks scored in the manifest (default 8)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int, help="torch threads (default: all)")
+    t.add_argument("--force", action="store_true", help="replace the directory's supernet")
+    t.set_defaults(fn=cmd_supernet_train)

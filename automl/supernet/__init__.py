@@ -1,0 +1,1 @@
+"""Elastic weight-sharing networks: train once, extract sub-networks with inherited weights, recalibrate."""
