@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from automl.arch.user import file_sha256
 from automl.validate import Where, expect_keys, expect_mapping, expect_range, expect_type
@@ -25,12 +25,11 @@ WEIGHTS_FILE = "supernet.pt"
 @dataclass(frozen=True)
 class SupernetSource:
     path: str
-    sha256: Optional[str] = None
+    sha256: str
     bn_samples: int = 256
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256 or file_sha256(Path(self.path) / WEIGHTS_FILE),
-                "bn_samples": self.bn_samples}
+        return {"path": self.path, "sha256": self.sha256, "bn_samples": self.bn_samples}
 
 
 def parse_supernet_source(data: Any, where: Where) -> SupernetSource:
@@ -42,9 +41,8 @@ def parse_supernet_source(data: Any, where: Where) -> SupernetSource:
     if not (path / WEIGHTS_FILE).is_file():
         raise (where / "path").error("no trained supernet there (no supernet.pt)", data["path"],
                                      "give the --out directory of 'automl supernet train --space SPACE --out DIR'")
-    sha = data.get("sha256")
-    if sha is not None:
-        expect_type(sha, where / "sha256", str)
+    sha = data.get("sha256")  # pinned now: every trial of a search and its recipes use these weights
+    sha = file_sha256(path / WEIGHTS_FILE) if sha is None else expect_type(sha, where / "sha256", str)
     samples = expect_range(expect_type(data.get("bn_samples", 256), where / "bn_samples", int), where / "bn_samples",
                            0, 1_000_000)
     return SupernetSource(path=str(path.resolve()), sha256=sha, bn_samples=samples)

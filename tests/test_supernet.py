@@ -1,0 +1,206 @@
+"""The weight-sharing supernet: sizing, slicing, sandwich training, resume, inheritance through recipes."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from automl.errors import ConfigError
+from automl.recipe import Recipe, apply_recipe, recipe_from_config
+from automl.spaces import parse_space
+from automl.supernet.network import Supernet, recalibrate_bn
+from automl.supernet.store import WEIGHTS, load_supernet
+from automl.supernet.train import SupernetTraining, evaluate_subnet, train_supernet
+
+SMALL = {"width": {"choice": [8, 16]}, "depth": {"int": [1, 3]}, "kernel": {"choice": [3, 5]},
+         "pooling": {"choice": ["max", "stride"]}}
+
+
+def space(arch=None, family="cnn", **top):
+    return parse_space({"version": 1, "task": "digits", "arch": {"family": family, **(arch or SMALL)},
+                        "train": {"epochs": 0}, "objectives": {"accuracy": "max", "latency_ms": "min"}, **top},
+                       "test-space.yaml")
+
+
+def arch_params(s):
+    return [p for p in s.params if p.name.startswith("arch.")]
+
+
+def supernet(s, task):
+    return Supernet.create(s.family, arch_params(s), task.input_shape, task.num_classes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, task):
+    out = tmp_path_factory.mktemp("supernet")
+    manifest = train_supernet(space(), out, SupernetTraining(epochs=3, eval_subnets=2), log=lambda m: None)
+    return out, manifest
+
+
+def test_shared_tensors_cover_every_subnetwork_with_a_head_per_depth(task):
+    net = supernet(space(), task)
+    assert tuple(net.tensors["block0.conv.weight"].shape) == (16, 1, 5, 5)
+    assert tuple(net.tensors["block2.conv.weight"].shape) == (32, 32, 5, 5)  # 16 channels x growth 2
+    assert {k for k in net.tensors if k.startswith("head")} == {f"head_after{d}.{p}" for d in (1, 2, 3)
+                                                                for p in ("weight", "bias")}
+
+
+def test_extracted_model_is_the_family_model_computing_what_the_shared_weights_compute(task):
+    net = supernet(space(), task)
+    config = {"width": 8, "depth": 2, "kernel": 3, "pooling": "max"}
+    model = net.extract(config).eval()
+    fresh = task.build_model("cnn", config)
+    assert type(model) is type(fresh)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in fresh.parameters()]
+    shared = net.tensors["block1.conv.weight"]
+    assert torch.equal(model.features[4].weight, shared[:16, :8, 1:4, 1:4])  # leading channels, kernel centre
+    x = task.example_input(4)
+    with torch.no_grad():
+        functional = net.forward(config, x)  # no grad: eval-mode batch norm, as the extracted model
+    assert torch.allclose(model(x), functional, atol=1e-5)
+
+
+def test_gradients_reach_only_the_slice_a_subnetwork_uses(task):
+    net = supernet(space(), task)
+    net.forward({"width": 8, "depth": 1, "kernel": 3, "pooling": "max"}, task.example_input(4)).sum().backward()
+    grad = net.tensors["block0.conv.weight"].grad
+    assert grad[:8, :, 1:4, 1:4].abs().sum() > 0
+    assert grad[8:].abs().sum() == 0 and grad[:, :, 0].abs().sum() == 0
+    assert net.tensors["block1.conv.weight"].grad is None
+
+
+@pytest.mark.parametrize("family,arch", [
+    ("resnet", {"width": {"choice": [8, 16]}, "stages": {"int": [1, 2]}, "blocks": {"int": [1, 2]}}),
+    ("mobilenetv2", {"width_mult": {"choice": [0.25, 0.5]}, "expansion": {"choice": [1, 4]},
+                     "blocks": {"int": [1, 2]}, "stages": {"fixed": 2}}),
+])
+def test_other_families_share_weights_too(task, family, arch):
+    net = supernet(space(arch, family), task)
+    rng = np.random.default_rng(0)
+    x = task.example_input(4)
+    for config in (net.largest(rng), net.smallest(rng), net.sample(rng)):
+        model = net.extract(config).eval()
+        assert sum(p.numel() for p in model.parameters()) == \
+            sum(p.numel() for p in task.build_model(family, config).parameters())
+        with torch.no_grad():
+            assert torch.allclose(model(x), net.forward(config, x), atol=1e-5)
+
+
+def test_batch_norm_recalibration_replaces_the_statistics(task):
+    model = task.build_model("cnn", {"width": 8, "depth": 1})
+    model.features[1].running_mean.fill_(5.0)
+    recalibrate_bn(model, task.train_loader(batch_size=32, seed=0), 64)
+    assert model.features[1].running_mean.abs().max() < 5.0
+    assert not model.training
+
+
+def test_training_writes_a_manifest_and_weights_that_load_safely(trained, task):
+    out, manifest = trained
+    assert manifest["family"] == "cnn" and manifest["training"]["epochs"] == 3
+    assert manifest["accuracy"]["largest"]["arch"]["width"] == 16
+    assert manifest["accuracy"]["largest"]["accuracy"] > 0.6  # three epochs of digits, above chance
+    assert len(manifest["accuracy"]["random"]) == 2
+    assert not (out / "train_state.pt").exists()
+    tensors = torch.load(out / WEIGHTS, weights_only=True)
+    assert "block0.conv.weight" in tensors
+    net, _ = load_supernet(out, manifest["sha256"])
+    largest = manifest["accuracy"]["largest"]
+    assert evaluate_subnet(net, largest["arch"], task, 256) == pytest.approx(largest["accuracy"], abs=1e-4)
+
+
+def test_interrupted_training_resumes_where_it_stopped(tmp_path, trained):
+    _, full = trained
+
+    def stop_after_first(line):
+        if line.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(space(), tmp_path, SupernetTraining(epochs=3, eval_subnets=2), log=stop_after_first)
+    lines = []
+    resumed = train_supernet(space(), tmp_path, SupernetTraining(epochs=3, eval_subnets=2), log=lines.append)
+    assert lines[0] == "automl supernet: resuming after epoch 2 of 3"
+    assert sum(line.startswith("epoch ") for line in lines) == 1
+    assert resumed["accuracy"] == full["accuracy"]  # the same weights as the run never stopped
+
+
+def test_a_directory_holding_other_work_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--force"):
+        train_supernet(space(), tmp_path, SupernetTraining(epochs=1), log=lambda m: None)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_recipe_inherits_its_weights_and_replays_them(trained, task, tmp_path):
+    out, manifest = trained
+    s = space(supernet={"path": str(out)})
+    config = {"arch.width": 16, "arch.depth": 3, "arch.kernel": 5, "arch.pooling": "max", "train.epochs": 0}
+    recipe = recipe_from_config(s, config)
+    assert recipe.supernet.sha256 == manifest["sha256"]
+    recipe.save(tmp_path / "r.yaml")
+    again = Recipe.load(tmp_path / "r.yaml")
+    result = apply_recipe(again, tmp_path / "apply", task=task)
+    net, _ = load_supernet(out)
+    expected = evaluate_subnet(net, {"width": 16, "depth": 3, "kernel": 5, "pooling": "max"}, task, 256)
+    assert result.metrics["torch_accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert result.metrics["accuracy"] > 0.6
+
+
+def test_changed_supernet_weights_are_refused(trained, tmp_path, task):
+    out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    recipe = recipe_from_config(space(supernet={"path": str(copy)}), {"arch.width": 8, "arch.depth": 1,
+                                                                      "arch.kernel": 3, "arch.pooling": "max"})
+    torch.save({k: v + 1 for k, v in torch.load(copy / WEIGHTS, weights_only=True).items()}, copy / WEIGHTS)
+    with pytest.raises(ConfigError, match="sha256 differs"):
+        apply_recipe(recipe, tmp_path / "apply", task=task)
+
+
+def test_space_errors_name_the_key(trained, tmp_path):
+    out, _ = trained
+    with pytest.raises(ConfigError, match="supernet.path.*no trained supernet"):
+        space(supernet={"path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="supernet.*bogus"):
+        space(supernet={"path": str(out), "bogus": 1})
+
+
+def test_a_space_wider_than_the_supernet_is_refused_before_the_search(trained):
+    from automl.supernet.inherit import check_space
+
+    out, _ = trained
+    wide = space({**SMALL, "width": {"choice": [8, 64]}}, supernet={"path": str(out)})
+    with pytest.raises(ConfigError, match="does not fit in the supernet"):
+        check_space(wide)
+    check_space(space(supernet={"path": str(out)}))  # its own space fits
+
+
+def test_cli_trains_and_refuses_bad_flags(tmp_path, capsys):
+    from automl.cli import main
+
+    assert main(["supernet", "train", "--out", str(tmp_path / "s"), "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_cli_search_from_a_supernet_scores_inherited_weights(trained, tmp_path, capsys):
+    from automl.cli import main
+
+    out, manifest = trained
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("version: 1\ntask: digits\narch: {family: cnn, width: {choice: [8, 16]}, "
+                          "depth: {int: [1, 3]}, kernel: {choice: [3, 5]}, pooling: {choice: [max, stride]}}\n"
+                          "train: {epochs: 8}\ncompression:\n  quantization: {method: {choice: [none, int8_ptq]}}\n"
+                          "objectives: {accuracy: max, latency_ms: min}\nbudget: {trials: 20, seed: 1}\n")
+    run = tmp_path / "run"
+    assert main(["search", "--space", str(space_file), "--supernet", str(out), "--trials", "4", "--out", str(run),
+                 "--no-profile"]) == 0
+    recipes = sorted((run / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = Recipe.load(path)
+        assert recipe.train.epochs == 0  # scored as inherited: no training at all
+        assert recipe.supernet.sha256 == manifest["sha256"]
+    rows = (run / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and sum(",completed," in row for row in rows[1:]) >= 2
+    assert all(",completed," in row or "chance level" in row for row in rows[1:])  # a weak small sub-network
