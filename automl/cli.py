@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,10 +53,8 @@ def cmd_search(args) -> int:
     from automl.search import run_search
 
     space = _search_space(args)
-    if args.supernet is not None:  # first: it parses the space again
-        from automl.spaces.user import with_supernet
-
-        space = with_supernet(space, args.supernet, epochs=args.epochs)
+    if args.supernet is not None:
+        return _supernet_search(space, args)
     space = _override_budget(space, args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
@@ -64,6 +63,25 @@ def cmd_search(args) -> int:
     outcome = run_search(space, out, address=args.address, force=args.force, profile=profile,
                          measure_trials=args.measure_trials, measure_front=measure_front)
     return _summary(outcome)
+
+
+def _supernet_search(space, args) -> int:
+    from automl.search.supernet_search import SupernetSearch, run_supernet_search
+    from automl.spaces.user import with_supernet
+
+    space = _override_budget(with_supernet(space, args.supernet, epochs=2 if args.epochs is None else args.epochs),
+                             args)
+    options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size")
+                                if getattr(args, k) is not None})
+    for key, value in dataclasses.asdict(options).items():
+        if value < 1:
+            raise ConfigError("must be at least 1", key=f"--{key.replace('_', '-')}", value=value)
+    out = Path(args.out or f"runs/supernet-{time.strftime('%Y%m%d-%H%M%S')}")
+    profile = "auto" if args.profile is None and not args.no_profile else args.profile
+    print(f"automl search: {options.candidates} candidates of '{space.source}' on the supernet {args.supernet}, "
+          f"then the {options.front_size} best applied with {space.epochs} fine-tune epochs -> {out}", flush=True)
+    return _summary(run_supernet_search(space, out, options, profile=profile, force=args.force,
+                                        log=lambda m: print(m, flush=True)))
 
 
 def _search_profile(args):
@@ -84,7 +102,10 @@ def _search_profile(args):
 
 def cmd_resume(args) -> int:
     from automl.search import resume_search
+    from automl.search.supernet_search import OPTIONS, resume_supernet_search
 
+    if (Path(args.run_dir) / OPTIONS).is_file():  # a search on a supernet
+        return _summary(resume_supernet_search(args.run_dir, log=lambda m: print(m, flush=True)))
     return _summary(resume_search(args.run_dir, address=args.address))
 
 
@@ -293,9 +314,13 @@ def _search_parser(sub):
     s.add_argument("--max-drop", type=float, help="accuracy budget: constraint accuracy_drop <= this share of the "
                    "uncompressed model's accuracy (e.g. 0.01 = one point)")
     s.add_argument("--epochs", type=int, help="fine-tune epochs of every trial (0: post-training methods only; "
-                   "with --supernet the default is 0: candidates scored with their inherited weights)")
-    s.add_argument("--supernet", help="a trained supernet directory (automl supernet train): every trial starts from "
-                   "the weights its architecture inherits instead of training from scratch")
+                   "with --supernet: of each front point applied)")
+    s.add_argument("--supernet", help="a trained supernet directory (automl supernet train): score --candidates "
+                   "candidates on their inherited weights in milliseconds each, then apply the best --front-size for "
+                   "real, each fine-tuned --epochs (default 2)")
+    s.add_argument("--candidates", type=int, help="with --supernet: candidates scored (default 1000)")
+    s.add_argument("--front-size", type=int, help="with --supernet: proxy-front points applied and measured "
+                   "(default 10)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--strategy", choices=("joint", "sequential", "random"),

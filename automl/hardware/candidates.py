@@ -21,6 +21,8 @@ export writes, so the candidate holds that AvgPool2d (a layer the profile measur
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -133,7 +135,8 @@ def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = 
     from automl.recipe.from_config import recipe_from_config
 
     task = task if task is not None else space.build_task()
-    recipe = recipe_from_config(space, config)
+    # random weights: a supernet's would cost an extraction and change no shape
+    recipe = dataclasses.replace(recipe_from_config(space, config), supernet=None)
     check_stage_combination([s.category for s in recipe.stages], file=space.source)
     from automl.recipe.build import recipe_model
 

@@ -66,7 +66,8 @@ def user_space(*, space=None, builder: Optional[str] = None, checkpoint: Optiona
 
 
 def with_supernet(space: SearchSpace, path, *, epochs: Optional[int] = None) -> SearchSpace:
-    """``space`` whose trials start from the supernet at ``path``, training ``epochs`` each (default 0)."""
+    """``space`` whose trials start from the supernet at ``path``, training ``epochs`` each (default 0:
+    scored as inherited)."""
     raw = copy.deepcopy(space.raw)
     raw["supernet"] = {"path": str(path)}
     raw["train"] = {**(raw.get("train") if isinstance(raw.get("train"), dict) else {}),

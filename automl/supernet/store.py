@@ -57,17 +57,23 @@ def load_supernet(path, sha256: str | None = None) -> Tuple[Supernet, Dict]:
     """(Supernet, manifest) of a trained supernet directory; a ``sha256`` that no longer matches the
     weights is refused (the recipe that recorded it described other weights)."""
     path = Path(path).expanduser().resolve()
-    manifest = read_manifest(path)
-    actual = file_sha256(path / WEIGHTS) if (path / WEIGHTS).is_file() else None
-    if actual is None:
+    if not (path / WEIGHTS).is_file():
         raise ConfigError("the supernet directory has no supernet.pt", key="supernet", value=str(path),
                           fix="finish its training: 'automl supernet train' resumes it")
+    stat = (path / WEIGHTS).stat()
+    actual, manifest = _identity(str(path), stat.st_mtime_ns, stat.st_size)
     if sha256 and sha256 != actual:
         raise ConfigError("the supernet's weights changed since this recipe was written (sha256 differs)",
                           key="supernet.sha256", value=str(path),
                           fix=f"restore the supernet whose supernet.pt has sha256 {sha256}, or drop supernet.sha256 to "
                               "accept the new weights (the recorded metrics then no longer describe them)")
     return _load(str(path), actual), manifest
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(path: str, mtime_ns: int, size: int) -> Tuple[str, Dict]:
+    """(sha256, manifest), read again only when the weights file changes: candidates load it thousands of times."""
+    return file_sha256(Path(path) / WEIGHTS), read_manifest(path)
 
 
 @functools.lru_cache(maxsize=4)

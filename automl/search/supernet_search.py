@@ -1,0 +1,252 @@
+"""Search on a trained supernet: thousands of candidates scored on inherited weights, then the front
+applied for real.
+
+Phase 1 asks the space's Optuna sampler for candidates (architecture x compression) and scores each
+in milliseconds (automl.supernet.evaluate: PyTorch accuracy after the candidate's stages, cost from
+the profile), on ``budget.concurrency`` Ray workers; every scored candidate is journaled in
+``candidates.jsonl`` as it is told to the sampler, so a stopped search resumes without repeating one.
+Phase 2 takes up to ``front_size`` points of the proxy front and runs their recipes like any trial
+(``apply_recipe``: ``finetune_epochs`` from the inherited weights, export, int8 ..., measured); those
+rows make the usual run directory (trials.csv, front.csv, recipes/ ...)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import optuna
+import ray
+
+from automl.errors import ConfigError
+from automl.io import load_yaml, write_json, write_yaml
+from automl.hardware.shipped import auto_profile
+from automl.search.controller import SearchOutcome, _init_ray, make_sampler
+from automl.search.costing import load_costing, restore_costing, save_costing
+from automl.search.journal import Journal, make_row
+from automl.search.outputs import write_outputs
+from automl.search.pareto import feasible
+from automl.search.pareto_asha import front_ranks
+from automl.search.trainable import CHANCE_MARGIN
+from automl.search.rundir import prepare_run_dir, run_lock
+from automl.search.versions import library_versions
+from automl.spaces import define_by_run, parse_space
+from automl.spaces.domains import Fixed
+from automl.supernet.inherit import check_space
+
+CANDIDATES, OPTIONS = "candidates.jsonl", "supernet_search.yaml"
+COST_FALLBACK = {"latency_ms": "macs", "energy_mj": "macs"}  # without a profile, candidates are priced by MACs
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetSearch:
+    candidates: int = 1000   # scored on inherited weights (phase 1)
+    front_size: int = 10     # proxy-front points applied for real, each fine-tuned train.epochs (phase 2)
+
+
+class Evaluator:
+    """A worker holding the task and the profile; the supernet loads once per process."""
+
+    def __init__(self, space, profile):
+        import torch
+
+        torch.set_num_threads(1)
+        self.space, self.profile, self.task = space, profile, space.build_task()
+
+    def score(self, config: Dict) -> Dict:
+        from automl.supernet.evaluate import safe_proxy
+
+        return safe_proxy(self.space, config, self.task, self.profile)
+
+    def apply(self, config: Dict, trial_id: str) -> Dict:
+        import tempfile
+
+        from automl.recipe import apply_recipe, recipe_from_config
+
+        recipe = recipe_from_config(self.space, config, provenance={"trial_id": trial_id})
+        with tempfile.TemporaryDirectory(prefix=f"automl-{trial_id}-") as tmp:
+            return apply_recipe(recipe, Path(tmp), task=self.task).metrics
+
+
+def objective_values(metrics: Dict, space, priced: bool) -> Optional[List[float]]:
+    values = []
+    for name in space.objectives:
+        key = name if priced or name not in COST_FALLBACK else COST_FALLBACK[name]
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        values.append(float(value))
+    return values
+
+
+def run_supernet_search(space, out, options: SupernetSearch = SupernetSearch(), *, profile=None,
+                        force: bool = False, log=print) -> SearchOutcome:
+    """Phase 1 and 2 over ``space`` (which names its supernet); the run directory as any search's.
+    ``profile`` prices the candidates (a file, a HardwareProfile, or "auto" as run_search takes it);
+    without one they are priced by MACs."""
+    if isinstance(profile, str) and profile == "auto":
+        profile, _ = auto_profile(False, log=log)
+    costing = load_costing(profile, space)
+    if space.supernet is None:
+        raise ConfigError("a supernet search needs the space's supernet", file=space.source, key="supernet",
+                          fix="add 'supernet: {path: DIR}' or pass --supernet DIR")
+    check_space(space)
+    with run_lock(Path(out)):
+        run_dir = prepare_run_dir(Path(out), force)
+        write_yaml(run_dir / "space.yaml", space.raw)
+        write_yaml(run_dir / OPTIONS, {"version": 1, **dataclasses.asdict(options)})
+        save_costing(run_dir, costing)
+        return _search(space, run_dir, options, None if costing is None else costing.profile, log)
+
+
+def resume_supernet_search(run_dir, *, log=print) -> SearchOutcome:
+    """Finish a stopped supernet search: journaled candidates and applied points are not repeated."""
+    run_dir = Path(run_dir).resolve()
+    space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
+    raw = load_yaml(run_dir / OPTIONS)
+    options = SupernetSearch(**{k: raw[k] for k in ("candidates", "front_size")})
+    costing = restore_costing(run_dir)
+    with run_lock(run_dir):
+        return _search(space, run_dir, options, None if costing is None else costing.profile, log)
+
+
+def _search(space, run_dir: Path, options: SupernetSearch, profile, log) -> SearchOutcome:
+    started = time.time()
+    _init_ray(None, space.budget.concurrency)
+    workers = [ray.remote(num_cpus=1)(Evaluator).remote(space, profile) for _ in range(space.budget.concurrency)]
+    scored, seconds = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
+    picks = pick_front(scored, space, options.front_size, getattr(space.build_task(), "num_classes", None))
+    rows = _phase_front(finetune_space(space), run_dir, picks, workers, log)
+    report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
+    report["supernet"] = {"path": space.supernet.path, "sha256": space.supernet.sha256,
+                          "candidates": len(scored), "candidate_seconds": round(seconds, 2),
+                          "candidates_per_minute": round(60 * len(scored) / max(seconds, 1e-9), 1),
+                          "cost_basis": "profile" if profile is not None else "macs",
+                          "front_applied": len(rows), "finetune_epochs": space.epochs}
+    write_json(run_dir / "report.json", report)
+    return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
+
+
+def finetune_space(space):
+    """The space the front's points are applied with: a fine-tune at the low end of the space's learning
+    rates (a sampled rate meant for training from scratch would undo the inherited weights)."""
+    raw = json.loads(json.dumps(space.raw, default=str))
+    lr = next((p.domain for p in space.params if p.name == "train.lr"), None)
+    low = getattr(lr, "low", getattr(lr, "value", None))
+    if low is None or not isinstance(raw.get("train"), dict):
+        return space
+    raw["train"]["lr"] = float(low)
+    return parse_space(raw, space.source)
+
+
+def _tuned(config: Dict, space) -> Dict:
+    """A candidate's config with the fine-tune space's fixed training settings (epochs, lr)."""
+    return {**config, **{p.name: p.domain.value for p in space.params
+                         if p.name.startswith("train.") and isinstance(p.domain, Fixed)}}
+
+
+def _read(path: Path) -> List[Dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: bool, workers, log):
+    """Score candidates until ``options.candidates`` are journaled; returns (rows, seconds spent)."""
+    path = run_dir / CANDIDATES
+    rows = _read(path)
+    directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
+    # NSGA-II unless the space asks for random sampling: TPE's cost per sample grows with the history
+    sampler = "random" if space.budget.sampler == "random" else "nsga2"
+    study = optuna.create_study(directions=directions, sampler=make_sampler(
+        dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler), seed=space.budget.seed + len(rows)))
+    suggest = define_by_run(space)
+    for row in rows:
+        fixed = optuna.trial.FixedTrial(row["config"])
+        suggest(fixed)
+        study.add_trial(optuna.trial.create_trial(
+            params=fixed.params, distributions=fixed.distributions, values=row.get("values"),
+            state=optuna.trial.TrialState.COMPLETE if row.get("values") else optuna.trial.TrialState.FAIL))
+    began, last_log = time.time(), 0.0
+    pending: Dict = {}  # ref -> (worker, trial, config): every worker kept busy, no waiting for the slowest
+    idle = list(workers)
+    with open(path, "a", encoding="utf-8") as journal:
+        while len(rows) < options.candidates:
+            while idle and len(rows) + len(pending) < options.candidates:
+                worker, trial = idle.pop(), study.ask()
+                config = _config(trial, suggest)
+                pending[worker.score.remote(config)] = (worker, trial, config)
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            worker, trial, config = pending.pop(ref)
+            idle.append(worker)
+            metrics = ray.get(ref)
+            values = objective_values(metrics, space, priced)
+            row = {"number": len(rows), "config": config, "metrics": metrics, "values": values}
+            journal.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+            journal.flush()
+            study.tell(trial, values) if values else study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            rows.append(row)
+            if time.time() - last_log > 10 or len(rows) == options.candidates:
+                last_log = time.time()
+                log(f"candidates: {len(rows)}/{options.candidates} scored "
+                    f"({60 * len(rows) / max(time.time() - began, 1e-9):.0f} per minute this run)")
+    return rows, time.time() - began
+
+
+def _config(trial, suggest) -> Dict:
+    fixed = suggest(trial)  # suggests the sampled parameters into trial.params, returns the fixed ones
+    return {**trial.params, **fixed}
+
+
+def pick_front(rows: List[Dict], space, size: int, num_classes: Optional[int] = None) -> List[Dict]:
+    """Up to ``size`` candidates of the proxy front, spread along the last objective; candidates that
+    do not predict (accuracy at chance level) are left out: being small, they would take front places."""
+    chance = 1.0 / num_classes + CHANCE_MARGIN if num_classes else 0.0
+    scored = [r for r in rows if r.get("values") and r["metrics"].get("accuracy", 1.0) > chance]
+    signs = [1.0 if d == "max" else -1.0 for d in space.objectives.values()]
+    points = [[s * v for s, v in zip(signs, r["values"])] for r in scored]
+    if not points:
+        return []
+    ranks = _ranks(points)
+    front = sorted((r for r, rank in zip(scored, ranks) if rank == 0), key=lambda r: r["values"][-1])
+    if len(front) <= size:
+        return front
+    step = (len(front) - 1) / (size - 1) if size > 1 else 0
+    return [front[round(i * step)] for i in range(size)]
+
+
+def _ranks(points: List[List[float]]) -> List[int]:
+    """Non-dominated ranks of maximised points (any number of objectives)."""
+    if len(points[0]) == 2:
+        return front_ranks([(p[0], -p[1]) for p in points])
+    dominated = [any(all(q[k] >= p[k] for k in range(len(p))) and q != p for q in points) for p in points]
+    return [1 if d else 0 for d in dominated]
+
+
+def _phase_front(space, run_dir: Path, picks: List[Dict], workers, log) -> List[Dict]:
+    journal = Journal(run_dir)
+    done = {r["trial_id"]: r for r in journal.read()}
+    todo = [(f"sn{p['number']:05d}", p) for p in picks if f"sn{p['number']:05d}" not in done]
+    log(f"front: applying {len(todo)} of {len(picks)} candidates ({len(done)} done), "
+        f"{space.epochs} fine-tune epochs each")
+    for start in range(0, len(todo), len(workers)):
+        batch = todo[start:start + len(workers)]
+        refs = [w.apply.remote(_tuned(p["config"], space), tid) for w, (tid, p) in zip(workers, batch)]
+        for (tid, pick), ref in zip(batch, refs):
+            try:
+                metrics = {**ray.get(ref), "final": True}
+                metrics.update({f"proxy_{k}": v for k, v in pick["metrics"].items() if isinstance(v, (int, float))})
+                metrics["feasible"] = feasible(metrics, space.constraints)
+                row = make_row(tid, metrics, _tuned(pick["config"], space), space)
+            except ray.exceptions.RayTaskError as exc:
+                row = make_row(tid, {}, _tuned(pick["config"], space), space, error=str(exc.cause)[:500])
+            journal.append(row)
+            done[tid] = row
+            log(f"front {len(done)}/{len(picks)}: {tid} acc={row['metrics'].get('accuracy', float('nan')):.4f} "
+                f"(inherited {pick['metrics'].get('accuracy', float('nan')):.4f})")
+    return [done[tid] for tid in (f"sn{p['number']:05d}" for p in picks) if tid in done]
+
+
+__all__ = ["SupernetSearch", "pick_front", "resume_supernet_search", "run_supernet_search"]

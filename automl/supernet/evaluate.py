@@ -1,0 +1,76 @@
+"""Scoring a candidate (architecture x compression) on inherited weights in milliseconds, not seconds:
+its compression stages run in PyTorch with no training (masks, thinning, low-rank ...), accuracy is
+the PyTorch model's on the validation split, and latency and energy are predicted from the hardware
+profile (MACs without one) for the deployed shape and precision the candidate's methods declare.
+Nothing is exported: what a candidate's int8 or other deployment costs in accuracy is not seen here,
+which is why the front's points are then applied, deployed and measured for real."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from automl.compress import ApplyContext
+from automl.errors import AutoMLError
+from automl.hardware.candidates import build_candidate
+from automl.hardware.predict import predict_model
+from automl.modelstats import count_macs, count_nonzero, count_params
+from automl.recipe.apply import train_with_stages
+from automl.recipe.from_config import recipe_from_config
+
+
+
+def bytes_per_weight(precision: str) -> float:
+    """int8 -> 1, fp16 / bf16 -> 2, anything else (fp32, simulated low-bit) -> 4."""
+    return 1.0 if "int8" in precision else 2.0 if precision in ("fp16", "bf16") else 4.0
+
+
+def proxy_metrics(space, config: Dict, task, profile=None, *, work: Optional[Path] = None) -> Dict[str, float]:
+    """Validation accuracy of ``config`` on its inherited weights, its parameters and MACs, and, with a
+    ``profile``, its predicted latency_ms and energy_mj. ``seconds`` is what scoring took."""
+    started = time.perf_counter()
+    recipe = recipe_from_config(space, {**config, "train.epochs": 0})
+    with tempfile.TemporaryDirectory(prefix="automl-proxy-") if work is None else _keep(work) as tmp:
+        ctx = ApplyContext(task=task, work_dir=Path(tmp), epochs=0, seed=recipe.train.seed,
+                           threads=recipe.deploy.threads, recipe=recipe)
+        model, _ = train_with_stages(recipe, task, ctx)
+        accuracy = task.evaluate(model, task.val_loader())
+    out = {"accuracy": accuracy}
+    cand = build_candidate(space, config, task=task)
+    out["params"] = float(count_params(cand.model))
+    out["macs"] = float(count_macs(cand.model, cand.example[:1]))
+    # what ships, estimated: the non-zero weights (pruned ones compress away) at the deployed width
+    out["size_kb"] = count_nonzero(model) * bytes_per_weight(cand.precision) / 1024.0
+    if profile is not None:
+        prediction = predict_model(profile, cand.model, cand.example, cand.precision, space=space.source)
+        out["latency_ms"] = prediction.latency_ms
+        if prediction.energy_mj is not None:
+            out["energy_mj"] = prediction.energy_mj
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+class _keep:
+    """A context manager yielding an existing directory (a caller-owned work dir)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        return str(self.path)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def safe_proxy(space, config, task, profile=None) -> Dict:
+    """proxy_metrics, or ``{"error": ...}`` for a candidate its methods refuse on its architecture."""
+    try:
+        return proxy_metrics(space, config, task, profile)
+    except AutoMLError as exc:
+        return {"error": str(exc)[:500]}
+
+
+__all__ = ["proxy_metrics", "safe_proxy"]
