@@ -1,4 +1,5 @@
 """The weight-sharing supernet: sizing, slicing, sandwich training, resume, inheritance through recipes."""
+import json
 import shutil
 
 import numpy as np
@@ -204,3 +205,34 @@ def test_cli_search_from_a_supernet_scores_inherited_weights(trained, tmp_path, 
     rows = (run / "trials.csv").read_text().splitlines()
     assert len(rows) == 5 and sum(",completed," in row for row in rows[1:]) >= 2
     assert all(",completed," in row or "chance level" in row for row in rows[1:])  # a weak small sub-network
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_supernet_search_scores_candidates_applies_the_front_and_resumes(trained, tmp_path):
+    from automl.search.supernet_search import CANDIDATES, SupernetSearch, resume_supernet_search, run_supernet_search
+
+    out, manifest = trained
+    s = space(supernet={"path": str(out)}, budget={"concurrency": 2, "seed": 0},
+              compression={"quantization": {"method": {"choice": ["none", "int8_ptq"]}}},
+              objectives={"accuracy": "max", "macs": "min"})
+    s = parse_space({**s.raw, "train": {"epochs": 1, "lr": {"float": [1e-3, 1e-2], "log": True}}}, s.source)
+    run = tmp_path / "run"
+    outcome = run_supernet_search(s, run, SupernetSearch(candidates=30, front_size=3), log=lambda m: None)
+    lines = (run / CANDIDATES).read_text().splitlines()
+    assert len(lines) == 30
+    info = outcome.report["supernet"]
+    assert info["candidates"] == 30 and info["candidates_per_minute"] > 0 and info["cost_basis"] == "macs"
+    assert 1 <= len(outcome.rows) <= 3 and all(r["status"] == "completed" for r in outcome.rows)
+    for row in outcome.rows:
+        assert row["config"]["train.epochs"] == 1 and row["config"]["train.lr"] == pytest.approx(1e-3)
+        assert "proxy_accuracy" in row["metrics"] and row["metrics"]["precision"] in ("fp32", "int8_static")
+    recipe = Recipe.load(next((run / "recipes").glob("*.yaml")))
+    assert recipe.supernet.sha256 == manifest["sha256"]
+    # a stopped search resumes: scored candidates and applied points are not repeated
+    (run / CANDIDATES).write_text("\n".join(lines[:20]) + "\n")
+    again = resume_supernet_search(run, log=lambda m: None)
+    assert len((run / CANDIDATES).read_text().splitlines()) == 30
+    assert [json.loads(x)["config"] for x in (run / CANDIDATES).read_text().splitlines()[:20]] == \
+        [json.loads(x)["config"] for x in lines[:20]]
+    assert {r["trial_id"] for r in again.rows} >= {r["trial_id"] for r in outcome.rows} - {None}

@@ -160,8 +160,8 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
     directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
     # NSGA-II unless the space asks for random sampling: TPE's cost per sample grows with the history
     sampler = "random" if space.budget.sampler == "random" else "nsga2"
-    study = optuna.create_study(directions=directions, sampler=make_sampler(
-        dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler), seed=space.budget.seed + len(rows)))
+    budget = dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler)
+    study = optuna.create_study(directions=directions, sampler=make_sampler(budget, seed=budget.seed + len(rows)))
     suggest = define_by_run(space)
     for row in rows:
         fixed = optuna.trial.FixedTrial(row["config"])
@@ -246,7 +246,7 @@ def _phase_front(space, run_dir: Path, picks: List[Dict], workers, log) -> List[
             done[tid] = row
             log(f"front {len(done)}/{len(picks)}: {tid} acc={row['metrics'].get('accuracy', float('nan')):.4f} "
                 f"(inherited {pick['metrics'].get('accuracy', float('nan')):.4f})")
-    return [done[tid] for tid in (f"sn{p['number']:05d}" for p in picks) if tid in done]
+    return list(done.values())  # points applied before a resume changed the front are kept: they were measured
 
 
 __all__ = ["SupernetSearch", "pick_front", "resume_supernet_search", "run_supernet_search"]

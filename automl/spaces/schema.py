@@ -37,8 +37,8 @@ from automl.tasks import LOADERS_TASK, TASKS
 from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
-TOP_KEYS = ("version", "task", "data", "arch", "model", "supernet", "train", "compression", "objectives", "constraints", "budget",
-            "deploy")
+TOP_KEYS = ("version", "task", "data", "arch", "model", "supernet", "train", "compression", "objectives", "constraints",
+            "budget", "deploy")
 SUPPORTED_VERSIONS = (1,)
 
 

@@ -102,7 +102,8 @@ def shared_shapes(family: str, build: Callable[[Dict], nn.Module], configs: Iter
     return shapes, kind_of
 
 
-def init_shared(shapes: Mapping[str, Tuple[int, ...]], kind_of: Mapping[str, str], seed: int) -> Dict[str, torch.Tensor]:
+def init_shared(shapes: Mapping[str, Tuple[int, ...]], kind_of: Mapping[str, str],
+                seed: int) -> Dict[str, torch.Tensor]:
     """Fresh shared tensors initialised as PyTorch initialises the layers they serve."""
     gen = torch.Generator().manual_seed(seed)
     out = {}

@@ -47,8 +47,9 @@ def read_manifest(path) -> Dict:
         raise ConfigError("not a supernet directory (it has no manifest.yaml)", key="supernet", value=str(path),
                           fix="give the --out directory of 'automl supernet train'")
     manifest = load_yaml(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise ConfigError(f"unsupported supernet manifest (version {manifest.get('version') if isinstance(manifest, dict) else None})",
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != MANIFEST_VERSION:
+        raise ConfigError(f"unsupported supernet manifest (version {version})",
                           file=str(path / MANIFEST), key="version", fix="train the supernet again with this automl")
     return manifest
 
