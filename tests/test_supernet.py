@@ -70,12 +70,25 @@ def test_gradients_reach_only_the_slice_a_subnetwork_uses(task):
     assert net.tensors["block1.conv.weight"].grad is None
 
 
-@pytest.mark.parametrize("family,arch", [
-    ("resnet", {"width": {"choice": [8, 16]}, "stages": {"int": [1, 2]}, "blocks": {"int": [1, 2]}}),
-    ("mobilenetv2", {"width_mult": {"choice": [0.25, 0.5]}, "expansion": {"choice": [1, 4]},
-                     "blocks": {"int": [1, 2]}, "stages": {"fixed": 2}}),
-])
-def test_other_families_share_weights_too(task, family, arch):
+FAMILY_SPACES = {
+    "cnn": SMALL,
+    "resnet": {"width": {"choice": [8, 16]}, "stages": {"int": [1, 2]}, "blocks": {"int": [1, 2]},
+               "se": {"choice": [False, True]}},
+    "mobilenetv2": {"width_mult": {"choice": [0.25, 0.5]}, "expansion": {"choice": [1, 4]},
+                    "blocks": {"int": [1, 2]}, "stages": {"fixed": 2}},
+    "mlp": {"width": {"choice": [32, 64]}, "depth": {"int": [0, 2]}},
+}
+
+
+def test_every_family_has_a_supernet_contract_case():
+    from automl.arch import ARCHS
+
+    assert set(FAMILY_SPACES) == set(ARCHS.names())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPACES))
+def test_every_family_shares_weights(task, family):
+    arch = FAMILY_SPACES[family]
     net = supernet(space(arch, family), task)
     rng = np.random.default_rng(0)
     x = task.example_input(4)
@@ -176,26 +189,32 @@ def test_a_space_wider_than_the_supernet_is_refused_before_the_search(trained):
     check_space(space(supernet={"path": str(out)}))  # its own space fits
 
 
-def test_cli_trains_and_refuses_bad_flags(tmp_path, capsys):
+def test_cli_refuses_bad_flags(trained, tmp_path, capsys):
     from automl.cli import main
 
     assert main(["supernet", "train", "--out", str(tmp_path / "s"), "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+    out, _ = trained
+    assert main(["search", "--supernet", str(out), "--candidates", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--candidates" in capsys.readouterr().err
+    assert main(["search", "--supernet", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "no trained supernet" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.ray
-def test_cli_search_from_a_supernet_scores_inherited_weights(trained, tmp_path, capsys):
+def test_trials_of_a_space_naming_a_supernet_start_from_inherited_weights(trained, tmp_path, capsys):
     from automl.cli import main
 
     out, manifest = trained
     space_file = tmp_path / "space.yaml"
     space_file.write_text("version: 1\ntask: digits\narch: {family: cnn, width: {choice: [8, 16]}, "
                           "depth: {int: [1, 3]}, kernel: {choice: [3, 5]}, pooling: {choice: [max, stride]}}\n"
-                          "train: {epochs: 8}\ncompression:\n  quantization: {method: {choice: [none, int8_ptq]}}\n"
+                          f"supernet: {{path: '{out}'}}\n"
+                          "train: {epochs: 0}\ncompression:\n  quantization: {method: {choice: [none, int8_ptq]}}\n"
                           "objectives: {accuracy: max, latency_ms: min}\nbudget: {trials: 20, seed: 1}\n")
     run = tmp_path / "run"
-    assert main(["search", "--space", str(space_file), "--supernet", str(out), "--trials", "4", "--out", str(run),
-                 "--no-profile"]) == 0
+    assert main(["search", "--space", str(space_file), "--trials", "4", "--out", str(run), "--no-profile"]) == 0
     recipes = sorted((run / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:

@@ -43,9 +43,14 @@ def stages_keys(model: nn.Module) -> Dict[str, str]:
     return _head_keys(model, len(model.stages))
 
 
+def mlp_keys(model: nn.Module) -> Dict[str, str]:
+    """fc1..fcN keep their names; the head is per number of hidden layers."""
+    return _head_keys(model, sum(1 for name, _ in model.named_children() if name.startswith("fc")))
+
+
 # family -> module-name map; families not listed keep their state_dict names
 MODULE_KEYS: Dict[str, Callable[[nn.Module], Dict[str, str]]] = {
-    "cnn": cnn_keys, "resnet": stages_keys, "mobilenetv2": stages_keys}
+    "cnn": cnn_keys, "resnet": stages_keys, "mobilenetv2": stages_keys, "mlp": mlp_keys}
 
 
 def canonical_keys(family: str, model: nn.Module) -> Dict[str, str]:
