@@ -1,10 +1,11 @@
 """Supernet search against the from-scratch joint search on the same space and machine.
 
-Per seed: the from-scratch search (the space as it is: every trial trains its candidate for
-train.epochs, latency measured in each trial); the supernet trained once on the space's architectures
-(``--supernet-epochs``, sandwich rule); the supernet search (``--candidates`` scored on inherited
-weights, priced by the shipped profile of this CPU when there is one, else by MACs; the
-``--front-size`` best applied with ``--finetune-epochs`` and measured). Reported:
+Per seed: the supernet trained once on the space's architectures (``--supernet-epochs``, sandwich
+rule, all cores); the supernet search (``--candidates`` scored on inherited weights, priced by the
+shipped profile of this CPU when there is one, else by MACs; the ``--front-size`` best applied with
+``--finetune-epochs`` and measured); then the from-scratch search of the same space (every trial
+trains its candidate for train.epochs, latency measured in each trial), launching trials until the
+supernet's wall time (training included) has passed. Reported:
 
 - wall times: supernet training, supernet search, from-scratch search (and its trials' training time);
 - candidates scored per minute (supernet) vs trials per minute (from scratch);
@@ -47,9 +48,13 @@ def points(rows):
             for r in rows if r["status"] == "completed" and r.get("feasible")]
 
 
-def scratch_search(space, work: Path):
+def scratch_search(space, work: Path, wall_s: float):
+    """The from-scratch search given the supernet's wall time: trials launch until ``wall_s`` has passed."""
     from automl.search import run_search
+    from automl.spaces import parse_space
 
+    raw = {**space.raw, "budget": {**space.raw.get("budget", {}), "trials": 100_000, "time_limit_s": wall_s}}
+    space = parse_space(raw, space.source)
     started = time.time()
     outcome = run_search(space, work / "scratch")
     timing = outcome.report["timing"]
@@ -67,8 +72,8 @@ def supernet_search(space, args, seed, work: Path):
     from automl.supernet.train import SupernetTraining, train_supernet
 
     started = time.time()
-    manifest = train_supernet(space, work / "supernet", SupernetTraining(epochs=args.supernet_epochs, seed=seed,
-                                                                         threads=1), log=lambda m: None)
+    manifest = train_supernet(space, work / "supernet", SupernetTraining(epochs=args.supernet_epochs, seed=seed),
+                              log=lambda m: None)
     trained_s = time.time() - started
     tuned = with_supernet(space, work / "supernet", epochs=args.finetune_epochs)
     began = time.time()
@@ -100,8 +105,8 @@ def run_seed(args, seed):
     space = load(args.space, seed)
     with tempfile.TemporaryDirectory(prefix="automl-bench-supernet-") as tmp:
         work = Path(tmp)
-        scratch = scratch_search(space, work)
         tuned, outcome, sn = supernet_search(space, args, seed, work)
+        scratch = scratch_search(space, work, sn["wall_s"])
         sn["front"] = from_scratch(space, outcome.rows, work)
     gaps = [p["finetuned"] - p["scratch"] for p in sn["front"]]
     sn["gap_mean"] = round(statistics.mean(gaps), 4) if gaps else None

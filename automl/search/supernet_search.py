@@ -27,7 +27,7 @@ from automl.search.controller import SearchOutcome, _init_ray, make_sampler
 from automl.search.costing import load_costing, restore_costing, save_costing
 from automl.search.journal import Journal, make_row
 from automl.search.outputs import write_outputs
-from automl.search.pareto import feasible
+from automl.search.pareto import REFERENCE, feasible, hypervolume
 from automl.search.pareto_asha import front_ranks
 from automl.search.trainable import CHANCE_MARGIN
 from automl.search.rundir import prepare_run_dir, run_lock
@@ -201,8 +201,9 @@ def _config(trial, suggest) -> Dict:
 
 
 def pick_front(rows: List[Dict], space, size: int, num_classes: Optional[int] = None) -> List[Dict]:
-    """Up to ``size`` candidates of the proxy front, spread along the last objective; candidates that
-    do not predict (accuracy at chance level) are left out: being small, they would take front places."""
+    """Up to ``size`` candidates of the proxy front, chosen greedily for the hypervolume they add
+    (objectives scaled to [0, 1] over the front); candidates that do not predict (accuracy at chance
+    level) are left out: being small, they would take front places."""
     chance = 1.0 / num_classes + CHANCE_MARGIN if num_classes else 0.0
     scored = [r for r in rows if r.get("values") and r["metrics"].get("accuracy", 1.0) > chance]
     signs = [1.0 if d == "max" else -1.0 for d in space.objectives.values()]
@@ -210,11 +211,17 @@ def pick_front(rows: List[Dict], space, size: int, num_classes: Optional[int] = 
     if not points:
         return []
     ranks = _ranks(points)
-    front = sorted((r for r, rank in zip(scored, ranks) if rank == 0), key=lambda r: r["values"][-1])
-    if len(front) <= size:
-        return front
-    step = (len(front) - 1) / (size - 1) if size > 1 else 0
-    return [front[round(i * step)] for i in range(size)]
+    front = [(r, p) for r, p, rank in zip(scored, points, ranks) if rank == 0]
+    highs = [max(p[k] for _, p in front) for k in range(len(signs))]
+    spans = [max(h - min(p[k] for _, p in front), 1e-12) for k, h in enumerate(highs)]
+    scaled = [[(h - v) / s for v, h, s in zip(p, highs, spans)] for _, p in front]  # 0 = best, to minimise
+    chosen: List[int] = []
+    while len(chosen) < min(size, len(front)):
+        base = [scaled[i] for i in chosen]
+        best = max((i for i in range(len(front)) if i not in chosen),
+                   key=lambda i: (hypervolume(base + [scaled[i]], [REFERENCE] * len(signs)), -i))
+        chosen.append(best)
+    return [front[i][0] for i in sorted(chosen, key=lambda i: scaled[i][-1])]
 
 
 def _ranks(points: List[List[float]]) -> List[int]:

@@ -19,8 +19,8 @@ from automl.supernet.elastic import (canonical_keys, check_fits, extreme_configs
                                      take)
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-CACHED_MODULES = 512
-MAX_INT_VALUES = 64  # sub-network skeletons kept for training (meta tensors: no memory for weights)
+CACHED_MODULES = 512  # sub-network skeletons kept for training (meta tensors: no memory for weights)
+MAX_INT_VALUES = 64   # an integer range up to this long sizes the tensors value by value
 
 
 def sizing_values(domain) -> List:
