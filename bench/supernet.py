@@ -126,13 +126,16 @@ def main():
     args = parser.parse_args()
     from automl.hardware.profile import cpu_model
 
-    runs = [run_seed(args, seed) for seed in args.seeds]
+    runs = []
+    for seed in args.seeds:  # each seed's figures are kept as soon as they exist
+        runs.append(run_seed(args, seed))
+        Path(args.out).write_text(json.dumps({"partial": True, "runs": runs}, indent=2, default=str) + "\n")
     flat = [{"setting": kind, "points": r[kind]["points"], "completed": len(r[kind]["points"]),
              "wall_s": r[kind]["wall_s"]} for r in runs for kind in ("scratch", "supernet")]
     summary = score(flat, ["scratch", "supernet"])
     for r, (a, b) in zip(runs, zip(flat[::2], flat[1::2])):
         r["scratch"]["hypervolume"], r["supernet"]["hypervolume"] = a["hypervolume"], b["hypervolume"]
-    speed = [r["supernet"]["candidates_per_minute"] / r["scratch"]["trials_per_minute"] for r in runs]
+    speed = [r["supernet"]["candidates_per_minute"] / max(r["scratch"]["trials_per_minute"], 1e-9) for r in runs]
     out = {"cpu": cpu_model(), "space": args.space, "args": vars(args), "summary": {
         **summary, "candidates_per_minute_ratio": [round(s, 1) for s in speed],
         "front_gap_mean": [r["supernet"]["gap_mean"] for r in runs],

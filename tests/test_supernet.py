@@ -255,3 +255,20 @@ def test_supernet_search_scores_candidates_applies_the_front_and_resumes(trained
     assert [json.loads(x)["config"] for x in (run / CANDIDATES).read_text().splitlines()[:20]] == \
         [json.loads(x)["config"] for x in lines[:20]]
     assert {r["trial_id"] for r in again.rows} >= {r["trial_id"] for r in outcome.rows} - {None}
+
+
+def test_front_pick_leaves_out_chance_and_dominated_candidates_and_spreads():
+    from automl.search.supernet_search import pick_front
+
+    s = space(objectives={"accuracy": "max", "macs": "min"})
+    rows = [{"number": i, "values": [acc, macs], "metrics": {"accuracy": acc}} for i, (acc, macs) in enumerate([
+        (0.11, 1.0),   # at chance level (10 classes): not picked although the cheapest
+        (0.60, 2.0), (0.80, 4.0), (0.90, 8.0), (0.95, 16.0), (0.99, 64.0),
+        (0.70, 8.0),   # dominated by (0.90, 8.0)
+    ])]
+    rows.append({"number": 7, "values": None, "metrics": {"error": "refused"}})
+    picked = pick_front(rows, s, 3, num_classes=10)
+    numbers = [r["number"] for r in picked]
+    assert len(numbers) == 3 and 0 not in numbers and 6 not in numbers and 7 not in numbers
+    assert numbers == [2, 3, 4]  # the knee of the front adds the most hypervolume; sorted by the last objective
+    assert [r["number"] for r in pick_front(rows, s, 10, num_classes=10)] == [1, 2, 3, 4, 5]

@@ -116,9 +116,13 @@ def _search(space, run_dir: Path, options: SupernetSearch, profile, log) -> Sear
     started = time.time()
     _init_ray(None, space.budget.concurrency)
     workers = [ray.remote(num_cpus=1)(Evaluator).remote(space, profile) for _ in range(space.budget.concurrency)]
-    scored, seconds = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
-    picks = pick_front(scored, space, options.front_size, getattr(space.build_task(), "num_classes", None))
-    rows = _phase_front(finetune_space(space), run_dir, picks, workers, log)
+    try:
+        scored, seconds = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
+        picks = pick_front(scored, space, options.front_size, getattr(space.build_task(), "num_classes", None))
+        rows = _phase_front(finetune_space(space), run_dir, picks, workers, log)
+    finally:  # their CPUs go back to Ray now, not when the handles are collected
+        for worker in workers:
+            ray.kill(worker)
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
     report["supernet"] = {"path": space.supernet.path, "sha256": space.supernet.sha256,
                           "candidates": len(scored), "candidate_seconds": round(seconds, 2),
