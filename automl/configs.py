@@ -6,6 +6,7 @@ checks serve recipes (a value) and search spaces (the bounds of a domain).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import field
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ def option(default, *, low=None, high=None, low_open=False, high_open=False, cho
     return field(default=default, metadata=meta)
 
 
+@functools.lru_cache(maxsize=None)  # a config class's fields never change; hints cost 0.2 ms a call
 def _field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}

@@ -204,3 +204,20 @@ def test_start_epoch_none_prunes_at_first_epoch(tmp_path):
     assert zeros == total // 2
     handler.finalize(model, c)
     assert handler.stats["pruned_sparsity"] == 0.5
+
+
+def test_masks_match_a_stable_sort_with_many_ties():
+    """The linear-time threshold drops exactly what a stable argsort of |w| would (ties in position order)."""
+    import torch
+
+    from automl.compress.pruning.magnitude import magnitude_masks
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randint(-3, 4, (7, 5), generator=g).float(), "b": torch.randint(-3, 4, (11,), generator=g).float()}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    for ratio in (0.1, 0.33, 0.5, 0.9):
+        n_drop = int(round(ratio * flat.numel()))
+        expected = torch.ones_like(flat, dtype=torch.bool)
+        expected[torch.argsort(flat, stable=True)[:n_drop]] = False
+        masks = magnitude_masks(weights, ratio)
+        assert torch.equal(torch.cat([masks["a"].flatten(), masks["b"].flatten()]), expected)

@@ -5,6 +5,7 @@ returns an ordinary model of the family with its inherited weights copied in (ev
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -109,10 +110,14 @@ class Supernet:
 
     def extract(self, config: Mapping) -> nn.Module:
         """An ordinary model of the family with the inherited weights (copies) loaded."""
-        model = self.build(config)
         _, plan = self._skeleton(config)
-        model.load_state_dict({name: take(self.tensors[key], shape, kind).detach().clone()
-                               for name, key, shape, kind in plan})
+        state = {name: take(self.tensors[key], shape, kind).detach().clone() for name, key, shape, kind in plan}
+        with torch.device("meta"):  # no random initialisation to overwrite
+            model = self.build(config)
+        model.load_state_dict(state, assign=True)
+        if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            model = self.build(config)  # a tensor the state_dict does not hold (a non-persistent buffer)
+            model.load_state_dict(state)
         return model
 
     def parameters(self) -> List[torch.Tensor]:

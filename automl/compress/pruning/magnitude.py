@@ -28,8 +28,11 @@ def magnitude_masks(weights: Dict[str, torch.Tensor], ratio: float, scope: str =
     flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
     n_drop = int(round(ratio * flat.numel()))
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if n_drop:
-        keep[torch.argsort(flat, stable=True)[:n_drop]] = False
+    if n_drop:  # what a stable argsort would drop, in linear time: all below the threshold, then ties in order
+        threshold = torch.kthvalue(flat, n_drop).values
+        keep = flat >= threshold
+        ties = torch.nonzero(flat == threshold).flatten()
+        keep[ties[:n_drop - int((~keep).sum())]] = False
     masks, offset = {}, 0
     for name, w in weights.items():
         masks[name] = keep[offset:offset + w.numel()].view_as(w)
