@@ -2,7 +2,7 @@
 applied for real.
 
 Phase 1 asks the space's Optuna sampler for candidates (architecture x compression) and scores each
-in milliseconds (automl.supernet.evaluate: PyTorch accuracy after the candidate's stages, cost from
+in milliseconds (automl.search.proxy: PyTorch accuracy after the candidate's stages, cost from
 the profile), on ``budget.concurrency`` Ray workers; every scored candidate is journaled in
 ``candidates.jsonl`` as it is told to the sampler, so a stopped search resumes without repeating one.
 Phase 2 takes up to ``front_size`` points of the proxy front and runs their recipes like any trial
@@ -56,7 +56,7 @@ class Evaluator:
         self.space, self.profile, self.task = space, profile, space.build_task()
 
     def score(self, config: Dict) -> Dict:
-        from automl.supernet.evaluate import safe_proxy
+        from automl.search.proxy import safe_proxy
 
         return safe_proxy(self.space, config, self.task, self.profile)
 
@@ -117,7 +117,7 @@ def _search(space, run_dir: Path, options: SupernetSearch, profile, log) -> Sear
     _init_ray(None, space.budget.concurrency)
     workers = [ray.remote(num_cpus=1)(Evaluator).remote(space, profile) for _ in range(space.budget.concurrency)]
     try:
-        scored, seconds = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
+        scored, seconds, new = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
         picks = pick_front(scored, space, options.front_size, getattr(space.build_task(), "num_classes", None))
         rows = _phase_front(finetune_space(space), run_dir, picks, workers, log)
     finally:  # their CPUs go back to Ray now, not when the handles are collected
@@ -126,7 +126,7 @@ def _search(space, run_dir: Path, options: SupernetSearch, profile, log) -> Sear
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
     report["supernet"] = {"path": space.supernet.path, "sha256": space.supernet.sha256,
                           "candidates": len(scored), "candidate_seconds": round(seconds, 2),
-                          "candidates_per_minute": round(60 * len(scored) / max(seconds, 1e-9), 1),
+                          "candidates_per_minute": round(60 * new / max(seconds, 1e-9), 1) if new else None,
                           "cost_basis": "profile" if profile is not None else "macs",
                           "front_applied": len(rows), "finetune_epochs": space.epochs}
     write_json(run_dir / "report.json", report)
@@ -158,9 +158,11 @@ def _read(path: Path) -> List[Dict]:
 
 
 def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: bool, workers, log):
-    """Score candidates until ``options.candidates`` are journaled; returns (rows, seconds spent)."""
+    """Score candidates until ``options.candidates`` are journaled; returns (rows, seconds spent, how many
+    were scored in those seconds)."""
     path = run_dir / CANDIDATES
     rows = _read(path)
+    before = len(rows)
     directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
     # NSGA-II unless the space asks for random sampling: TPE's cost per sample grows with the history
     sampler = "random" if space.budget.sampler == "random" else "nsga2"
@@ -196,7 +198,7 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
                 last_log = time.time()
                 log(f"candidates: {len(rows)}/{options.candidates} scored "
                     f"({60 * len(rows) / max(time.time() - began, 1e-9):.0f} per minute this run)")
-    return rows, time.time() - began
+    return rows, time.time() - began, len(rows) - before
 
 
 def _config(trial, suggest) -> Dict:
