@@ -138,11 +138,15 @@ def test_interrupted_training_resumes_where_it_stopped(tmp_path, trained):
     assert resumed["accuracy"] == full["accuracy"]  # the same weights as the run never stopped
 
 
-def test_a_directory_holding_other_work_is_refused(tmp_path):
+def test_a_directory_holding_other_work_is_refused(tmp_path, trained):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="--force"):
+    with pytest.raises(ConfigError, match="other work.*--force"):
         train_supernet(space(), tmp_path, SupernetTraining(epochs=1), log=lambda m: None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    out, manifest = trained
+    with pytest.raises(ConfigError, match="a trained supernet of this space.*--force"):
+        train_supernet(space(), out, SupernetTraining(epochs=1), log=lambda m: None)
+    assert load_supernet(out, manifest["sha256"])[1]["training"]["epochs"] == 3  # untouched
 
 
 def test_a_recipe_inherits_its_weights_and_replays_them(trained, task, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from automl.arch.user import file_sha256
 from automl.errors import ConfigError
 from automl.io import load_yaml, write_yaml
+from automl.spaces import load_space
 from automl.supernet.network import Supernet
 
 MANIFEST, WEIGHTS, STATE, SPACE = "manifest.yaml", "supernet.pt", "train_state.pt", "space.yaml"
@@ -79,8 +80,6 @@ def _identity(path: str, mtime_ns: int, size: int) -> Tuple[str, Dict]:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, sha256: str) -> Supernet:
-    from automl.spaces import load_space
-
     space = load_space(Path(path) / SPACE)
     manifest = read_manifest(path)
     net = Supernet.create(space.family, arch_params(space), manifest["input_shape"], manifest["num_classes"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from automl.errors import ConfigError, MeasurementError
 from automl.io import write_yaml
+from automl.spaces import load_space
 from automl.supernet.network import Supernet, recalibrate_bn, sample_configs
 from automl.supernet.store import (SPACE, STATE, WEIGHTS, arch_params, atomic_torch_save, read_manifest,
                                    save_weights, write_manifest)
@@ -114,12 +115,11 @@ def train_supernet(space, out, settings: SupernetTraining = SupernetTraining(), 
 def _prepare(out: Path, space, force: bool) -> bool:
     """True when ``out`` holds an unfinished training of the same space (resume it)."""
     if out.exists() and any(out.iterdir()) and not force:
-        if (out / STATE).is_file() and (out / SPACE).is_file():
-            from automl.spaces import load_space
-
-            if load_space(out / SPACE).hash == space.hash:
-                return True
-        raise ConfigError("the supernet directory exists and holds other work", key="--out", value=str(out),
+        same = (out / SPACE).is_file() and load_space(out / SPACE).hash == space.hash
+        if same and (out / STATE).is_file():
+            return True
+        what = "a trained supernet of this space" if same and (out / "manifest.yaml").is_file() else "other work"
+        raise ConfigError(f"the supernet directory exists and holds {what}", key="--out", value=str(out),
                           fix="choose another --out, or pass --force to replace it")
     if force and out.exists():
         for name in (WEIGHTS, STATE, SPACE, "manifest.yaml"):
