@@ -71,6 +71,11 @@ def _supernet_search(space, args) -> int:
 
     space = _override_budget(with_supernet(space, args.supernet, epochs=2 if args.epochs is None else args.epochs),
                              args)
+    for flag in ("measure_trials", "measure_front", "address"):
+        if getattr(args, flag):
+            raise ConfigError("does not apply to a supernet search (its front is always applied and measured, on a "
+                              "local Ray instance)", key=f"--{flag.replace('_', '-')}", value=getattr(args, flag),
+                              fix=f"drop --{flag.replace('_', '-')}")
     options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size")
                                 if getattr(args, k) is not None})
     for key, value in dataclasses.asdict(options).items():

@@ -201,6 +201,8 @@ def test_cli_refuses_bad_flags(trained, tmp_path, capsys):
     out, _ = trained
     assert main(["search", "--supernet", str(out), "--candidates", "0", "--out", str(tmp_path / "r")]) == 2
     assert "--candidates" in capsys.readouterr().err
+    assert main(["search", "--supernet", str(out), "--measure-front", "--out", str(tmp_path / "r")]) == 2
+    assert "--measure-front" in capsys.readouterr().err
     assert main(["search", "--supernet", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no trained supernet" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
