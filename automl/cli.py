@@ -325,7 +325,7 @@ def _search_parser(sub):
                    "real, each fine-tuned --epochs (default 2)")
     s.add_argument("--candidates", type=int, help="with --supernet: candidates scored (default 1000)")
     s.add_argument("--front-size", type=int, help="with --supernet: proxy-front points applied and measured "
-                   "(default 10)")
+                   "(default 20)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--strategy", choices=("joint", "sequential", "random"),

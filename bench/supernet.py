@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--supernet-epochs", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--front-size", type=int, default=10)
+    parser.add_argument("--front-size", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "supernet.json"))
     args = parser.parse_args()

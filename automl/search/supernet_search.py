@@ -43,7 +43,7 @@ COST_FALLBACK = {"latency_ms": "macs", "energy_mj": "macs"}  # without a profile
 @dataclasses.dataclass(frozen=True)
 class SupernetSearch:
     candidates: int = 1000   # scored on inherited weights (phase 1)
-    front_size: int = 10     # proxy-front points applied for real, each fine-tuned train.epochs (phase 2)
+    front_size: int = 20     # proxy-front points applied for real, each fine-tuned train.epochs (phase 2)
 
 
 class Evaluator:
