@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 from automl.cli_sensitivity import DEFAULT_LEVELS, cmd_sensitivity
-from automl.cli_supernet import add_supernet_parser
+from automl.cli_supernet import add_supernet_parser, supernet_search
 from automl.errors import AutoMLError, ConfigError, with_file
 
 
@@ -54,7 +53,7 @@ def cmd_search(args) -> int:
 
     space = _search_space(args)
     if args.supernet is not None:
-        return _supernet_search(space, args)
+        return supernet_search(space, args, override_budget=_override_budget, summary=_summary)
     space = _override_budget(space, args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
@@ -63,30 +62,6 @@ def cmd_search(args) -> int:
     outcome = run_search(space, out, address=args.address, force=args.force, profile=profile,
                          measure_trials=args.measure_trials, measure_front=measure_front)
     return _summary(outcome)
-
-
-def _supernet_search(space, args) -> int:
-    from automl.search.supernet_search import SupernetSearch, run_supernet_search
-    from automl.spaces.user import with_supernet
-
-    space = _override_budget(with_supernet(space, args.supernet, epochs=2 if args.epochs is None else args.epochs),
-                             args)
-    for flag in ("measure_trials", "measure_front", "address"):
-        if getattr(args, flag):
-            raise ConfigError("does not apply to a supernet search (its front is always applied and measured, on a "
-                              "local Ray instance)", key=f"--{flag.replace('_', '-')}", value=getattr(args, flag),
-                              fix=f"drop --{flag.replace('_', '-')}")
-    options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size")
-                                if getattr(args, k) is not None})
-    for key, value in dataclasses.asdict(options).items():
-        if value < 1:
-            raise ConfigError("must be at least 1", key=f"--{key.replace('_', '-')}", value=value)
-    out = Path(args.out or f"runs/supernet-{time.strftime('%Y%m%d-%H%M%S')}")
-    profile = "auto" if args.profile is None and not args.no_profile else args.profile
-    print(f"automl search: {options.candidates} candidates of '{space.source}' on the supernet {args.supernet}, "
-          f"then the {options.front_size} best applied with {space.epochs} fine-tune epochs -> {out}", flush=True)
-    return _summary(run_supernet_search(space, out, options, profile=profile, force=args.force,
-                                        log=lambda m: print(m, flush=True)))
 
 
 def _search_profile(args):

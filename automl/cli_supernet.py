@@ -1,5 +1,9 @@
-"""`automl supernet train`: train a space's weight-sharing supernet once (automl.supernet.train)."""
+"""`automl supernet train` (automl.supernet.train) and `automl search --supernet` (automl.search.supernet_search)."""
 from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
 
 from automl.errors import ConfigError
 
@@ -17,8 +21,33 @@ def cmd_supernet_train(args) -> int:
     print(f"automl supernet: training the {space.family} supernet of '{space.source}' for {settings.epochs} epochs "
           f"-> {args.out}", flush=True)
     train_supernet(space, args.out, settings, force=args.force, log=lambda m: print(m, flush=True))
-    print(f"search it: automl search --space {args.space or '<the space>'} --supernet {args.out}")
+    print(f"search it: automl search {f'--space {args.space} ' if args.space else ''}--supernet {args.out}")
     return 0
+
+
+def supernet_search(space, args, *, override_budget, summary) -> int:
+    """`automl search --supernet DIR`: cmd_search hands over its space and its budget and summary helpers."""
+    from automl.search.supernet_search import SupernetSearch, run_supernet_search
+    from automl.spaces.user import with_supernet
+
+    space = override_budget(with_supernet(space, args.supernet, epochs=2 if args.epochs is None else args.epochs),
+                            args)
+    for flag in ("measure_trials", "measure_front", "address"):
+        if getattr(args, flag):
+            raise ConfigError("does not apply to a supernet search (its front is always applied and measured, on a "
+                              "local Ray instance)", key=f"--{flag.replace('_', '-')}", value=getattr(args, flag),
+                              fix=f"drop --{flag.replace('_', '-')}")
+    options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size")
+                                if getattr(args, k) is not None})
+    for key, value in dataclasses.asdict(options).items():
+        if value < 1:
+            raise ConfigError("must be at least 1", key=f"--{key.replace('_', '-')}", value=value)
+    out = Path(args.out or f"runs/supernet-{time.strftime('%Y%m%d-%H%M%S')}")
+    profile = "auto" if args.profile is None and not args.no_profile else args.profile
+    print(f"automl search: {options.candidates} candidates of '{space.source}' on the supernet {args.supernet}, "
+          f"then the {options.front_size} best applied with {space.epochs} fine-tune epochs -> {out}", flush=True)
+    return summary(run_supernet_search(space, out, options, profile=profile, force=args.force,
+                                       log=lambda m: print(m, flush=True)))
 
 
 SETTINGS = ("epochs", "lr", "batch_size", "random_subnets", "bn_samples", "eval_subnets", "seed", "threads")
