@@ -27,11 +27,17 @@ METHODS: Registry[MethodInfo] = Registry("compression method")
 
 
 def register_method(name: str, category: str, config_cls: type):
-    """Class decorator registering a handler for ``config_cls`` under ``name``."""
+    """Class decorator registering a handler for ``config_cls`` under ``name``; the handler must declare
+    how it deploys (``Method.DEPLOY_HOOKS``)."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category}")
 
     def decorator(handler_cls):
+        missing = [hook for hook in Method.DEPLOY_HOOKS if not callable(getattr(handler_cls, hook, None))]
+        if missing:
+            raise TypeError(f"compression method '{name}' ({handler_cls.__name__}) does not say how it deploys: "
+                            f"define {' and '.join(missing)} (KEEPS_PRECISION / KEEPS_SHAPE when it changes "
+                            "neither precision nor shape)")
         handler_cls.method_name = name
         METHODS.register(name)(MethodInfo(name, category, config_cls, handler_cls))
         return handler_cls
@@ -49,6 +55,20 @@ def get_method(name: str, *, category: str | None = None, file=None, key=None) -
         kind = f"{category} method" if category else "compression method"
         raise unknown_name(kind, name, list(options) + (["none"] if category else []), file=file, key=key)
     return options[name]
+
+
+def _keeps_precision(cls, config) -> Optional[str]:
+    return None
+
+
+def _keeps_shape(cls, model, example, config, notes: Dict[str, Any]):
+    return model
+
+
+# A stage that leaves the deployed precision (masks, regularizers, distillation) or the deployed structure
+# (masks, value changes) as it is declares it with these.
+KEEPS_PRECISION = classmethod(_keeps_precision)
+KEEPS_SHAPE = classmethod(_keeps_shape)
 
 
 # Category pairs one recipe cannot hold, with the reason: early exit deploys float per-segment
@@ -90,19 +110,15 @@ class Method:
 
     method_name: ClassVar[str] = "?"
 
-    @classmethod
-    def profile_precision(cls, config) -> Optional[str]:
-        """The hardware-profile precision this stage deploys the model at, from its parsed config (one of
-        automl.hardware.layers.PRECISIONS), or None when it leaves the precision as it is. Simulated
-        low-bit models compute in float: None. A precision no profile can price raises ProfileError."""
-        return None
-
-    @classmethod
-    def deployed_shape(cls, model, example, config, notes: Dict[str, Any]):
-        """The model with this stage's structural effect and random weights, as a hardware profile prices
-        it (see automl.hardware.candidates): thinned channels, removed blocks, exit heads. Default: none
-        (masks, value changes). A config the architecture cannot take raises ConfigError."""
-        return model
+    # How the stage deploys, declared by every method (register_method refuses one that does not, so a
+    # method cannot be priced by a profile as something it is not): ``profile_precision(config)`` is the
+    # hardware-profile precision it deploys the model at (one of automl.hardware.layers.PRECISIONS), None
+    # when it leaves the precision as it is (simulated low-bit models compute in float), or a ProfileError
+    # when no profile can price it; ``deployed_shape(model, example, config, notes)`` is the model with the
+    # stage's structural effect and random weights, as a profile prices it (see automl.hardware.candidates),
+    # recording what it did in ``notes``; a config the architecture cannot take raises ConfigError.
+    # Methods that change neither say so with KEEPS_PRECISION / KEEPS_SHAPE.
+    DEPLOY_HOOKS: ClassVar[tuple] = ("profile_precision", "deployed_shape")
 
     def __init__(self, config, *, start_epoch: Optional[int] = None):
         self.config = config

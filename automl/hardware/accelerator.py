@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 from automl.configs import option
 from automl.errors import ConfigError, ProfileError
 from automl.hardware.energy import DRAM_PJ_PER_32BIT, OP_PJ, SRAM_PJ_PER_32BIT
+from automl.hardware.keys import window
 from automl.hardware.layers import MAC_OPS, LayerKey, bit_pair, layer_cost, out_hw, pair_precision
 from automl.registry import Registry
 
@@ -118,21 +119,22 @@ def _ceil(a: float, b: float) -> int:
 
 
 def _geometry(key: LayerKey) -> Tuple[int, int, int, int, int, int]:
-    """(groups, input channels per group, output channels per group, kernel, oh, ow) of a MAC layer."""
+    """(groups, input channels per group, output channels per group, kernel area, oh, ow) of a MAC layer."""
     if key.op == "linear":
         return 1, key["in_features"], key["out_features"], 1, 1, 1
     oh, ow = out_hw(key)
+    (kh, kw), _, _ = window(key)
     if key.op == "dwconv":
-        return key["channels"], 1, 1, key["kernel"], oh, ow
+        return key["channels"], 1, 1, kh * kw, oh, ow
     g = key["groups"]
-    return g, key["in_ch"] // g, key["out_ch"] // g, key["kernel"], oh, ow
+    return g, key["in_ch"] // g, key["out_ch"] // g, kh * kw, oh, ow
 
 
 def _mapping(key: LayerKey, config: AcceleratorConfig, bricks: int) -> Tuple[int, int]:
     """(compute cycles, partial-sum passes per output) of a MAC layer."""
-    g, ic, oc, k, oh, ow = _geometry(key)
-    im2col = ic < config.rows and k > 1
-    reduction, windows = (ic * k * k, 1) if im2col else (ic, k * k)
+    g, ic, oc, area, oh, ow = _geometry(key)
+    im2col = ic < config.rows and area > 1
+    reduction, windows = (ic * area, 1) if im2col else (ic, area)
     passes = _ceil(reduction * bricks, config.rows * config.bricks_per_unit)
     cycles = key.batch * g * oh * ow * windows * _ceil(oc, config.cols) * passes
     return cycles, windows * passes

@@ -30,9 +30,13 @@ ELTWISE_FNS = ("add", "sub", "mul", "div")
 OPERANDS = ("scalar", "channel", "spatial", "full")
 PAD_MODES = ("constant", "reflect", "edge")     # ONNX Pad modes (torch: constant, reflect, replicate)
 _POOL = ("channels", "h", "w", "kernel", "stride", "padding", "ceil")
+# A conv whose kernel, stride or padding differs along the width (the k x 1 / 1 x k factors of a spatial
+# SVD) gives the width's value in these; -1 (the default, left out of the key) means "as along the height".
+_WIDTHWISE = ("kernel_w", "stride_w", "padding_w")
+_SAME = -1
 SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
-    "conv": ("in_ch", "out_ch", "h", "w", "kernel", "stride", "padding", "groups", "bn", "act"),
-    "dwconv": ("channels", "h", "w", "kernel", "stride", "padding", "bn", "act"),
+    "conv": ("in_ch", "out_ch", "h", "w", "kernel", "stride", "padding", "groups", "bn", "act", *_WIDTHWISE),
+    "dwconv": ("channels", "h", "w", "kernel", "stride", "padding", "bn", "act", *_WIDTHWISE),
     "linear": ("in_features", "out_features", "bn", "act"),
     "maxpool": _POOL, "avgpool": _POOL,         # ceil: PyTorch's ceil_mode
     "gap": ("channels", "h", "w"),
@@ -49,14 +53,16 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "shuffle": ("channels", "groups", "h", "w"),  # view(N, g, C/g, H, W).transpose(1, 2).view(N, C, H, W)
 }
 OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpool": {"ceil": False},
-                                              "pad": {"front": 0, "back": 0}}
+                                              "pad": {"front": 0, "back": 0},
+                                              "conv": dict.fromkeys(_WIDTHWISE, _SAME),
+                                              "dwconv": dict.fromkeys(_WIDTHWISE, _SAME)}
 # Fields the predictor interpolates over (latency is close to linear in each of them).
 CHANNEL_FIELDS: Dict[str, Tuple[str, ...]] = {
     op: tuple(f for f in fields if f in ("in_ch", "out_ch", "channels", "in_features", "out_features"))
     for op, fields in SHAPE_FIELDS.items()}
 _TEXT = {"act": ACTS, "gate": ("channel", "full"), "fn": ELTWISE_FNS, "operand": OPERANDS, "mode": PAD_MODES}
 _BOOL = ("bn", "ceil")
-_NON_NEGATIVE = ("padding", "top", "bottom", "left", "right", "front", "back")
+_NON_NEGATIVE = ("padding", "padding_w", "top", "bottom", "left", "right", "front", "back")
 
 
 def bit_pair(precision) -> Optional[Tuple[int, int]]:
@@ -81,6 +87,8 @@ PRECISION_HELP = PRECISIONS + (f"wXaY (integer weight / activation bits, 1-{MAX_
 
 
 def _valid(name: str, value) -> bool:
+    if name in _WIDTHWISE and value == _SAME:
+        return True
     if name in _BOOL:
         return isinstance(value, bool)
     if name in _TEXT:
@@ -124,6 +132,9 @@ class LayerKey:
             raise ConfigError(f"a '{op}' layer has exactly the fields {', '.join(want)}{extra}", key="shape",
                               value=sorted(fields), fix=f"give {', '.join(want)}")
         full = {**optional, **fields}
+        for name in _WIDTHWISE if op in ("conv", "dwconv") else ():  # one key per layer: equal means "as along h"
+            if full[name] == full[name[:-2]]:
+                full[name] = _SAME
         for name in want:
             if not _valid(name, full[name]):
                 raise ConfigError(f"invalid value for '{name}' of a '{op}' layer", key=f"shape.{name}",
@@ -186,12 +197,21 @@ def pool_size(size: int, kernel: int, stride: int, padding: int, ceil: bool = Fa
     return out - 1 if (out - 1) * stride >= size + padding else out
 
 
+def window(key: LayerKey) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """((kernel h, w), (stride h, w), (padding h, w)) of a conv or pool key."""
+    k, s, p = key["kernel"], key["stride"], key["padding"]
+    if key.op not in ("conv", "dwconv"):
+        return (k, k), (s, s), (p, p)
+    width = [key[f"{name}_w"] for name in ("kernel", "stride", "padding")]
+    return tuple((h, h if w == _SAME else w) for h, w in zip((k, s, p), width))
+
+
 def out_hw(key: LayerKey) -> Tuple[int, int]:
     """Output height and width."""
     if key.op in ("conv", "dwconv", "maxpool", "avgpool"):
-        k, s, p = key["kernel"], key["stride"], key["padding"]
+        (kh, kw), (sh, sw), (ph, pw) = window(key)
         ceil = key.op in ("maxpool", "avgpool") and key["ceil"]
-        return pool_size(key["h"], k, s, p, ceil), pool_size(key["w"], k, s, p, ceil)
+        return pool_size(key["h"], kh, sh, ph, ceil), pool_size(key["w"], kw, sw, pw, ceil)
     if key.op in ("gap", "linear"):
         return 1, 1
     if key.op == "pad":
@@ -222,7 +242,8 @@ def layer_cost(key: LayerKey) -> LayerCost:
         cin = key["in_ch"] if key.op == "conv" else key["channels"]
         cout = key["out_ch"] if key.op == "conv" else key["channels"]
         groups = key["groups"] if key.op == "conv" else cin
-        per_out = cin // groups * key["kernel"] ** 2
+        (kh, kw), _, _ = window(key)
+        per_out = cin // groups * kh * kw
         return LayerCost(macs=cout * oh * ow * per_out, weights=cout * per_out + cout,
                          input_elems=cin * key["h"] * key["w"], output_elems=cout * oh * ow)
     c = key["channels"]

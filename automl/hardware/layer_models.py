@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from automl.hardware.keys import window
 from automl.hardware.layers import LayerKey
 from automl.registry import Registry
 
@@ -100,10 +101,10 @@ def _conv(key: LayerKey, rand):
     cin = f["in_ch"] if key.op == "conv" else f["channels"]
     cout = f["out_ch"] if key.op == "conv" else f["channels"]
     groups = f["groups"] if key.op == "conv" else cin
-    k, p = f["kernel"], f["padding"]
-    return ([helper.make_node("Conv", ["input", "w", "b"], ["y"], kernel_shape=[k, k], strides=[f["stride"]] * 2,
-                              pads=[p] * 4, group=groups)],
-            [_init("w", rand(cout, cin // groups, k, k)), _init("b", rand(cout))], ["y"])
+    kernel, stride, (ph, pw) = window(key)
+    return ([helper.make_node("Conv", ["input", "w", "b"], ["y"], kernel_shape=list(kernel), strides=list(stride),
+                              pads=[ph, pw, ph, pw], group=groups)],
+            [_init("w", rand(cout, cin // groups, *kernel)), _init("b", rand(cout))], ["y"])
 
 
 @BUILDERS.register("linear")
@@ -313,7 +314,7 @@ def layer_module(key: LayerKey) -> nn.Module:
         cin = f["in_ch"] if key.op == "conv" else f["channels"]
         cout = f["out_ch"] if key.op == "conv" else f["channels"]
         groups = f["groups"] if key.op == "conv" else cin
-        parts = [nn.Conv2d(cin, cout, f["kernel"], f["stride"], f["padding"], groups=groups, bias=not f["bn"])]
+        parts = [nn.Conv2d(cin, cout, *window(key), groups=groups, bias=not f["bn"])]
         parts += [nn.BatchNorm2d(cout)] if f["bn"] else []
         module = nn.Sequential(*parts, _act_module(f["act"], cout))
     elif key.op == "linear":
@@ -362,7 +363,7 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], *, al
     int8 MaxPool), so the layer is forced to quantize as it would there."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from automl.compress.quantization.ptq import quantize_dynamic_int8, quantize_static_qdq
+    from automl.runtime.ort_quantize import quantize_dynamic_int8, quantize_static_qdq
 
     src, dst = Path(src), Path(dst)
     pre = dst.with_name(dst.stem + ".pre.onnx")

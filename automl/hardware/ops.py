@@ -168,6 +168,15 @@ def channel_dim(node: fx.Node, dim) -> bool:
     return isinstance(dim, int) and rank >= 2 and dim % rank == 1
 
 
+def pair(value, what: str, name: str) -> Tuple[int, int]:
+    """A conv's (height, width) ``what`` from an int or a pair."""
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ConfigError(f"the profiler handles 2-d convs with integer {what}s only", key=name, value=value,
+                          fix=f"give {what} as an integer or a pair of integers")
+    return value
+
+
 def square(value, what: str, name: str) -> int:
     value = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(set(value)) != 1 or not isinstance(value[0], int):
@@ -198,25 +207,24 @@ def _conv(ctx: Context, node: fx.Node, weight: tuple, stride, padding, dilation,
     name, source = name or ctx.name(node), node.args[0]
     c, h, w = chw(source)
     out_ch, _, kh, kw = weight
-    kernel = square((kh, kw), "kernel_size", name)
     if square(dilation, "dilation", name) != 1 or padding_mode != "zeros":
         raise ConfigError("the profiler handles zero-padded, undilated convs only", key=name,
                           value=(dilation, padding_mode), fix="use dilation=1 and padding_mode='zeros'")
-    stride = square(stride, "stride", name)
+    (sh, sw) = pair(stride, "stride", name)
     if padding == "valid":
         padding = 0
     elif padding == "same":
-        if stride != 1 or kernel % 2 == 0:
+        if (sh, sw) != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
             raise ConfigError("padding='same' with an even kernel or a stride pads unevenly", key=name,
-                              value=(kernel, stride), fix="give the padding as a number")
-        padding = kernel // 2
-    padding = square(padding, "padding", name)
+                              value=((kh, kw), (sh, sw)), fix="give the padding as a number")
+        padding = (kh // 2, kw // 2)
+    (ph, pw) = pair(padding, "padding", name)
     if source in ctx.folded_pads:      # onnxruntime fuses a zero Pad into the conv (PadFusion)
         source, extra = ctx.folded_pads[source]
         c, h, w = chw(source)
-        padding += extra
+        ph, pw = ph + extra, pw + extra
     last, bn, act = ctx.fuse(node, bn=True)
-    geo = dict(kernel=kernel, stride=stride, padding=padding)
+    geo = dict(kernel=kh, stride=sh, padding=ph, kernel_w=kw, stride_w=sw, padding_w=pw)
     if groups == c == out_ch > 1:
         return [Layer(ctx.make("dwconv", channels=c, h=h, w=w, bn=bn, act=act, **geo), last, name)]
     return [Layer(ctx.make("conv", in_ch=c, out_ch=out_ch, h=h, w=w, groups=groups, bn=bn, act=act, **geo), last,

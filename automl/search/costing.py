@@ -63,8 +63,8 @@ class Costing:
                        predicted_extrapolated_layers=0)
             return out
         precision = profile_precision(quant, self.profile)
-        shares = _exit_shares(metrics)
-        if shares is not None:  # early exit: the expected cost over segments, weighed by P(reach)
+        shares = artifact.exit_shares
+        if shares:  # early exit: the expected cost over segments, weighed by P(reach)
             pred = predict_early_exit(self.profile, model, example, shares, precision, space=space_source)
             source = energy_source(pred.segments[0])
             out["predicted_exit_reach"] = ",".join(f"{r:.3f}" for r in pred.reach)
@@ -76,14 +76,6 @@ class Costing:
         out.update(latency_ms=pred.latency_ms, energy_mj=pred.energy_mj, energy_source=source,
                    predicted_precision=precision, predicted_extrapolated_layers=pred.count("extrapolated"))
         return out
-
-
-def _exit_shares(metrics: Dict) -> Optional[List[float]]:
-    """The validation share leaving at each early exit, from an early-exit model's stats (else None)."""
-    text = metrics.get("exit_fractions_val")
-    if not isinstance(text, str) or not text:
-        return None
-    return [float(v) for v in text.split(",")][:-1]
 
 
 def _plan_name(name: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method, register_method
 from automl.compress.distill.loss import DistillationConfig, distiller_from_config
 from automl.configs import option
 from automl.errors import ConfigError, LifecycleError
@@ -41,6 +41,9 @@ class KDConfig(DistillationConfig):
 @register_method("kd", "distillation", KDConfig)
 class KD(Method):
     """Knowledge distillation (Hinton et al.) with optional FitNets hints."""
+
+    profile_precision = KEEPS_PRECISION
+    deployed_shape = KEEPS_SHAPE
 
     def _prepare(self, model, ctx):
         cfg = self.config

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, Method, register_method
 from automl.compress.early_exit.calibrate import calibrate_thresholds
 from automl.compress.early_exit.model import (EarlyExitConfig, EarlyExitModel, ExitHead, early_exit_from_config,
                                               expected_cost, segment_macs)
@@ -61,6 +61,8 @@ def exits_shape(model: nn.Module, example, config: EarlyExitConfig, notes: Dict)
 
 @register_method("exits", "early_exit", EarlyExitConfig)
 class Exits(Method):
+    profile_precision = KEEPS_PRECISION
+
     deployed_shape = classmethod(lambda cls, model, example, config, notes: exits_shape(model, example, config, notes))
     """Exit heads after chosen blocks; a sample leaves at the first confident exit."""
 
@@ -123,7 +125,8 @@ class Exits(Method):
         return Artifact(path=manifest, runtime=RUNTIME, precision=artifact.precision, quant=artifact.quant,
                         notes={**artifact.notes, "early_exit": "per-segment ONNX graphs chained by EarlyExitRunner",
                                "no_exit_model": artifact.path.name},
-                        shipped=None, files=tuple(files))
+                        shipped=None, files=tuple(files),
+                        exit_shares=tuple(self.calibration.exit_fractions[:-1]))
 
 
 def exit_report(model: EarlyExitModel, manifest: Path, full_model: Path, ctx, thresholds, criterion) -> dict:

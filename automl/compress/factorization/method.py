@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, Method, register_method
 from automl.compress.late_params import LateParameters
 from automl.compress.layers import select_layers
 from automl.compress.factorization.lowrank import CONV_SCHEMES, RULES, factorize
@@ -54,9 +54,27 @@ def _retire(module, name: str, epoch):
     module.__class__ = type(f"Replaced{type(module).__name__}", (type(module),), {"weight": property(weight)})
 
 
+def rank_rule(config: LowRankConfig) -> str:
+    """The config's rank rule in factorize()'s form, e.g. ``energy:0.9``."""
+    value = {"energy": config.energy, "macs": config.mac_ratio, "rank": config.rank}[config.rank_rule]
+    return f"{config.rank_rule}:{value}"
+
+
 @register_method("lowrank", "factorization", LowRankConfig)
 class LowRank(Method):
     """Replace layers by low-rank factors at the start epoch, then fine-tune."""
+
+    profile_precision = KEEPS_PRECISION
+
+    @classmethod
+    def deployed_shape(cls, model, example, config, notes):
+        """The factorized model. Ranks under ``rank_rule: energy`` depend on the trained weights' spectrum,
+        so on random weights they are an estimate (flat spectra keep high ranks); ``macs`` and ``rank`` are
+        exact."""
+        factored, report = factorize(model, config.layers, rank_rule(config), conv=config.conv,
+                                     example=example)
+        notes["lowrank_layers"] = sum(e.factorized for e in report)
+        return factored
 
     def _prepare(self, model, ctx):
         self.done = False
@@ -74,9 +92,7 @@ class LowRank(Method):
             self._factorize(model, ctx, epoch, reserved=True)
 
     def _rule(self) -> str:
-        cfg = self.config
-        value = {"energy": cfg.energy, "macs": cfg.mac_ratio, "rank": cfg.rank}[cfg.rank_rule]
-        return f"{cfg.rank_rule}:{value}"
+        return rank_rule(self.config)
 
     def _factorize(self, model, ctx, epoch, reserved: bool):
         from automl.compress.quantization.qat import qat_layers

@@ -21,7 +21,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from automl.compress.base import Method
+from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method
 from automl.compress.layers import PRUNABLE, select_layers
 from automl.compress.pruning.masks import MODES, MaskSet
 from automl.compress.pruning.schedules import agp_sparsity, iterative_levels
@@ -61,6 +61,9 @@ def resolve_per_layer(model, per_layer: Dict[str, float], chosen) -> Dict[str, f
 
 class PruningMethod(Method):
     """Base handler. Subclasses implement ``_masks(weights, levels, model)`` -> {name: keep mask}."""
+
+    profile_precision = KEEPS_PRECISION
+    deployed_shape = KEEPS_SHAPE
 
     kinds: ClassVar[tuple] = PRUNABLE
     #: "sparsity" levels are shares in [0, 1) (iterative steps are geometric); "scale" levels are

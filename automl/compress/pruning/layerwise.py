@@ -38,7 +38,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, Method, register_method
 from automl.configs import option
 from automl.errors import ConfigError, UnknownNameError
 from automl.modelstats import count_macs, count_params
@@ -297,6 +297,8 @@ class LayerPruningConfig:
 
 @register_method("layer", "pruning", LayerPruningConfig)
 class LayerPruning(Method):
+    profile_precision = KEEPS_PRECISION
+
     @classmethod
     def deployed_shape(cls, model, example, config, notes):
         from automl.compress.pruning.shapes import layer_shape

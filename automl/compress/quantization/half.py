@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_SHAPE, Method, register_method
 from automl.compress.quantization.fallback import ParityProbe
 from automl.configs import option
 from automl.runtime import Artifact, QuantInfo
@@ -40,6 +40,8 @@ class HalfConfig:
 
 @register_method("fp16", "quantization", HalfConfig)
 class Half(Method):
+    deployed_shape = KEEPS_SHAPE
+
     profile_precision = classmethod(lambda cls, config: not_in_profiles())
 
     """Acts at deploy time on the exported fp32 ONNX model."""

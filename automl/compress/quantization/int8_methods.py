@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_SHAPE, Method, register_method
 from automl.configs import option
 from automl.errors import ConfigError, MeasurementError
 from automl.runtime import Artifact, OrtModel, QuantInfo
@@ -73,6 +73,8 @@ class Int8PT2EConfig:
 
 @register_method("int8_pt2e", "quantization", Int8PT2EConfig)
 class Int8PT2E(Method):
+    deployed_shape = KEEPS_SHAPE
+
     @classmethod
     def profile_precision(cls, config) -> str:
         return "int8_static"
@@ -126,6 +128,8 @@ class DataFreeConfig:
 
 @register_method("data_free", "quantization", DataFreeConfig)
 class DataFree(Method):
+    deployed_shape = KEEPS_SHAPE
+
     @classmethod
     def profile_precision(cls, config) -> Optional[str]:
         return "int8_static" if config.bits == 8 and config.int8_deploy else None

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method, register_method
 from automl.compress.quantization.clustering import INITS, materialize, share_weights
 from automl.compress.coding.deepcomp_format import CENTROID_DTYPES, save_compressed
 from automl.compress.late_params import LateParameters
@@ -48,6 +48,9 @@ class KMeansConfig:
 @register_method("kmeans", "quantization", KMeansConfig)
 class KMeans(Method):
     """Han et al.'s trained quantization: k-means weight sharing with centroid fine-tuning."""
+
+    profile_precision = KEEPS_PRECISION
+    deployed_shape = KEEPS_SHAPE
 
     def _prepare(self, model, ctx):
         select_layers(model, self.config.layers)  # a bad pattern fails now

@@ -18,19 +18,16 @@ storing uint8 loses nothing.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_SHAPE, Method, register_method
 from automl.compress.quantization.fallback import ParityProbe, describe, float_fallback
 from automl.configs import option
 from automl.runtime import Artifact, QuantInfo, int8_reduce_range
+from automl.runtime.ort_quantize import grouped_convs, quantize_dynamic_int8, quantize_static_qdq, quiet_root_logger
 
 
 @dataclass(frozen=True)
@@ -54,16 +51,6 @@ class Int8PTQConfig:
                                    "share of validation inputs (0 keeps any)")
 
 
-class _Batches:
-    """onnxruntime CalibrationDataReader over a list of input arrays."""
-
-    def __init__(self, name, batches):
-        self._it = iter([{name: b} for b in batches])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def calibration_arrays(task, n_batches: int, batch_size: int = 32, seed: int = 0):
     loader = task.train_loader(batch_size=batch_size, seed=seed)
     out = []
@@ -74,73 +61,14 @@ def calibration_arrays(task, n_batches: int, batch_size: int = 32, seed: int = 0
     return out
 
 
-def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
-                        calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=(),
-                        calibration_cache=None, force_quantize: bool = False) -> None:
-    """QDQ int8 model of ONNX file ``src`` (uint8 activations, int8 weights) calibrated on ``batches``.
-    The one static int8 path: deployed models and the int8 layers of hardware profiles both use it.
-
-    ``calibration_cache``: a JSON file of the activation ranges, written by the first call and read by
-    the next ones on the same ``src`` (ranges cover every quantizable tensor whichever nodes are
-    quantized), so the float-fallback search calibrates once instead of once per try.
-    ``force_quantize``: quantize ops whose input is not quantized (a layer cut out of a network)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from automl.runtime import OrtModel, int8_reduce_range
-
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[calibration_method]
-    cached = calibration_cache is not None and Path(calibration_cache).is_file()
-    reader = None if cached else _Batches(OrtModel(src).input_name, batches)
-    # The histogram calibrators print progress to stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                        calibrate_method=method, reduce_range=int8_reduce_range(),
-                        nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=list(nodes_to_exclude),
-                        extra_options={"ActivationSymmetric": symmetric_activations,
-                                       **({"ForceQuantizeNoInputCheck": True} if force_quantize else {})},
-                        calibration_cache_path=None if calibration_cache is None else str(calibration_cache))
-
-
-def grouped_convs(path) -> list:
-    """Names of the Conv nodes with group > 1 in ONNX file ``path``."""
-    import onnx
-
-    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"
-            and any(a.name == "group" and a.i > 1 for a in node.attribute)]
-
-
-def quantize_dynamic_int8(src, out, *, per_channel: bool = True, nodes_to_quantize=None, nodes_to_exclude=()) -> int:
-    """Dynamic int8 of ONNX file ``src`` with grouped convolutions left float (see the module doc);
-    returns how many were left."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    grouped = grouped_convs(src)
-    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     reduce_range=int8_reduce_range(), nodes_to_quantize=nodes_to_quantize,
-                     nodes_to_exclude=[*grouped, *nodes_to_exclude])
-    return len(grouped)
-
-
-@contextlib.contextmanager
-def quiet_root_logger(level: int = logging.ERROR):
-    """The root logger at ``level`` inside the block only, so the user's own logging is untouched."""
-    root = logging.getLogger()
-    before = root.level
-    root.setLevel(max(level, before))
-    try:
-        yield
-    finally:
-        root.setLevel(before)
-
-
 def _fmt(ops) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(ops.items())) or "none"
 
 
 @register_method("int8_ptq", "quantization", Int8PTQConfig)
 class Int8PTQ(Method):
+    deployed_shape = KEEPS_SHAPE
+
     @classmethod
     def profile_precision(cls, config) -> str:
         return f"int8_{config.mode}"

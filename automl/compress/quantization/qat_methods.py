@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method, register_method
 from automl.compress.late_params import LateParameters
 from automl.compress.layers import PRUNABLE, select_layers
 from automl.compress.quantization import qmath
@@ -45,6 +45,9 @@ def _act_bits(value: int, key: str = "a_bits") -> Optional[int]:
 
 class FakeQuantMethod(Method):
     """Shared lifecycle: reserve parameters, wrap at the start epoch, simulate at finalize."""
+
+    profile_precision = KEEPS_PRECISION
+    deployed_shape = KEEPS_SHAPE
 
     #: trainable tensors per quantized layer (LSQ: weight step + input step; PACT: alpha)
     params_per_layer: ClassVar[Dict[str, int]] = {"lsq": 2, "pact": 1, "ste": 0}

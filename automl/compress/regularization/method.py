@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from automl.compress.base import Method, register_method
+from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method, register_method
 from automl.compress.regularization.penalties import GROUPS, Regularizer, RegularizerConfig
 from automl.configs import option
 
@@ -24,6 +24,9 @@ class GroupRegConfig(L1RegConfig):
 
 
 class RegularizerMethod(Method):
+    profile_precision = KEEPS_PRECISION
+    deployed_shape = KEEPS_SHAPE
+
     kind = "l1"
 
     def _prepare(self, model, ctx):

@@ -1,6 +1,5 @@
 """Early exit on models we did not write: torch.fx cuts the forward where one tensor carries all the
 work so far; positions are module names; the exits train, calibrate and deploy like a family's."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from automl.compress.early_exit.model import EarlyExitConfig, early_exit_from_co
 from automl.compress.early_exit.split import split_model
 from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
+from repo_paths import BYOM_MODELS
 
-GRAPH = f"{Path(__file__).parent / 'byom_models.py'}:graph"
+GRAPH = f"{BYOM_MODELS}:graph"
 X = torch.randn(3, 1, 8, 8)
 
 
@@ -73,4 +73,6 @@ def test_user_model_with_exits_trains_calibrates_and_deploys(task, tmp_path):
     assert m["exit_after"] == "0" and m["accuracy"] > 0.5
     shares = [float(s) for s in m["exit_fractions_val"].split(",")]
     assert sum(shares) == pytest.approx(1.0, abs=0.01)
+    # the typed deploy information a profile prices the segments by: one share per early exit
+    assert result.artifact.exit_shares == pytest.approx(shares[:-1], abs=1e-3)
     assert len(result.artifact.deployed_files()) >= 2  # one graph per segment

@@ -1,6 +1,5 @@
 """Bring your own model: builders, checkpoints (weights_only), sha256, structure round trips, zero-epoch recipes."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.saved import apply_to_dir
 from automl.validate import Where
+from repo_paths import BYOM_MODELS
 
-BUILDER = f"{Path(__file__).parent / 'byom_models.py'}:build"
+BUILDER = f"{BYOM_MODELS}:build"
 HERE = Where("space.yaml", "model")
 
 
@@ -52,8 +52,8 @@ def test_a_training_checkpoint_with_a_nested_state_dict_and_module_prefix_loads(
 @pytest.mark.parametrize("data, words", [
     ({"builder": "no_such_module_xyz:build"}, "cannot import the builder's module"),
     ({"builder": "build"}, "package.module:function"),
-    ({"builder": f"{Path(__file__).parent / 'byom_models.py'}:nothing"}, "has no callable 'nothing'"),
-    ({"builder": f"{Path(__file__).parent / 'byom_models.py'}:not_a_model"}, "must return a torch.nn.Module"),
+    ({"builder": f"{BYOM_MODELS}:nothing"}, "has no callable 'nothing'"),
+    ({"builder": f"{BYOM_MODELS}:not_a_model"}, "must return a torch.nn.Module"),
     ({"builder": BUILDER, "kwargs": {"depth": 3}}, "the builder raised TypeError"),
     ({"builder": BUILDER, "checkpoint": "missing.pt"}, "checkpoint not found"),
     ({"builder": BUILDER, "extra": 1}, "unknown key"),

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from automl.compress import ApplyContext, get_method
 from automl.compress.quantization import ptq
+from automl.runtime import ort_quantize
 from automl.configs import parse_config
 from automl.errors import MeasurementError
 from automl.runtime import OrtModel, export_onnx
@@ -23,8 +24,8 @@ def test_dynamic_keeps_grouped_convs_float_and_close(tmp_path):
     model = _depthwise_net()
     x = torch.randn(64, 3, 8, 8)
     src = export_onnx(model, x[:1], tmp_path / "m.onnx").path
-    left = ptq.quantize_dynamic_int8(src, tmp_path / "q.onnx")
-    assert left == 2 and ptq.grouped_convs(src) and len(ptq.grouped_convs(tmp_path / "q.onnx")) == 2
+    left = ort_quantize.quantize_dynamic_int8(src, tmp_path / "q.onnx")
+    assert left == 2 and ort_quantize.grouped_convs(src) and len(ort_quantize.grouped_convs(tmp_path / "q.onnx")) == 2
     ref = model(x).detach().numpy()
     out = np.asarray(OrtModel(tmp_path / "q.onnx")(x.numpy()))
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.05  # ConvInteger on the grouped convs: ~0.16

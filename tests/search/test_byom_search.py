@@ -2,7 +2,6 @@
 baseline measured once, and a small real search from a checkpoint through the Python API and the CLI."""
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from automl.errors import ConfigError
 from automl.io import parse_yaml
 from automl.spaces import parse_space
 from automl.spaces.user import user_space
+from repo_paths import BYOM_MODELS
 
-HERE = Path(__file__).parent
-BUILDER = f"{HERE / 'byom_models.py'}:build"
+BUILDER = f"{BYOM_MODELS}:build"
 SPACE = f"""
 version: 1
 task: digits

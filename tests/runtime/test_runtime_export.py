@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from automl import runtime
+from automl.runtime import export as runtime
 from automl.runtime import OrtModel, export_onnx
 
 _registration = pytest.importorskip("torch.onnx._internal.exporter._registration")

@@ -1,5 +1,4 @@
 """The example pruning space: every pruning method it offers runs end to end through apply_recipe."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +6,9 @@ import torch
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.spaces import load_space
 from automl.tasks import get_task
+from repo_paths import REPO
 
-SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_resnet_pruning.yaml"
+SPACE = REPO / "search_spaces" / "digits_resnet_pruning.yaml"
 
 BASE = {"arch.width": 32, "arch.stages": 2, "arch.blocks": 2, "arch.se": True, "train.epochs": 3, "train.lr": 5e-3,
         "train.batch_size": 32, "regularization.method": "none", "regularization.end_epoch": 2,

@@ -243,3 +243,31 @@ def test_new_ops_quantize_alone_and_in_context(precision, tmp_path):
             path = quantize_onnx(src, tmp_path / f"{i}{in_context}.q.onnx", precision, calibration,
                                  alone=not in_context)
             assert np.isfinite(OrtModel(path)(input_array(key))).all(), key.id
+
+
+def test_rectangular_convs_trace_price_and_build(tmp_path):
+    """A spatial-SVD pair (k x 1 then 1 x k, as lowrank deploys it) and a strided rectangular conv: the keys
+    carry the width's kernel / stride / padding, their shapes and MACs match torch, and each layer model runs."""
+    from automl.modelstats import count_macs
+
+    model = nn.Sequential(nn.Conv2d(4, 6, (3, 1), padding=(1, 0), bias=False), nn.Conv2d(6, 8, (1, 3), padding=(0, 1)),
+                          nn.ReLU(), nn.Conv2d(8, 8, (3, 1), stride=(2, 1), padding=(1, 0), groups=8))
+    keys = keys_of(model)
+    assert [k.op for k in keys] == ["conv", "conv", "dwconv"]
+    first, second, depthwise = keys
+    assert (first["kernel"], first["kernel_w"], first["padding"], first["padding_w"]) == (3, 1, 1, 0)
+    assert (second["kernel"], second["kernel_w"], second["padding_w"], second["act"]) == (1, 3, 1, "relu")
+    assert (depthwise["stride"], depthwise["stride_w"]) == (2, 1)
+    x, total = X, 0
+    for key, layer in zip(keys, (model[0], model[1], model[3])):
+        y = layer(x)
+        assert out_hw(key) == tuple(y.shape[2:])
+        assert layer_cost(key).macs == count_macs(layer, x)
+        total += layer_cost(key).macs
+        assert run_layer(key, tmp_path).shape[2:] == y.shape[2:]
+        x = y if layer is not model[1] else torch.relu(y)
+    # a square conv's key is what it always was: the width's fields are left out
+    square = only(keys_of(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))), "conv")
+    assert "kernel_w" not in square.id and square == LayerKey.make(
+        "conv", in_ch=4, out_ch=8, h=8, w=8, kernel=3, stride=1, padding=1, groups=1, bn=False, act="none",
+        kernel_w=3, stride_w=1, padding_w=1)

@@ -1,13 +1,13 @@
 """Bad search spaces: each error names the file, the key path, the value received and the fix."""
-from pathlib import Path
 
 import pytest
 
 from automl.errors import ConfigError, UnknownNameError
 from automl.spaces import load_default_space, load_space
 from automl.spaces.domains import Choice, Fixed, FloatRange, IntRange
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 
 ARCH = """arch:
   family: cnn

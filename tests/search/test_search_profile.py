@@ -378,3 +378,17 @@ def test_profile_model_keeps_an_existing_file(tmp_path, capsys):
     assert "exists; it would be overwritten" in capsys.readouterr().err and mine.read_text() == "mine"
     assert _cli("profile", "model", "--accelerator", "bitfusion", "--out", str(mine / "p.yaml")) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_early_exit_trials_are_priced_by_their_typed_exit_shares(space, profile_path):
+    """The exit shares reach the profile as numbers on the deployed artifact, not as text in metrics."""
+    from automl.compress.early_exit.model import EarlyExitConfig, early_exit_from_config
+
+    costing = load_costing(profile_path, space)
+    model, x = model_and_example()
+    exits = early_exit_from_config(EarlyExitConfig(exits=1), model, x).eval()
+    priced = {share: costing.trial_metrics(MEASURED, exits, Artifact(Path("m.json"), exit_shares=(share,)), x)
+              for share in (0.0, 0.6)}
+    assert priced[0.6]["predicted_exit_reach"] == "1.000,0.400"
+    assert priced[0.6]["latency_ms"] < priced[0.0]["latency_ms"]
+    assert "predicted_exit_reach" not in costing.trial_metrics(MEASURED, model, FP32, x)

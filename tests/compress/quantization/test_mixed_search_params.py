@@ -1,6 +1,5 @@
 """Per-layer weight and activation bits of `mixed` as search parameters: parsing, regrouping into the
 recipe, the wrapped layers' bit-widths, an applied sampled recipe and Optuna define-by-run."""
-from pathlib import Path
 
 import optuna
 import pytest
@@ -17,9 +16,10 @@ from automl.recipe.apply import train_with_stages
 from automl.spaces import define_by_run, load_space, parse_space, sample_config
 from automl.spaces.conditions import Condition
 from automl.spaces.domains import Choice, Fixed, IntRange
+from repo_paths import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-SPACE_FILE = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_cnn_mixed_bits.yaml"
+SPACE_FILE = REPO / "search_spaces" / "digits_cnn_mixed_bits.yaml"
 PATTERN = r"re:features\.[3-9].*"  # holds dots and a backslash
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from automl.compress.quantization import ptq
+from automl.runtime import ort_quantize
 from automl.compress.quantization.fallback import ParityProbe, float_fallback, quantizable_nodes
 from automl.runtime import OrtModel, export_onnx
 
@@ -71,12 +71,12 @@ def test_a_layer_that_ruins_int8_is_kept_float(tmp_path):
     probe = ParityProbe(src, _loader(1))
 
     def quantize(s, o, **kw):
-        ptq.quantize_static_qdq(s, o, batches, **kw)
+        ort_quantize.quantize_static_qdq(s, o, batches, **kw)
 
     plain = float_fallback(quantize, src, tmp_path / "plain.onnx", probe, target=0.0, max_share=0.0)
     kept = float_fallback(quantize, src, tmp_path / "kept.onnx", probe, target=0.95, max_share=0.5)
     assert plain["parity"] < 0.8 and kept["parity"] >= 0.95, (plain, kept)
-    assert set(ptq.grouped_convs(src)) <= set(kept["float_layers"])  # the amplifying depthwise conv
+    assert set(ort_quantize.grouped_convs(src)) <= set(kept["float_layers"])  # the amplifying depthwise conv
     assert len(kept["float_layers"]) <= 2 and "Gemm" not in str(kept["float_layers"])
     assert probe(tmp_path / "kept.onnx") == kept["parity"]  # the file written is the one chosen
     assert OrtModel(tmp_path / "kept.onnx")(batches[0][:1]).shape == (1, 10)
@@ -88,11 +88,11 @@ def test_ranges_calibrated_once_quantize_like_a_fresh_calibration(tmp_path):
     src = export_onnx(_Amplifier().eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx").path
     batches = [x.numpy() for x, _ in _loader(0)]
     cache = tmp_path / "ranges.json"
-    ptq.quantize_static_qdq(src, tmp_path / "all.onnx", batches, calibration_cache=cache)
+    ort_quantize.quantize_static_qdq(src, tmp_path / "all.onnx", batches, calibration_cache=cache)
     assert cache.is_file()
     node = quantizable_nodes(src)[0]
-    ptq.quantize_static_qdq(src, tmp_path / "cached.onnx", [], calibration_cache=cache, nodes_to_quantize=[node])
-    ptq.quantize_static_qdq(src, tmp_path / "fresh.onnx", batches, nodes_to_quantize=[node])
+    ort_quantize.quantize_static_qdq(src, tmp_path / "cached.onnx", [], calibration_cache=cache, nodes_to_quantize=[node])
+    ort_quantize.quantize_static_qdq(src, tmp_path / "fresh.onnx", batches, nodes_to_quantize=[node])
     x = batches[1]
     assert np.array_equal(OrtModel(tmp_path / "cached.onnx")(x), OrtModel(tmp_path / "fresh.onnx")(x))
     assert not np.array_equal(OrtModel(tmp_path / "cached.onnx")(x), OrtModel(tmp_path / "all.onnx")(x))

@@ -10,8 +10,9 @@ from automl.recipe import Recipe
 from automl.recipe.saved import apply_to_dir, check_output
 from automl.search.controller import check_run_dir, run_search
 from automl.spaces import load_default_space
+from repo_paths import REPO
 
-ROOT = Path(__file__).parents[1]
+ROOT = REPO
 
 
 def _old_dir(path: Path) -> Path:

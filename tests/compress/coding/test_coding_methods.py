@@ -1,5 +1,4 @@
 """Weight sharing (kmeans, Deep Compression files), low-rank factorization as stages, the MLP family."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from automl.errors import ConfigError, LifecycleError
 from automl.modelstats import count_params
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.apply import train_with_stages
+from repo_paths import REPO
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = REPO / "recipes"
 MLP = """version: 1
 task: digits
 arch: {family: mlp, width: %d, depth: 2, shrink: 2}

@@ -1,7 +1,6 @@
 """Contract: every registered compression method, on a user model of every construct it may meet
 (residual, concat, depthwise, grouped, squeeze-excitation, channel shuffle, Linear-only), either
 compresses it into a deployable model or refuses with a ConfigError that names the key and the fix."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from automl.errors import ConfigError
 from automl.recipe import Recipe, apply_recipe
 from automl.recipe.from_config import start_epoch_for
 from automl.validate import Where
+from repo_paths import BYOM_MODELS
 
-GRAPH = f"{Path(__file__).parent / 'byom_models.py'}:graph"
+GRAPH = f"{BYOM_MODELS}:graph"
 KINDS = ("residual", "dense", "inverted_residual", "grouped", "se", "shuffle", "linear")
 EPOCHS = 2
 
@@ -90,5 +90,49 @@ def test_method_builds_its_deployed_shape_or_refuses(method, task):
         out = shaped.eval()(example)
     assert out.shape == (2, task.num_classes)
     # the methods that change shapes say what they did; the rest leave the model as it was
-    changed = {"structured": "thinned_ratio", "layer": "removed_blocks", "exits": "exit_after"}
+    changed = {"structured": "thinned_ratio", "layer": "removed_blocks", "exits": "exit_after",
+               "lowrank": "lowrank_layers"}
     assert set(notes) == ({changed[method]} if method in changed else set())
+
+
+def test_a_method_that_does_not_say_how_it_deploys_is_refused_at_registration():
+    """A new method that forgets its deploy hooks fails before anyone can price or ship it."""
+    from dataclasses import dataclass
+
+    from automl.compress.base import KEEPS_PRECISION, KEEPS_SHAPE, Method, register_method
+
+    @dataclass(frozen=True)
+    class DummyConfig:
+        pass
+
+    class Forgetful(Method):
+        pass
+
+    class HalfDeclared(Method):
+        profile_precision = KEEPS_PRECISION
+
+    for handler in (Forgetful, HalfDeclared):
+        with pytest.raises(TypeError, match="does not say how it deploys: define .*deployed_shape"):
+            register_method("dummy_contract", "pruning", DummyConfig)(handler)
+    assert "dummy_contract" not in dict(METHODS.items())
+
+    class Declared(Method):
+        profile_precision = KEEPS_PRECISION
+        deployed_shape = KEEPS_SHAPE
+
+    assert Declared.profile_precision(DummyConfig()) is None
+
+
+def test_lowrank_prices_the_factorized_model():
+    from automl.compress.factorization.method import LowRankConfig
+    from automl.modelstats import count_macs
+    from automl.tasks import get_task
+
+    task = get_task("digits")
+    torch.manual_seed(0)
+    model = task.build_model("cnn", {"width": 16, "depth": 2}).eval()
+    x, notes = task.example_input(1), {}
+    config = LowRankConfig(rank_rule="macs", mac_ratio=0.5)
+    shaped = METHODS.get("lowrank").handler_cls.deployed_shape(model, x, config, notes)
+    assert notes["lowrank_layers"] > 0
+    assert count_macs(shaped, x) < 0.8 * count_macs(model, x)

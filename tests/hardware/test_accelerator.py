@@ -21,6 +21,7 @@ from automl.recipe.apply import train_with_stages
 from automl.runtime import Artifact, QuantInfo
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.spaces import parse_space
+from repo_paths import REPO
 
 CFG = AcceleratorConfig()
 SPACE = """
@@ -248,23 +249,21 @@ def test_cli_profile_model(tmp_path, capsys):
 
 
 def test_shipped_profile_matches_the_model():
-    from pathlib import Path
 
     from automl.hardware.accelerator import model_entry
 
-    prof = HardwareProfile.load(Path(__file__).parents[1] / "hardware_profiles" / "bitfusion_modelled.yaml")
+    prof = HardwareProfile.load(REPO / "hardware_profiles" / "bitfusion_modelled.yaml")
     assert prof.modelled and prof.status == "complete" and prof.accelerator == CFG and len(prof.entries) >= 50
     assert all(model_entry(k, CFG) == e for k, e in prof.entries.items())
 
 
 def test_modelled_profile_cannot_be_validated_and_reports_say_modelled(tmp_path):
-    from pathlib import Path
 
     from automl.hardware.validate import validate_profile
     from automl.search.outputs import _profile_markdown
     from automl.spaces import load_default_space
 
-    profile = HardwareProfile.load(Path(__file__).parents[1] / "hardware_profiles" / "bitfusion_modelled.yaml")
+    profile = HardwareProfile.load(REPO / "hardware_profiles" / "bitfusion_modelled.yaml")
     with pytest.raises(ConfigError, match="modelled profile has no device"):
         validate_profile(profile, load_default_space(), tmp_path, samples=2, progress=False)
     info = {"device": {"runtime": "bitfusion_model"}, "validation": {}, "path": "p.yaml", "entries": 3,
