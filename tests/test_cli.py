@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 
 BAD = {
     "unknown_key": ("version: 1\ntask: digits\narch: {family: cnn}\nobjectives: {accuracy: max}\nbudgett: {trials: 2}\n",
@@ -15,8 +16,16 @@ BAD = {
 }
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "automl", *args], capture_output=True, text=True, timeout=120)
+_run = run_cli
+
+
+def test_the_installed_entry_point_exits_2_on_bad_input(tmp_path):
+    """The real process: ``python -m automl`` gives the same exit code and one paragraph, no traceback."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD["unknown_key"][0])
+    proc = subprocess.run([sys.executable, "-m", "automl", "check", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "budgett" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

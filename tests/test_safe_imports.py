@@ -1,10 +1,9 @@
 """Code named in a file: standard-library targets are refused before anything runs, imports are announced,
 and `automl check` imports and checks the task."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from automl.arch.user import import_builder
 from automl.errors import ConfigError
@@ -37,11 +36,13 @@ def _space(tmp_path, task):
 
 
 def _check(path):
-    return subprocess.run([sys.executable, "-m", "automl", "check", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    return run_cli("check", path)
 
 
-def test_check_imports_the_task(tmp_path):
+def test_check_imports_the_task(tmp_path, monkeypatch):
+    from automl import imports
+
+    monkeypatch.setattr(imports, "_ANNOUNCED", set())  # imports are announced once per process: a fresh one
     missing = _check(_space(tmp_path, "no_such_module:make"))
     assert missing.returncode == 2 and "cannot import task module 'no_such_module'" in missing.stderr
     assert "importing task factory module 'no_such_module' named in" in missing.stderr

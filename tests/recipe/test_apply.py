@@ -1,11 +1,10 @@
 """apply_recipe end to end: deterministic replay, real int8 kernels, the CLI's apply."""
 import json
 import logging
-import subprocess
-import sys
 
 import onnx
 import pytest
+from cli_helpers import run_cli
 
 from automl.recipe import Recipe, apply_recipe, recipe_from_config
 from automl.spaces import load_default_space
@@ -71,13 +70,11 @@ def test_cli_apply_writes_metrics_and_model(tmp_path):
     recipe = _recipe(**{"train.epochs": 2, "quantization.method": "int8_ptq", "quantization.mode": "static"})
     recipe.save(tmp_path / "r.yaml")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("apply", tmp_path / "r.yaml", "--out", out)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / metrics["artifact"]).is_file() and (out / "model.pt").is_file()
     assert Recipe.load(out / "recipe.yaml") == recipe
     assert ("WARNING: the int8_static model is SLOWER" in proc.stderr) == (metrics["speedup_vs_float"] < 0.95)
-    again = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)
+    again = run_cli("apply", tmp_path / "r.yaml", "--out", out)
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr

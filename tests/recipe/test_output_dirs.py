@@ -1,9 +1,8 @@
 """Output directories: nothing the user had is deleted before the new work is validated and written."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from automl.errors import ConfigError, RunDirError
 from automl.recipe import Recipe
@@ -74,8 +73,7 @@ def test_a_run_that_never_started_can_be_taken_over(tmp_path):
 def test_cli_apply_out_is_a_file_exits_2(tmp_path):
     _recipe().save(tmp_path / "r.yaml")
     (tmp_path / "f").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "automl", "apply", str(tmp_path / "r.yaml"), "--out",
-                           str(tmp_path / "f" / "out")], capture_output=True, text=True, timeout=120)
+    proc = run_cli("apply", tmp_path / "r.yaml", "--out", tmp_path / "f" / "out")
     assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -107,6 +107,7 @@ def api_search(trained, task, tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_search_from_a_trained_model_object(api_search, task):
     outcome, model, train, val = api_search
@@ -131,6 +132,7 @@ def test_search_from_a_trained_model_object(api_search, task):
     torch.testing.assert_close(loaded(x), result.model.eval()(x))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_cli_search_and_apply_from_a_checkpoint(api_search, trained, tmp_path, capsys):
     _, path = trained

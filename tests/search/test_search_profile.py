@@ -253,6 +253,7 @@ def test_run_dir_keeps_the_costing_for_resume(space, profile_path, tmp_path):
     assert restore_costing(tmp_path / "none") is None
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_profiled_search_end_to_end(space, tmp_path):
     """3 trials on an fp32-only profile: fp32 trials report predicted costs, int8 trials fail with the

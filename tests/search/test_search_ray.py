@@ -117,6 +117,7 @@ def test_searcher_marks_early_stopped_and_nan_trials(space):
                       optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     from automl.cli import main
@@ -138,6 +139,7 @@ def test_search_where_every_trial_fails_exits_1(tmp_path, capsys):
     assert len(named) == 2 and all((tmp_path / "run" / name).is_file() for name in named)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_pareto_scheduler_ranks_on_predicted_cost(space, tmp_path):
     from automl.search import run_search
@@ -160,6 +162,7 @@ def _dying_task():
     return Dying()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_trial_whose_process_dies_says_how(space, tmp_path):
     from automl.search import run_search

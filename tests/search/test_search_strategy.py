@@ -113,6 +113,7 @@ def test_random_strategy_samples_uniformly():
     assert isinstance(make_sampler(_space(strategy="random").budget, 0), optuna.samplers.RandomSampler)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_sequential_search_compresses_the_best_architectures(tmp_path):
     from automl.search import run_search

@@ -208,6 +208,7 @@ def test_cli_refuses_bad_flags(trained, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_trials_of_a_space_naming_a_supernet_start_from_inherited_weights(trained, tmp_path, capsys):
     from automl.cli import main
