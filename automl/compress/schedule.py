@@ -214,7 +214,8 @@ def _epoch(value, where: Where, low: int) -> int:
     return expect_range(expect_type(value, where, int), where, low)
 
 
-def _parse_one(raw, at: Where) -> PolicySpec:
+def parse_policy(raw, at: Where) -> PolicySpec:
+    """One entry of a ``schedule:`` list (``at`` is its position)."""
     raw = expect_mapping(raw, at)
     names = POLICIES.names()
     if "policy" not in raw:
@@ -240,6 +241,16 @@ def _parse_one(raw, at: Where) -> PolicySpec:
     return PolicySpec(name, config, start, end, frequency)
 
 
+def without_unused(entry: dict) -> dict:
+    """A raw schedule entry less the options its ``kind`` does not use (a searched kind samples them all)."""
+    kind = entry.get("kind")
+    cls = POLICIES.get(entry["policy"]).config_cls if entry.get("policy") in POLICIES.names() else None
+    if cls is None or "kind" not in field_names(cls):
+        return dict(entry)
+    unused = getattr(cls, "UNUSED", {}).get(kind if kind is not None else cls().kind, ())
+    return {k: v for k, v in entry.items() if k not in unused}
+
+
 def _overlaps(a: PolicySpec, b: PolicySpec) -> bool:
     inf = math.inf
     return a.start_epoch < (b.end_epoch or inf) and b.start_epoch < (a.end_epoch or inf)
@@ -249,7 +260,7 @@ def parse_schedule(data, where: Where) -> List[PolicySpec]:
     """The ``schedule:`` list of a recipe; ``where`` is the position of that list (file, 'schedule')."""
     if data is None:
         return []
-    specs = [_parse_one(raw, where / i) for i, raw in enumerate(expect_type(data, where, list))]
+    specs = [parse_policy(raw, where / i) for i, raw in enumerate(expect_type(data, where, list))]
     lrs = [(i, s) for i, s in enumerate(specs) if s.policy == "lr"]
     for n, (i, a) in enumerate(lrs):
         for j, b in lrs[n + 1:]:

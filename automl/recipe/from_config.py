@@ -8,6 +8,7 @@ from automl.compress import CATEGORIES, get_method
 from automl.configs import field_names, parse_config
 from automl.recipe.schema import Recipe, Stage
 from automl.settings import TrainSettings
+from automl.spaces.schedule import schedule_from_config
 from automl.spaces.schema import SearchSpace, is_mapping_option
 from automl.validate import Where
 
@@ -63,7 +64,8 @@ def recipe_from_config(space: SearchSpace, config: Mapping, *, provenance: Mappi
         options = regroup_entries(info.config_cls, group, where / "compression" / category)
         method_config = parse_config(info.config_cls, options, where / "compression" / category)
         stages.append(Stage(name, method_config, start_epoch_for(method_config, train.epochs)))
+    schedule = schedule_from_config(config, where, train.epochs)
     return Recipe(task=space.task, family=space.family, arch=_group(config, "arch"), train=train,
-                  stages=tuple(stages), deploy=space.deploy, model=space.model, data=space.data,
-                  supernet=space.supernet,
+                  stages=tuple(stages), schedule=tuple(schedule), deploy=space.deploy, model=space.model,
+                  data=space.data, supernet=space.supernet,
                   provenance={"space_hash": space.hash, **dict(provenance or {})})

@@ -1,6 +1,7 @@
 """The search-space file: architecture, training and compression parameters, objectives, budget.
 
-Flat parameter names are ``arch.<p>``, ``train.<p>`` and ``<category>.<p>`` (e.g. ``pruning.ratio``);
+Flat parameter names are ``arch.<p>``, ``train.<p>``, ``<category>.<p>`` (e.g. ``pruning.ratio``) and
+``schedule.<i>.<p>`` (see automl.spaces.schedule);
 ``when:`` conditions refer to them. Parameters are sampled in file order, ``method`` first in each
 compression category, so a condition may only name a parameter defined before it.
 
@@ -32,13 +33,14 @@ from automl.io import load_yaml, parse_yaml
 from automl.registry import did_you_mean, unknown_name
 from automl.settings import BASELINE_METRICS, METRICS, Budget, DeploySettings, TrainSettings
 from automl.spaces.conditions import Condition, parse_when
+from automl.spaces.schedule import schedule_params
 from automl.spaces.domains import DOMAIN_KEYS, Choice, Domain, Fixed, FloatRange, IntRange, parse_domain
 from automl.tasks import LOADERS_TASK, TASKS
 from automl.tasks.data import DataSpec
 from automl.validate import Where, expect_choice, expect_keys, expect_mapping, expect_range, expect_type
 
-TOP_KEYS = ("version", "task", "data", "arch", "model", "supernet", "train", "compression", "objectives", "constraints",
-            "budget", "deploy")
+TOP_KEYS = ("version", "task", "data", "arch", "model", "supernet", "train", "compression", "schedule", "objectives",
+            "constraints", "budget", "deploy")
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -311,6 +313,8 @@ def parse_space(data: Any, source: str | None = None) -> SearchSpace:
     params += _compression_params(expect_mapping(data.get("compression") or {}, where / "compression"),
                                   where / "compression", earlier)
     _check_combinations(params, where / "compression")
+    params += [Param(*p) for p in schedule_params(data.get("schedule"), where / "schedule", earlier,
+                                                  epochs.domain.value)]
     objectives = _objectives(data["objectives"], where / "objectives")
     constraints = _constraints(data.get("constraints"), where / "constraints")
     _check_baseline_metrics(model, objectives, constraints, where)
