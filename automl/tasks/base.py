@@ -15,7 +15,7 @@ from automl.errors import ConfigError
 LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 TASK_METHODS = ("build_model", "train_loader", "val_loader", "test_loader", "example_input",
-                "train_epoch", "evaluate")
+                "train_epoch", "evaluate", "loss")
 
 
 @runtime_checkable
@@ -41,6 +41,10 @@ class Task(Protocol):
                     loss_hook: Optional[LossHook] = None) -> float: ...
 
     def evaluate(self, predict, loader: DataLoader) -> float: ...
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss (early exit and distillation add their terms to it)."""
+        ...
 
 
 class DatasetTask:
