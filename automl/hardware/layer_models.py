@@ -9,7 +9,6 @@ onnxruntime quantizer settings as the deployed model (automl/compress/quantizati
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from typing import List
 
@@ -23,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from automl.hardware.keys import window
 from automl.hardware.layers import LayerKey
 from automl.registry import Registry
+from automl.runtime.ort_quantize import quantize_dynamic_int8, quantize_static_qdq, quiet_root_logger
 
 OPSET = 17
 BUILDERS: Registry = Registry("layer model")     # op -> fn(key, rand) -> (nodes, initializers, outputs)
@@ -344,14 +344,9 @@ def layer_module(key: LayerKey) -> nn.Module:
 def _quiet():
     import onnxruntime
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)   # onnxruntime.quantization logs through the root logger
-    onnxruntime.set_default_logger_severity(3)   # and its calibration sessions warn about unused initializers
-    try:
+    onnxruntime.set_default_logger_severity(3)   # its calibration sessions warn about unused initializers
+    with quiet_root_logger():   # onnxruntime.quantization logs through the root logger
         yield
-    finally:
-        root.setLevel(level)
 
 
 def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], *, alone: bool = False) -> Path:
@@ -362,8 +357,6 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], *, al
     because its input is not quantized; inside a quantized network it runs on int8 (QLinearAveragePool,
     int8 MaxPool), so the layer is forced to quantize as it would there."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from automl.runtime.ort_quantize import quantize_dynamic_int8, quantize_static_qdq
 
     src, dst = Path(src), Path(dst)
     pre = dst.with_name(dst.stem + ".pre.onnx")

@@ -26,6 +26,7 @@ from automl.modelstats import count_macs, count_nonzero, count_params
 from automl.recipe.build import recipe_model, recipe_task
 from automl.recipe.schema import Recipe
 from automl.runtime import Artifact, OrtModel, export_onnx, measure_latency
+from automl.runtime.threads import torch_threads
 from automl.tasks.augment import augmented
 from automl.validate import Where
 
@@ -172,11 +173,15 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
                  cache_dir=None) -> ApplyResult:
     """Rebuild, train, compress, export and measure. Files go to ``work_dir``; trained distillation
     teachers are cached in ``cache_dir`` (default ``work_dir/cache``). The metrics carry the wall
-    seconds of each phase (``train_s``, ``export_s``, ``deploy_s``, ``measure_s``)."""
-    work_dir = Path(work_dir)
+    seconds of each phase (``train_s``, ``export_s``, ``deploy_s``, ``measure_s``). Runs with the recipe's
+    torch threads; the caller's setting is restored after."""
+    with torch_threads(recipe.train.threads or recipe.deploy.threads):
+        return _apply(recipe, Path(work_dir), task, on_epoch, cache_dir)
+
+
+def _apply(recipe: Recipe, work_dir: Path, task, on_epoch, cache_dir) -> ApplyResult:
     work_dir.mkdir(parents=True, exist_ok=True)
     check_stage_combination(s.category for s in recipe.stages)
-    torch.set_num_threads(recipe.train.threads or recipe.deploy.threads)
     task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
 
 from automl.compress import ApplyContext
 from automl.compress.layers import select_layers
@@ -21,6 +20,7 @@ from automl.io import write_yaml
 from automl.recipe.apply import train_with_stages
 from automl.recipe.build import recipe_model, recipe_task
 from automl.recipe.schema import Recipe
+from automl.runtime.threads import torch_threads
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 KEYS = {"levels": "levels", "granularity": "granularity", "layers": "layers", "max_drop": "max_drop",
@@ -59,19 +59,8 @@ def _check(recipe: Recipe, recipe_path, levels, granularities, layers, max_drop,
     return levels, grans, target, task
 
 
-def run_sensitivity(recipe, out, *, levels: Sequence[float] = LEVELS, granularities=("element", "filter"),
-                    layers=("re:.*",), max_drop: float = 0.01, write_recipe=None, keys: Dict[str, str] = KEYS,
-                    log: Callable[[str], None] = print) -> SensitivityResult:
-    """``recipe``: a Recipe or a recipe file. Writes sensitivity.csv, sensitivity.png and ratios.yaml to
-    ``out`` (and the new recipe to ``write_recipe``)."""
-    recipe_path = None if isinstance(recipe, Recipe) else recipe
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    levels, grans, target, task = _check(recipe, recipe_path, levels, granularities, layers, max_drop,
-                                         write_recipe, keys)
-    main_gran = target[1] if target else ("element" if "element" in grans else grans[0])
-    torch.set_num_threads(recipe.deploy.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _analyze(recipe, recipe_path, task, out: Path, layers, levels, grans, log):
+    """Train the recipe's dense model, then prune its layers one at a time: (model, baseline, rows)."""
     dense = dataclasses.replace(recipe, stages=())   # the recipe's training without its compression
     ctx = ApplyContext(task=task, work_dir=out, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads)
@@ -84,7 +73,23 @@ def run_sensitivity(recipe, out, *, levels: Sequence[float] = LEVELS, granularit
     base = task.evaluate(model, val)
     log(f"dense val accuracy {base:.4f}; pruning {len(chosen)} layers one at a time at {len(levels)} "
         f"levels ({', '.join(grans)})")
-    rows = sens.analyze(model, lambda m: task.evaluate(m, val), chosen, levels, grans, baseline=base)
+    return model, base, sens.analyze(model, lambda m: task.evaluate(m, val), chosen, levels, grans, baseline=base)
+
+
+def run_sensitivity(recipe, out, *, levels: Sequence[float] = LEVELS, granularities=("element", "filter"),
+                    layers=("re:.*",), max_drop: float = 0.01, write_recipe=None, keys: Dict[str, str] = KEYS,
+                    log: Callable[[str], None] = print) -> SensitivityResult:
+    """``recipe``: a Recipe or a recipe file. Writes sensitivity.csv, sensitivity.png and ratios.yaml to
+    ``out`` (and the new recipe to ``write_recipe``)."""
+    recipe_path = None if isinstance(recipe, Recipe) else recipe
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    levels, grans, target, task = _check(recipe, recipe_path, levels, granularities, layers, max_drop,
+                                         write_recipe, keys)
+    main_gran = target[1] if target else ("element" if "element" in grans else grans[0])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(recipe.deploy.threads):  # the caller's setting comes back after
+        model, base, rows = _analyze(recipe, recipe_path, task, out, layers, levels, grans, log)
     ratios = {g: sens.ratios_from_sensitivity(rows, max_drop, g) for g in grans}
     name = Path(recipe_path).name if recipe_path else "recipe"
     sens.write_csv(out / "sensitivity.csv", rows)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from automl.errors import ConfigError, MeasurementError
 from automl.io import write_yaml
 from automl.spaces import load_space
+from automl.runtime.threads import torch_threads
 from automl.supernet.network import Supernet, recalibrate_bn, sample_configs
 from automl.supernet.store import (SPACE, STATE, WEIGHTS, arch_params, atomic_torch_save, read_manifest,
                                    save_weights, write_manifest)
@@ -87,8 +88,11 @@ def train_supernet(space, out, settings: SupernetTraining = SupernetTraining(), 
                           fix="give a space with an 'arch:' section (cnn, resnet, mobilenetv2 ...)")
     out = Path(out)
     resume = _prepare(out, space, force)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    with torch_threads(settings.threads):  # the caller's setting comes back after
+        return _train(space, out, settings, resume, log)
+
+
+def _train(space, out: Path, settings: SupernetTraining, resume: bool, log) -> Dict:
     task = space.build_task()
     torch.manual_seed(settings.seed)
     net = Supernet.create(space.family, arch_params(space), task.input_shape, task.num_classes, seed=settings.seed)

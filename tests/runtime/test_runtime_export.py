@@ -64,3 +64,20 @@ def test_ops_registered_after_a_build_get_a_fresh_registry(monkeypatch, tmp_path
     assert len(builds) == 1  # a new op: built again
     export_onnx(model, x, tmp_path / "c.onnx")
     assert len(builds) == 1
+
+
+def test_apply_runs_with_the_recipe_threads_and_gives_the_callers_back(task, tmp_path, monkeypatch):
+    """torch's thread count is the caller's again after automl.apply (an API user's setting is theirs)."""
+    from automl.recipe import Recipe, apply_recipe
+
+    seen = []
+    monkeypatch.setattr(task, "train_epoch", lambda *a, **k: seen.append(torch.get_num_threads()) or 0.0)
+    recipe = Recipe.from_dict({"version": 1, "task": "digits", "arch": {"family": "cnn", "width": 8, "depth": 1},
+                               "train": {"epochs": 1, "threads": 2}})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        apply_recipe(recipe, tmp_path, task=task)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
