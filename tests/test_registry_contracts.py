@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from automl.arch import ARCHS
-from automl.compress import METHODS, ApplyContext
+from automl.compress import CATEGORIES, METHODS, ApplyContext
+from automl.compress.base import check_stage_combination
 from automl.compress.schedule import POLICIES, build_scheduler, parse_schedule, schedule_to_dict
 from automl.configs import config_to_dict, parse_config
-from automl.errors import LifecycleError
+from automl.errors import ConfigError, LifecycleError
 from automl.recipe import Recipe
 from automl.runtime import OrtModel, export_onnx
 from automl.tasks import TASKS, get_task
@@ -41,6 +42,18 @@ def test_method_lifecycle_out_of_order_is_refused(method, task, tmp_path):
         with pytest.raises(LifecycleError, match="the order is prepare"):
             call()
     assert handler.state == "new"
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_method_says_what_it_cannot_share_a_recipe_with(method):
+    """Each method owns its incompatibilities; a recipe or space holding such a pair is refused, both ways."""
+    info = METHODS.get(method)
+    for category, why in info.handler_cls.CANNOT_SHARE.items():
+        assert category in CATEGORIES and category != info.category and why
+        for other in (n for n, i in METHODS.items() if i.category == category):
+            for pair in ([method, other], [other, method]):
+                with pytest.raises(ConfigError, match=f"cannot be combined: {why}"):
+                    check_stage_combination(pair)
 
 
 @pytest.mark.parametrize("family", ARCHS.names())

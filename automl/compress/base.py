@@ -71,21 +71,24 @@ KEEPS_PRECISION = classmethod(_keeps_precision)
 KEEPS_SHAPE = classmethod(_keeps_shape)
 
 
-# Category pairs one recipe cannot hold, with the reason: early exit deploys float per-segment
-# graphs, which no quantization stage here converts.
-INCOMPATIBLE = {
-    ("early_exit", "quantization"): "early exit deploys float per-segment graphs; quantized segments are not supported",
-}
+def incompatibility(a: str, b: str) -> Optional[str]:
+    """Why the methods named ``a`` and ``b`` cannot share a recipe (each method says which categories it
+    cannot share one with, ``Method.CANNOT_SHARE``), or None."""
+    ia, ib = METHODS.get(a), METHODS.get(b)
+    return ia.handler_cls.CANNOT_SHARE.get(ib.category) or ib.handler_cls.CANNOT_SHARE.get(ia.category)
 
 
-def check_stage_combination(categories, *, file=None, key: str = "stages"):
-    """Refuse a set of stage categories that cannot be deployed together."""
-    present = set(categories)
-    for (a, b), why in INCOMPATIBLE.items():
-        if a in present and b in present:
-            raise ConfigError(f"a {a} stage and a {b} stage cannot be combined: {why}", file=file, key=key,
-                              value=[a, b], fix=f"drop one of them (in a search space, add "
-                                                f"'when: {{{a}.method: none}}' to {b}.method)")
+def check_stage_combination(methods, *, file=None, key: str = "stages"):
+    """Refuse a set of stages (method names) that cannot be deployed together."""
+    names = list(methods)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            why = incompatibility(a, b)
+            if why:
+                ca, cb = METHODS.get(a).category, METHODS.get(b).category
+                raise ConfigError(f"a {a} stage and a {b} stage cannot be combined: {why}", file=file, key=key,
+                                  value=[a, b], fix=f"drop one of them (in a search space, add "
+                                                    f"'when: {{{ca}.method: none}}' to {cb}.method)")
 
 
 @dataclass
@@ -119,6 +122,8 @@ class Method:
     # recording what it did in ``notes``; a config the architecture cannot take raises ConfigError.
     # Methods that change neither say so with KEEPS_PRECISION / KEEPS_SHAPE.
     DEPLOY_HOOKS: ClassVar[tuple] = ("profile_precision", "deployed_shape")
+    # Categories whose stages this method cannot share a recipe with, and why (asked in both directions).
+    CANNOT_SHARE: ClassVar[Dict[str, str]] = {}
 
     def __init__(self, config, *, start_epoch: Optional[int] = None):
         self.config = config

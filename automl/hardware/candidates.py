@@ -137,7 +137,7 @@ def build_candidate(space, config: Dict[str, Any], *, task=None, runtime: str = 
     task = task if task is not None else space.build_task()
     # random weights: a supernet's would cost an extraction and change no shape
     recipe = dataclasses.replace(recipe_from_config(space, config), supernet=None)
-    check_stage_combination([s.category for s in recipe.stages], file=space.source)
+    check_stage_combination([s.method for s in recipe.stages], file=space.source)
     from automl.recipe.build import recipe_model
 
     torch.manual_seed(seed)

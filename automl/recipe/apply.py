@@ -181,7 +181,7 @@ def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[Epoc
 
 def _apply(recipe: Recipe, work_dir: Path, task, on_epoch, cache_dir) -> ApplyResult:
     work_dir.mkdir(parents=True, exist_ok=True)
-    check_stage_combination(s.category for s in recipe.stages)
+    check_stage_combination(s.method for s in recipe.stages)
     task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
                        threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)

@@ -104,7 +104,7 @@ class Recipe:
             if start is not None:
                 start = expect_type(start, at / "start_epoch", int)
             stages.append(Stage(info.name, parse_config(info.config_cls, raw.get("config"), at / "config"), start))
-        check_stage_combination(seen, file=source, key="stages")
+        check_stage_combination([s.method for s in stages], file=source, key="stages")
         order = [CATEGORIES.index(s.category) for s in stages]
         if order != sorted(order):
             raise (where / "stages").error("stages must follow the category order", [s.method for s in stages],

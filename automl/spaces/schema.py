@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import typing
@@ -27,7 +28,7 @@ from automl.arch import ARCHS
 from automl.arch.inherited import SupernetSource
 from automl.arch.user import ModelSource
 from automl.compress import CATEGORIES, get_method, methods_in
-from automl.compress.base import INCOMPATIBLE
+from automl.compress.base import incompatibility
 from automl.configs import check_field, field_names, parse_config
 from automl.io import load_yaml, parse_yaml
 from automl.registry import did_you_mean, unknown_name
@@ -263,23 +264,21 @@ def _method_values(param: Param) -> list:
 
 
 def _check_combinations(params, where: Where):
-    """Refuse a space in which two stages that cannot be combined (INCOMPATIBLE) can both be chosen.
+    """Refuse a space in which two stages that cannot be combined (``incompatibility``) can both be chosen.
 
     Only the two method parameters' own ``when`` conditions on each other are considered: a space
     makes such a pair exclusive with e.g. ``when: {early_exit.method: none}`` on one of them."""
-    methods = {p.name.partition(".")[0]: p for p in params if p.name.endswith(".method")}
-    for (a, b), why in INCOMPATIBLE.items():
-        if a not in methods or b not in methods:
-            continue
-        pa, pb = methods[a], methods[b]
-        for va in _method_values(pa):
-            for vb in _method_values(pb):
+    methods = [p for p in params if p.name.endswith(".method")]
+    for i, pa in enumerate(methods):
+        for pb in methods[i + 1:]:
+            for va, vb in itertools.product(_method_values(pa), _method_values(pb)):
+                why = None if "none" in (va, vb) else incompatibility(va, vb)
                 values = {pa.name: va, pb.name: vb}
                 own = [c for c in pa.conditions + pb.conditions if c.param in values]
-                if va != "none" and vb != "none" and all(c.holds(values) for c in own):
+                if why and all(c.holds(values) for c in own):
+                    a, b = pa.name.partition(".")[0], pb.name.partition(".")[0]
                     raise (where / b / "method").error(
-                        f"{a} and {b} stages cannot be combined ({why}), but this space can choose both",
-                        {pa.name: va, pb.name: vb},
+                        f"{a} and {b} stages cannot be combined ({why}), but this space can choose both", values,
                         f"make them exclusive, e.g. add 'when: {{{a}.method: none}}' to {b}.method, or drop one")
 
 

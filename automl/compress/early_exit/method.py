@@ -61,10 +61,13 @@ def exits_shape(model: nn.Module, example, config: EarlyExitConfig, notes: Dict)
 
 @register_method("exits", "early_exit", EarlyExitConfig)
 class Exits(Method):
+    """Exit heads after chosen blocks; a sample leaves at the first confident exit."""
+
     profile_precision = KEEPS_PRECISION
+    CANNOT_SHARE = {"quantization": "early exit deploys float per-segment graphs; quantized segments are not "
+                                    "supported"}
 
     deployed_shape = classmethod(lambda cls, model, example, config, notes: exits_shape(model, example, config, notes))
-    """Exit heads after chosen blocks; a sample leaves at the first confident exit."""
 
     def _prepare(self, model, ctx):
         self.task = ctx.task

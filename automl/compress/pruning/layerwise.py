@@ -297,6 +297,8 @@ class LayerPruningConfig:
 
 @register_method("layer", "pruning", LayerPruningConfig)
 class LayerPruning(Method):
+    """Bypasses the lowest-scored removable blocks at the start epoch; finalize reports what went."""
+
     profile_precision = KEEPS_PRECISION
 
     @classmethod
@@ -304,8 +306,6 @@ class LayerPruning(Method):
         from automl.compress.pruning.shapes import layer_shape
 
         return layer_shape(model, example, config, notes)
-
-    """Bypasses the lowest-scored removable blocks at the start epoch; finalize reports what went."""
 
     def _prepare(self, model, ctx):
         example = ctx.task.example_input(1)

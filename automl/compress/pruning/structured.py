@@ -88,9 +88,10 @@ def parse_block(text: str):
 
 @register_method("structured", "pruning", StructuredPruningConfig)
 class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
+    """Units are structure groups (thinned path) or layers (masks only); see the module docstring."""
+
     deployed_shape = classmethod(lambda cls, model, example, config, notes: structured_shape(model, example, config,
                                                                                              notes))
-    """Units are structure groups (thinned path) or layers (masks only); see the module docstring."""
 
     # setup -------------------------------------------------------------------------------------------
     def _prepare(self, model, ctx):

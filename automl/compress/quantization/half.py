@@ -40,11 +40,11 @@ class HalfConfig:
 
 @register_method("fp16", "quantization", HalfConfig)
 class Half(Method):
+    """Acts at deploy time on the exported fp32 ONNX model."""
+
     deployed_shape = KEEPS_SHAPE
 
     profile_precision = classmethod(lambda cls, config: not_in_profiles())
-
-    """Acts at deploy time on the exported fp32 ONNX model."""
 
     def _deploy(self, artifact: Artifact, ctx):
         import onnx

@@ -73,13 +73,13 @@ class Int8PT2EConfig:
 
 @register_method("int8_pt2e", "quantization", Int8PT2EConfig)
 class Int8PT2E(Method):
+    """Real int8: torchao pt2e static quantization, deployed as an int8 ONNX model."""
+
     deployed_shape = KEEPS_SHAPE
 
     @classmethod
     def profile_precision(cls, config) -> str:
         return "int8_static"
-
-    """Real int8: torchao pt2e static quantization, deployed as an int8 ONNX model."""
 
     def _finalize(self, model, ctx):
         self.model = model  # the float model stays the torch result; int8 is made at deploy
@@ -128,13 +128,13 @@ class DataFreeConfig:
 
 @register_method("data_free", "quantization", DataFreeConfig)
 class DataFree(Method):
+    """Weights quantized without data (CLE + bias correction) after training."""
+
     deployed_shape = KEEPS_SHAPE
 
     @classmethod
     def profile_precision(cls, config) -> Optional[str]:
         return "int8_static" if config.bits == 8 and config.int8_deploy else None
-
-    """Weights quantized without data (CLE + bias correction) after training."""
 
     def _finalize(self, model, ctx):
         from automl.compress.quantization.datafree import datafree_quantize

@@ -67,13 +67,13 @@ def _fmt(ops) -> str:
 
 @register_method("int8_ptq", "quantization", Int8PTQConfig)
 class Int8PTQ(Method):
+    """Acts at deploy time on the exported fp32 ONNX model."""
+
     deployed_shape = KEEPS_SHAPE
 
     @classmethod
     def profile_precision(cls, config) -> str:
         return f"int8_{config.mode}"
-
-    """Acts at deploy time on the exported fp32 ONNX model."""
 
     def _deploy(self, artifact: Artifact, ctx):
         with quiet_root_logger():  # onnxruntime.quantization logs warnings via the root logger
