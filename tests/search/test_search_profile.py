@@ -18,8 +18,8 @@ from automl.hardware.predict import predict_model
 from automl.hardware.profile import Correction, DeviceInfo, HardwareProfile, Protocol
 from automl.io import parse_yaml
 from automl.runtime import Artifact, QuantInfo
-from automl.search.costing import (Costing, load_costing, profile_precision, profile_report, restore_costing,
-                                   save_costing)
+from automl.hardware.pricing import profile_precision
+from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.frontcheck import compare, measure_front
 from automl.search.outputs import write_outputs
 from automl.spaces import parse_space

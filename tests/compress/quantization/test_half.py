@@ -56,7 +56,7 @@ def test_kept_float_ops_stay_float32(task, tmp_path):
 def test_profiles_refuse_fp16_with_what_to_do():
     from automl.compress import get_method
     from automl.runtime import QuantInfo
-    from automl.search.costing import profile_precision
+    from automl.hardware.pricing import profile_precision
 
     half = get_method("fp16").handler_cls
     for refuse in (lambda: half.profile_precision(None), lambda: profile_precision(QuantInfo("fp16"))):
