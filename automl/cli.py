@@ -38,6 +38,10 @@ def cmd_search(args) -> int:
     space = _search_space(args)
     if args.supernet is not None:
         return supernet_search(space, args, override_budget=_override_budget, summary=_summary)
+    for flag in ("candidates", "front_size", "predictor_samples"):
+        if getattr(args, flag) is not None:
+            raise ConfigError("applies to a supernet search only", key=f"--{flag.replace('_', '-')}",
+                              value=getattr(args, flag), fix="add --supernet DIR (automl supernet train), or drop it")
     space = _override_budget(space, args)
     out = Path(args.out or f"runs/search-{time.strftime('%Y%m%d-%H%M%S')}")
     profile, measure_front = _search_profile(args)
@@ -161,6 +165,8 @@ def _search_parser(sub):
     s.add_argument("--candidates", type=int, help="with --supernet: candidates scored (default 1000)")
     s.add_argument("--front-size", type=int, help="with --supernet: proxy-front points applied and measured "
                    "(default 20)")
+    s.add_argument("--predictor-samples", type=int, help="with --supernet: measure this many candidates on inherited "
+                   "weights, fit an accuracy predictor on them and score the rest with it (default 0: measure all)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--concurrency", type=int, help="override budget.concurrency")
     s.add_argument("--strategy", choices=("joint", "sequential", "random"),

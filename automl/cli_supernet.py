@@ -1,7 +1,6 @@
 """`automl supernet train` (automl.supernet.train) and `automl search --supernet` (automl.search.supernet_search)."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -37,19 +36,28 @@ def supernet_search(space, args, *, override_budget, summary) -> int:
             raise ConfigError("does not apply to a supernet search (its front is always applied and measured, on a "
                               "local Ray instance)", key=f"--{flag.replace('_', '-')}", value=getattr(args, flag),
                               fix=f"drop --{flag.replace('_', '-')}")
-    options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size")
+    options = SupernetSearch(**{k: getattr(args, k) for k in ("candidates", "front_size", "predictor_samples")
                                 if getattr(args, k) is not None})
-    for key, value in dataclasses.asdict(options).items():
-        if value < 1:
-            raise ConfigError("must be at least 1", key=f"--{key.replace('_', '-')}", value=value)
+    for key in ("candidates", "front_size"):
+        if getattr(options, key) < 1:
+            raise ConfigError("must be at least 1", key=f"--{key.replace('_', '-')}", value=getattr(options, key))
+    n = options.predictor_samples
+    if n and not MIN_PREDICTOR_SAMPLES <= n < options.candidates:
+        raise ConfigError(f"the predictor is fitted on at least {MIN_PREDICTOR_SAMPLES} measured candidates and "
+                          "scores the rest of --candidates", key="--predictor-samples", value=n,
+                          fix=f"give {MIN_PREDICTOR_SAMPLES} to {options.candidates - 1}, or 0 to measure every "
+                              "candidate")
     out = Path(args.out or f"runs/supernet-{time.strftime('%Y%m%d-%H%M%S')}")
     profile = "auto" if args.profile is None and not args.no_profile else args.profile
-    print(f"automl search: {options.candidates} candidates of '{space.source}' on the supernet {args.supernet}, "
-          f"then the {options.front_size} best applied with {space.epochs} fine-tune epochs -> {out}", flush=True)
+    scored = f" ({n} measured, the rest by a predictor fitted on them)" if n else ""
+    print(f"automl search: {options.candidates} candidates{scored} of '{space.source}' on the supernet "
+          f"{args.supernet}, then the {options.front_size} best applied with {space.epochs} fine-tune epochs -> {out}",
+          flush=True)
     return summary(run_supernet_search(space, out, options, profile=profile, force=args.force,
                                        log=lambda m: print(m, flush=True)))
 
 
+MIN_PREDICTOR_SAMPLES = 20
 SETTINGS = ("epochs", "lr", "batch_size", "random_subnets", "bn_samples", "eval_subnets", "seed", "threads")
 
 

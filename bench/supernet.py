@@ -17,6 +17,7 @@ supernet's wall time (training included) has passed. Reported:
 
     python bench/supernet.py                       # default space, 3 seeds
     python bench/supernet.py --seeds 0 --candidates 200 --supernet-epochs 5  # smoke run
+    python bench/supernet.py --candidates 10000 --predictor-samples 400 --out bench/results/supernet-predictor.json
 Writes bench/results/supernet.json unless --out says otherwise.
 """
 from __future__ import annotations
@@ -77,13 +78,14 @@ def supernet_search(space, args, seed, work: Path):
     trained_s = time.time() - started
     tuned = with_supernet(space, work / "supernet", epochs=args.finetune_epochs)
     began = time.time()
-    outcome = run_supernet_search(tuned, work / "search", SupernetSearch(args.candidates, args.front_size),
-                                  profile="auto", log=lambda m: None)
+    options = SupernetSearch(args.candidates, args.front_size, args.predictor_samples)
+    outcome = run_supernet_search(tuned, work / "search", options, profile="auto", log=lambda m: None)
     info = outcome.report["supernet"]
     return tuned, outcome, {
         "train_s": round(trained_s, 1), "search_s": round(time.time() - began, 1),
         "wall_s": round(time.time() - started, 1), "manifest_accuracy": manifest["accuracy"],
         "candidates": info["candidates"], "candidates_per_minute": info["candidates_per_minute"],
+        "measured_candidates": info["measured_candidates"], "predictor": info.get("predictor"),
         "cost_basis": info["cost_basis"], "points": points(outcome.rows)}
 
 
@@ -121,6 +123,8 @@ def main():
     parser.add_argument("--supernet-epochs", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--front-size", type=int, default=20)
+    parser.add_argument("--predictor-samples", type=int, default=0,
+                        help="candidates measured on inherited weights before a predictor scores the rest (0: all)")
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "supernet.json"))
     args = parser.parse_args()

@@ -36,18 +36,34 @@ def proxy_metrics(space, config: Dict, task, profile=None, *, work: Optional[Pat
                            threads=recipe.deploy.threads, recipe=recipe)
         model, _ = train_with_stages(recipe, task, ctx)
         accuracy = task.evaluate(model, task.val_loader())
-    out = {"accuracy": accuracy}
-    cand = build_candidate(space, config, task=task)
-    out["params"] = float(count_params(cand.model))
-    out["macs"] = float(count_macs(cand.model, cand.example[:1]))
+    out = {"accuracy": accuracy, **priced_metrics(space, config, task, profile)}
     # what ships, estimated: the non-zero weights (pruned ones compress away) at the deployed width
-    out["size_kb"] = count_nonzero(model) * bytes_per_weight(cand.precision) / 1024.0
+    out["size_kb"] = count_nonzero(model) * bytes_per_weight(out.pop("precision")) / 1024.0
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def priced_metrics(space, config: Dict, task, profile=None) -> Dict:
+    """What a candidate costs without its weights: parameters and MACs of its deployed shape, and with a
+    ``profile`` its predicted latency_ms and energy_mj; ``precision`` is the one it deploys at."""
+    cand = build_candidate(space, config, task=task)
+    out = {"params": float(count_params(cand.model)), "macs": float(count_macs(cand.model, cand.example[:1])),
+           "precision": cand.precision}
     if profile is not None:
         prediction = predict_model(profile, cand.model, cand.example, cand.precision, space=space.source)
         out["latency_ms"] = prediction.latency_ms
         if prediction.energy_mj is not None:
             out["energy_mj"] = prediction.energy_mj
-    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def predicted_metrics(space, config: Dict, task, predictor, profile=None) -> Dict:
+    """A candidate scored without its weights: accuracy and size from ``predictor`` (automl.search.predictor),
+    cost as priced_metrics gives it."""
+    started = time.perf_counter()
+    out = priced_metrics(space, config, task, profile)
+    out.pop("precision")
+    out.update(predictor.predict([config])[0], predicted=1.0, seconds=time.perf_counter() - started)
     return out
 
 
@@ -65,12 +81,15 @@ class _keep:
         return False
 
 
-def safe_proxy(space, config, task, profile=None) -> Dict:
-    """proxy_metrics, or ``{"error": ...}`` for a candidate its methods refuse on its architecture."""
+def safe_proxy(space, config, task, profile=None, predictor=None) -> Dict:
+    """proxy_metrics (predicted_metrics with a ``predictor``), or ``{"error": ...}`` for a candidate its
+    methods refuse on its architecture."""
     try:
+        if predictor is not None:
+            return predicted_metrics(space, config, task, predictor, profile)
         return proxy_metrics(space, config, task, profile)
     except AutoMLError as exc:
         return {"error": str(exc)[:500]}
 
 
-__all__ = ["proxy_metrics", "safe_proxy"]
+__all__ = ["predicted_metrics", "priced_metrics", "proxy_metrics", "safe_proxy"]

@@ -5,6 +5,9 @@ Phase 1 asks the space's Optuna sampler for candidates (architecture x compressi
 in milliseconds (automl.search.proxy: PyTorch accuracy after the candidate's stages, cost from
 the profile), on ``budget.concurrency`` Ray workers; every scored candidate is journaled in
 ``candidates.jsonl`` as it is told to the sampler, so a stopped search resumes without repeating one.
+With ``predictor_samples``, only that many candidates are measured so; a predictor (automl.search.predictor)
+fitted on them scores the rest in a few milliseconds each (accuracy and size predicted, cost priced by the
+profile), and the candidates it puts on the front are measured before any is chosen.
 Phase 2 takes up to ``front_size`` points of the proxy front and runs their recipes like any trial
 (``apply_recipe``: ``finetune_epochs`` from the inherited weights, export, int8 ..., measured); those
 rows make the usual run directory (trials.csv, front.csv, recipes/ ...)."""
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import optuna
 import ray
 
@@ -29,6 +33,7 @@ from automl.search.journal import Journal, make_row
 from automl.search.outputs import write_outputs
 from automl.search.pareto import REFERENCE, feasible, hypervolume
 from automl.search.pareto_asha import front_ranks
+from automl.search.predictor import CandidatePredictor
 from automl.search.trainable import CHANCE_MARGIN
 from automl.search.rundir import prepare_run_dir, run_lock
 from automl.search.versions import library_versions
@@ -42,8 +47,11 @@ COST_FALLBACK = {"latency_ms": "macs", "energy_mj": "macs"}  # without a profile
 
 @dataclasses.dataclass(frozen=True)
 class SupernetSearch:
-    candidates: int = 1000   # scored on inherited weights (phase 1)
+    candidates: int = 1000   # scored in phase 1
     front_size: int = 20     # proxy-front points applied for real, each fine-tuned train.epochs (phase 2)
+    # 0: every candidate is measured on inherited weights; N: the first N are, a predictor fitted on them
+    # scores the rest (accuracy and size predicted, cost priced), and its front is measured before phase 2
+    predictor_samples: int = 0
 
 
 class Evaluator:
@@ -53,12 +61,15 @@ class Evaluator:
         import torch
 
         torch.set_num_threads(1)
-        self.space, self.profile, self.task = space, profile, space.build_task()
+        self.space, self.profile, self.task, self.predictor = space, profile, space.build_task(), None
 
-    def score(self, config: Dict) -> Dict:
+    def set_predictor(self, predictor):
+        self.predictor = predictor
+
+    def score(self, config: Dict, predicted: bool = False) -> Dict:
         from automl.search.proxy import safe_proxy
 
-        return safe_proxy(self.space, config, self.task, self.profile)
+        return safe_proxy(self.space, config, self.task, self.profile, self.predictor if predicted else None)
 
     def apply(self, config: Dict, trial_id: str) -> Dict:
         import tempfile
@@ -106,7 +117,7 @@ def resume_supernet_search(run_dir, *, log=print) -> SearchOutcome:
     run_dir = Path(run_dir).resolve()
     space = parse_space(load_yaml(run_dir / "space.yaml"), str(run_dir / "space.yaml"))
     raw = load_yaml(run_dir / OPTIONS)
-    options = SupernetSearch(**{k: raw[k] for k in ("candidates", "front_size")})
+    options = SupernetSearch(**{k: raw[k] for k in ("candidates", "front_size", "predictor_samples") if k in raw})
     costing = restore_costing(run_dir)
     with run_lock(run_dir):
         return _search(space, run_dir, options, None if costing is None else costing.profile, log)
@@ -116,19 +127,28 @@ def _search(space, run_dir: Path, options: SupernetSearch, profile, log) -> Sear
     started = time.time()
     _init_ray(None, space.budget.concurrency)
     workers = [ray.remote(num_cpus=1)(Evaluator).remote(space, profile) for _ in range(space.budget.concurrency)]
+    num_classes = getattr(space.build_task(), "num_classes", None)
     try:
-        scored, seconds, new = _phase_candidates(space, run_dir, options, profile is not None, workers, log)
-        picks = pick_front(scored, space, options.front_size, getattr(space.build_task(), "num_classes", None))
+        scored, seconds, new, predictor = _phase_candidates(space, run_dir, options, profile is not None, workers,
+                                                            log)
+        measured = [r for r in scored if not r["metrics"].get("predicted")]
+        if predictor is not None:  # the predicted front, measured on inherited weights before it is trusted
+            measured += _verify_front(space, run_dir, scored, options, profile is not None, workers, num_classes,
+                                      log)
+        picks = pick_front(measured, space, options.front_size, num_classes)
         rows = _phase_front(finetune_space(space), run_dir, picks, workers, log)
     finally:  # their CPUs go back to Ray now, not when the handles are collected
         for worker in workers:
             ray.kill(worker)
     report = write_outputs(run_dir, space, rows, wall_time_s=time.time() - started, versions=library_versions())
     report["supernet"] = {"path": space.supernet.path, "sha256": space.supernet.sha256,
-                          "candidates": len(scored), "candidate_seconds": round(seconds, 2),
+                          "candidates": len(scored), "measured_candidates": len(measured),
+                          "candidate_seconds": round(seconds, 2),
                           "candidates_per_minute": round(60 * new / max(seconds, 1e-9), 1) if new else None,
                           "cost_basis": "profile" if profile is not None else "macs",
                           "front_applied": len(rows), "finetune_epochs": space.epochs}
+    if predictor is not None:
+        report["supernet"]["predictor"] = predictor_report(predictor, scored, measured, options)
     write_json(run_dir / "report.json", report)
     return SearchOutcome(run_dir=run_dir, report=report, rows=rows)
 
@@ -159,22 +179,12 @@ def _read(path: Path) -> List[Dict]:
 
 def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: bool, workers, log):
     """Score candidates until ``options.candidates`` are journaled; returns (rows, seconds spent, how many
-    were scored in those seconds)."""
+    were scored in those seconds, the predictor once fitted or None)."""
     path = run_dir / CANDIDATES
-    rows = _read(path)
+    rows = [r for r in _read(path) if "verifies" not in r]
     before = len(rows)
-    directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
-    # NSGA-II unless the space asks for random sampling: TPE's cost per sample grows with the history
-    sampler = "random" if space.budget.sampler == "random" else "nsga2"
-    budget = dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler)
-    study = optuna.create_study(directions=directions, sampler=make_sampler(budget, seed=budget.seed + len(rows)))
-    suggest = define_by_run(space)
-    for row in rows:
-        fixed = optuna.trial.FixedTrial(row["config"])
-        suggest(fixed)
-        study.add_trial(optuna.trial.create_trial(
-            params=fixed.params, distributions=fixed.distributions, values=row.get("values"),
-            state=optuna.trial.TrialState.COMPLETE if row.get("values") else optuna.trial.TrialState.FAIL))
+    study, suggest = _study(space, options, rows)
+    predictor = _fit_predictor(space, rows, options, workers, log)
     began, last_log = time.time(), 0.0
     pending: Dict = {}  # ref -> (worker, trial, config): every worker kept busy, no waiting for the slowest
     idle = list(workers)
@@ -183,7 +193,7 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
             while idle and len(rows) + len(pending) < options.candidates:
                 worker, trial = idle.pop(), study.ask()
                 config = _config(trial, suggest)
-                pending[worker.score.remote(config)] = (worker, trial, config)
+                pending[worker.score.remote(config, predictor is not None)] = (worker, trial, config)
             [ref], _ = ray.wait(list(pending), num_returns=1)
             worker, trial, config = pending.pop(ref)
             idle.append(worker)
@@ -194,11 +204,84 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
             journal.flush()
             study.tell(trial, values) if values else study.tell(trial, state=optuna.trial.TrialState.FAIL)
             rows.append(row)
+            predictor = predictor or _fit_predictor(space, rows, options, workers, log)
             if time.time() - last_log > 10 or len(rows) == options.candidates:
                 last_log = time.time()
                 log(f"candidates: {len(rows)}/{options.candidates} scored "
                     f"({60 * len(rows) / max(time.time() - began, 1e-9):.0f} per minute this run)")
-    return rows, time.time() - began, len(rows) - before
+    return rows, time.time() - began, len(rows) - before, predictor
+
+
+def _study(space, options: SupernetSearch, rows: List[Dict]):
+    """The Optuna study (NSGA-II unless the space asks for random sampling: TPE's cost per sample grows
+    with the history), with the journaled candidates told again; and the space's suggest function."""
+    directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
+    sampler = "random" if space.budget.sampler == "random" else "nsga2"
+    budget = dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler)
+    study = optuna.create_study(directions=directions, sampler=make_sampler(budget, seed=budget.seed + len(rows)))
+    suggest = define_by_run(space)
+    for row in rows:
+        fixed = optuna.trial.FixedTrial(row["config"])
+        suggest(fixed)
+        study.add_trial(optuna.trial.create_trial(
+            params=fixed.params, distributions=fixed.distributions, values=row.get("values"),
+            state=optuna.trial.TrialState.COMPLETE if row.get("values") else optuna.trial.TrialState.FAIL))
+    return study, suggest
+
+
+def _fit_predictor(space, rows: List[Dict], options: SupernetSearch, workers, log):
+    """Once ``predictor_samples`` candidates are measured: the predictor fitted on them, handed to every
+    worker (None before, or without a predictor)."""
+    if not options.predictor_samples:
+        return None
+    measured = [r for r in rows if not r["metrics"].get("predicted") and "error" not in r["metrics"]]
+    if len(measured) < options.predictor_samples:
+        return None
+    predictor = CandidatePredictor(space, seed=space.budget.seed)
+    quality = predictor.fit([r["config"] for r in measured], [r["metrics"] for r in measured])
+    ray.get([w.set_predictor.remote(predictor) for w in workers])
+    log("predictor fitted on {} measured candidates; held out: {}".format(len(measured), ", ".join(
+        f"{t} Kendall tau {q['kendall_tau']:.2f}, error {q['mae']:.4g}" for t, q in quality.items()) or "too few"))
+    return predictor
+
+
+def _verify_front(space, run_dir: Path, rows: List[Dict], options: SupernetSearch, priced: bool, workers,
+                  num_classes, log) -> List[Dict]:
+    """The predicted candidates ``pick_front`` would choose (twice the front size), measured on inherited
+    weights; journaled as rows that ``verifies`` their number, so a resume measures none twice."""
+    path = run_dir / CANDIDATES
+    done = {r["verifies"]: r for r in _read(path) if "verifies" in r}
+    predicted = [r for r in rows if r["metrics"].get("predicted")]
+    todo = [r for r in pick_front(predicted, space, 2 * options.front_size, num_classes) if r["number"] not in done]
+    log(f"predicted front: measuring {len(todo)} candidates on inherited weights ({len(done)} done)")
+    with open(path, "a", encoding="utf-8") as journal:
+        for start in range(0, len(todo), len(workers)):
+            batch = todo[start:start + len(workers)]
+            for row, ref in zip(batch, [w.score.remote(r["config"]) for w, r in zip(workers, batch)]):
+                metrics = ray.get(ref)
+                out = {"number": row["number"], "verifies": row["number"], "config": row["config"],
+                       "metrics": metrics, "values": objective_values(metrics, space, priced)}
+                journal.write(json.dumps(out, sort_keys=True, default=str) + "\n")
+                journal.flush()
+                done[row["number"]] = out
+    return list(done.values())
+
+
+def predictor_report(predictor, rows: List[Dict], measured: List[Dict], options: SupernetSearch) -> Dict:
+    """How far the predictor can be trusted: its held-out quality, and on the verified front the
+    agreement of predicted and measured accuracy."""
+    by_number = {r["number"]: r for r in rows}
+    pairs = [(by_number[r["verifies"]]["metrics"].get("accuracy"), r["metrics"].get("accuracy"))
+             for r in measured if "verifies" in r and r["verifies"] in by_number]
+    pairs = [(a, b) for a, b in pairs if isinstance(a, float) and isinstance(b, float)]
+    out = {"samples": options.predictor_samples, "held_out": predictor.quality,
+           "predicted_candidates": sum(1 for r in rows if r["metrics"].get("predicted")),
+           "verified": len(pairs)}
+    if len(pairs) >= 2:
+        predicted, actual = (np.array(v) for v in zip(*pairs))
+        out["verified_accuracy_error"] = round(float(np.mean(np.abs(predicted - actual))), 4)
+        out["verified_mean_gap"] = round(float(np.mean(actual - predicted)), 4)
+    return out
 
 
 def _config(trial, suggest) -> Dict:

@@ -205,6 +205,11 @@ def test_cli_refuses_bad_flags(trained, tmp_path, capsys):
     assert "--measure-front" in capsys.readouterr().err
     assert main(["search", "--supernet", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no trained supernet" in capsys.readouterr().err
+    assert main(["search", "--supernet", str(out), "--candidates", "50", "--predictor-samples", "50",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--predictor-samples" in capsys.readouterr().err
+    assert main(["search", "--predictor-samples", "30", "--out", str(tmp_path / "r")]) == 2
+    assert "applies to a supernet search only" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
@@ -262,6 +267,59 @@ def test_supernet_search_scores_candidates_applies_the_front_and_resumes(trained
     assert [json.loads(x)["config"] for x in (run / CANDIDATES).read_text().splitlines()[:20]] == \
         [json.loads(x)["config"] for x in lines[:20]]
     assert {r["trial_id"] for r in again.rows} >= {r["trial_id"] for r in outcome.rows} - {None}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_predictor_scores_most_candidates_and_its_front_is_measured_before_use(trained, tmp_path):
+    from automl.search.supernet_search import CANDIDATES, SupernetSearch, resume_supernet_search, run_supernet_search
+
+    out, _ = trained
+    s = space(supernet={"path": str(out)}, budget={"concurrency": 2, "seed": 0},
+              compression={"quantization": {"method": {"choice": ["none", "int8_ptq"]}}},
+              objectives={"accuracy": "max", "macs": "min"})
+    s = parse_space({**s.raw, "train": {"epochs": 1}}, s.source)
+    run = tmp_path / "run"
+    options = SupernetSearch(candidates=80, front_size=2, predictor_samples=25)
+    outcome = run_supernet_search(s, run, options, log=lambda m: None)
+    rows = [json.loads(x) for x in (run / CANDIDATES).read_text().splitlines()]
+    scored = [r for r in rows if "verifies" not in r]
+    verified = [r for r in rows if "verifies" in r]
+    assert len(scored) == 80 and sum(bool(r["metrics"].get("predicted")) for r in scored) >= 50
+    assert all(not r["metrics"].get("predicted") for r in scored[:25])  # measured until the predictor is fitted
+    predicted = {r["number"] for r in scored if r["metrics"].get("predicted")}
+    assert verified and {r["verifies"] for r in verified} <= predicted
+    assert all(not r["metrics"].get("predicted") and "accuracy" in r["metrics"] for r in verified)
+    info = outcome.report["supernet"]["predictor"]
+    assert info["samples"] == 25 and info["verified"] == len(verified) and "accuracy" in info["held_out"]
+    # the front applied comes from measured candidates only
+    for row in outcome.rows:
+        assert "proxy_predicted" not in row["metrics"]
+    again = resume_supernet_search(run, log=lambda m: None)  # nothing left to score or verify
+    assert (run / CANDIDATES).read_text().splitlines() == [json.dumps(r, sort_keys=True) for r in rows]
+    assert {r["trial_id"] for r in again.rows} == {r["trial_id"] for r in outcome.rows}
+
+
+def test_the_predictor_learns_a_ranking_and_handles_inactive_parameters():
+    from automl.search.predictor import CandidatePredictor
+    from automl.spaces import sample_config
+
+    s = space(compression={"pruning": {"method": {"choice": ["none", "magnitude"]},
+                                       "ratio": {"float": [0.3, 0.9], "when": {"pruning.method": "magnitude"}}}},
+              objectives={"accuracy": "max", "macs": "min"})
+    configs = [sample_config(s, seed=i) for i in range(120)]
+    assert any("pruning.ratio" not in c for c in configs) and any("pruning.ratio" in c for c in configs)
+
+    def truth(c):  # wider is better, pruning costs in proportion to its ratio
+        return {"accuracy": 0.5 + c["arch.width"] / 64 - 0.3 * c.get("pruning.ratio", 0.0), "size_kb": c["arch.width"]}
+
+    predictor = CandidatePredictor(s, seed=0)
+    quality = predictor.fit(configs[:100], [truth(c) for c in configs[:100]])
+    assert quality["accuracy"]["kendall_tau"] > 0.7 and quality["accuracy"]["held_out"] == 20
+    guesses = predictor.predict(configs[100:])
+    from scipy.stats import kendalltau
+
+    assert kendalltau([g["accuracy"] for g in guesses], [truth(c)["accuracy"] for c in configs[100:]]).statistic > 0.7
 
 
 def test_front_pick_leaves_out_chance_and_dominated_candidates_and_spreads():
