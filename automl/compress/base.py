@@ -71,6 +71,11 @@ KEEPS_PRECISION = classmethod(_keeps_precision)
 KEEPS_SHAPE = classmethod(_keeps_shape)
 
 
+def changes_shape(handler_cls) -> bool:
+    """Whether a method's stage changes the deployed structure (its options then matter to a profile)."""
+    return getattr(handler_cls.deployed_shape, "__func__", None) is not _keeps_shape
+
+
 def incompatibility(a: str, b: str) -> Optional[str]:
     """Why the methods named ``a`` and ``b`` cannot share a recipe (each method says which categories it
     cannot share one with, ``Method.CANNOT_SHARE``), or None."""

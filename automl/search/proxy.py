@@ -6,12 +6,15 @@ Nothing is exported: what a candidate's int8 or other deployment costs in accura
 which is why the front's points are then applied, deployed and measured for real."""
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
 
-from automl.compress import ApplyContext
+from automl.compress import ApplyContext, get_method
+from automl.compress.base import changes_shape
+from automl.configs import config_to_dict
 from automl.errors import AutoMLError
 from automl.hardware.candidates import build_candidate
 from automl.hardware.predict import predict_model
@@ -21,12 +24,16 @@ from automl.recipe.from_config import recipe_from_config
 
 
 
+MAX_PRICED = 100_000  # entries of a pricing cache
+
+
 def bytes_per_weight(precision: str) -> float:
     """int8 -> 1, fp16 / bf16 -> 2, anything else (fp32, simulated low-bit) -> 4."""
     return 1.0 if "int8" in precision else 2.0 if precision in ("fp16", "bf16") else 4.0
 
 
-def proxy_metrics(space, config: Dict, task, profile=None, *, work: Optional[Path] = None) -> Dict[str, float]:
+def proxy_metrics(space, config: Dict, task, profile=None, *, work: Optional[Path] = None,
+                  cache: Optional[Dict] = None) -> Dict[str, float]:
     """Validation accuracy of ``config`` on its inherited weights, its parameters and MACs, and, with a
     ``profile``, its predicted latency_ms and energy_mj. ``seconds`` is what scoring took."""
     started = time.perf_counter()
@@ -36,16 +43,45 @@ def proxy_metrics(space, config: Dict, task, profile=None, *, work: Optional[Pat
                            threads=recipe.deploy.threads, recipe=recipe)
         model, _ = train_with_stages(recipe, task, ctx)
         accuracy = task.evaluate(model, task.val_loader())
-    out = {"accuracy": accuracy, **priced_metrics(space, config, task, profile)}
+    out = {"accuracy": accuracy, **priced_metrics(space, config, task, profile, cache)}
     # what ships, estimated: the non-zero weights (pruned ones compress away) at the deployed width
     out["size_kb"] = count_nonzero(model) * bytes_per_weight(out.pop("precision")) / 1024.0
     out["seconds"] = time.perf_counter() - started
     return out
 
 
-def priced_metrics(space, config: Dict, task, profile=None) -> Dict:
+def priced_metrics(space, config: Dict, task, profile=None, cache: Optional[Dict] = None) -> Dict:
     """What a candidate costs without its weights: parameters and MACs of its deployed shape, and with a
-    ``profile`` its predicted latency_ms and energy_mj; ``precision`` is the one it deploys at."""
+    ``profile`` its predicted latency_ms and energy_mj; ``precision`` is the one it deploys at. With a
+    ``cache`` (one per space and profile), candidates that deploy the same structure at the same precision
+    are priced once (``cost_key``)."""
+    key = cost_key(space, config) if cache is not None else None
+    if key is not None and key in cache:
+        return dict(cache[key])
+    out = _price(space, config, task, profile)
+    if key is not None and len(cache) < MAX_PRICED:
+        cache[key] = dict(out)
+    return out
+
+
+def cost_key(space, config: Dict) -> Optional[tuple]:
+    """What the deployed cost depends on: the architecture, the options of the stages that change the
+    structure (Method.deployed_shape) and the precision each stage deploys at; None when a stage cannot
+    say (the candidate is then priced on its own)."""
+    recipe = recipe_from_config(space, config)
+    stages = []
+    for stage in recipe.stages:
+        handler = get_method(stage.method).handler_cls
+        try:
+            precision = handler.profile_precision(stage.config)
+        except AutoMLError:
+            return None
+        options = json.dumps(config_to_dict(stage.config), sort_keys=True) if changes_shape(handler) else None
+        stages.append((stage.method, precision, options))
+    return json.dumps(recipe.arch, sort_keys=True, default=str), tuple(stages)
+
+
+def _price(space, config: Dict, task, profile) -> Dict:
     cand = build_candidate(space, config, task=task)
     out = {"params": float(count_params(cand.model)), "macs": float(count_macs(cand.model, cand.example[:1])),
            "precision": cand.precision}
@@ -57,11 +93,11 @@ def priced_metrics(space, config: Dict, task, profile=None) -> Dict:
     return out
 
 
-def predicted_metrics(space, config: Dict, task, predictor, profile=None) -> Dict:
+def predicted_metrics(space, config: Dict, task, predictor, profile=None, cache: Optional[Dict] = None) -> Dict:
     """A candidate scored without its weights: accuracy and size from ``predictor`` (automl.search.predictor),
     cost as priced_metrics gives it."""
     started = time.perf_counter()
-    out = priced_metrics(space, config, task, profile)
+    out = priced_metrics(space, config, task, profile, cache)
     out.pop("precision")
     out.update(predictor.predict([config])[0], predicted=1.0, seconds=time.perf_counter() - started)
     return out
@@ -81,13 +117,13 @@ class _keep:
         return False
 
 
-def safe_proxy(space, config, task, profile=None, predictor=None) -> Dict:
+def safe_proxy(space, config, task, profile=None, predictor=None, cache: Optional[Dict] = None) -> Dict:
     """proxy_metrics (predicted_metrics with a ``predictor``), or ``{"error": ...}`` for a candidate its
     methods refuse on its architecture."""
     try:
         if predictor is not None:
-            return predicted_metrics(space, config, task, predictor, profile)
-        return proxy_metrics(space, config, task, profile)
+            return predicted_metrics(space, config, task, predictor, profile, cache)
+        return proxy_metrics(space, config, task, profile, cache=cache)
     except AutoMLError as exc:
         return {"error": str(exc)[:500]}
 

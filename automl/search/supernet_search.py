@@ -62,6 +62,7 @@ class Evaluator:
 
         torch.set_num_threads(1)
         self.space, self.profile, self.task, self.predictor = space, profile, space.build_task(), None
+        self.priced: Dict = {}  # candidates' costs by deployed structure and precision (proxy.cost_key)
 
     def set_predictor(self, predictor):
         self.predictor = predictor
@@ -69,7 +70,8 @@ class Evaluator:
     def score(self, config: Dict, predicted: bool = False) -> Dict:
         from automl.search.proxy import safe_proxy
 
-        return safe_proxy(self.space, config, self.task, self.profile, self.predictor if predicted else None)
+        return safe_proxy(self.space, config, self.task, self.profile, self.predictor if predicted else None,
+                          self.priced)
 
     def apply(self, config: Dict, trial_id: str) -> Dict:
         import tempfile

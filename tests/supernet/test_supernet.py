@@ -337,3 +337,24 @@ def test_front_pick_leaves_out_chance_and_dominated_candidates_and_spreads():
     assert len(numbers) == 3 and 0 not in numbers and 6 not in numbers and 7 not in numbers
     assert numbers == [2, 3, 4]  # the knee of the front adds the most hypervolume; sorted by the last objective
     assert [r["number"] for r in pick_front(rows, s, 10, num_classes=10)] == [1, 2, 3, 4, 5]
+
+
+def test_candidates_of_one_deployed_structure_are_priced_once(task):
+    """The pricing cache keys on what the cost depends on: architecture, shape-changing options, precision."""
+    from automl.search.proxy import cost_key, priced_metrics
+
+    s = space(compression={"pruning": {"method": {"choice": ["magnitude", "structured"]}, "ratio": {"float": [0.3, 0.8]}},
+                           "quantization": {"method": {"choice": ["none", "int8_ptq"]}}},
+              objectives={"accuracy": "max", "macs": "min"})
+    base = {"arch.width": 16, "arch.depth": 2, "arch.kernel": 3, "arch.pooling": "max", "pruning.method": "magnitude",
+            "pruning.ratio": 0.3, "quantization.method": "none"}
+    same = cost_key(s, base)
+    assert cost_key(s, {**base, "pruning.ratio": 0.7}) == same                       # masks: same structure
+    assert cost_key(s, {**base, "arch.width": 8}) != same
+    assert cost_key(s, {**base, "quantization.method": "int8_ptq"}) != same          # another precision
+    thinned = {**base, "pruning.method": "structured"}
+    assert cost_key(s, thinned) != cost_key(s, {**thinned, "pruning.ratio": 0.7})    # thinning: another shape
+    cache = {}
+    for config in (base, {**base, "pruning.ratio": 0.7}, thinned):
+        assert priced_metrics(s, config, task, cache=cache) == priced_metrics(s, config, task)
+    assert len(cache) == 2
