@@ -42,6 +42,7 @@ from automl.spaces.domains import Fixed
 from automl.supernet.inherit import check_space
 
 CANDIDATES, OPTIONS = "candidates.jsonl", "supernet_search.yaml"
+STUDY_WINDOW = 1500  # trials one Optuna study holds before the search goes on in a fresh one (see _rolled)
 COST_FALLBACK = {"latency_ms": "macs", "energy_mj": "macs"}  # without a profile, candidates are priced by MACs
 
 
@@ -193,6 +194,8 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
     with open(path, "a", encoding="utf-8") as journal:
         while len(rows) < options.candidates:
             while idle and len(rows) + len(pending) < options.candidates:
+                if len(study.trials) >= STUDY_WINDOW:
+                    study = _rolled(study, space, options, len(rows))
                 worker, trial = idle.pop(), study.ask()
                 config = _config(trial, suggest)
                 pending[worker.score.remote(config, predictor is not None)] = (worker, trial, config)
@@ -217,11 +220,7 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
 def _study(space, options: SupernetSearch, rows: List[Dict]):
     """The Optuna study (NSGA-II unless the space asks for random sampling: TPE's cost per sample grows
     with the history), with the journaled candidates told again; and the space's suggest function."""
-    directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
-    sampler = "random" if space.budget.sampler == "random" else "nsga2"
-    budget = dataclasses.replace(space.budget, trials=options.candidates, sampler=sampler)
-    study = optuna.create_study(directions=directions, sampler=make_sampler(budget, seed=budget.seed + len(rows)))
-    suggest = define_by_run(space)
+    study, suggest = _new_study(space, options, len(rows)), define_by_run(space)
     for row in rows:
         fixed = optuna.trial.FixedTrial(row["config"])
         suggest(fixed)
@@ -229,6 +228,30 @@ def _study(space, options: SupernetSearch, rows: List[Dict]):
             params=fixed.params, distributions=fixed.distributions, values=row.get("values"),
             state=optuna.trial.TrialState.COMPLETE if row.get("values") else optuna.trial.TrialState.FAIL))
     return study, suggest
+
+
+def _new_study(space, options: SupernetSearch, seed_offset: int):
+    """An empty study of the space's objectives, its sampler seeded ``seed_offset`` past the space's seed."""
+    directions = ["maximize" if d == "max" else "minimize" for d in space.objectives.values()]
+    budget = dataclasses.replace(space.budget, trials=options.candidates,
+                                 sampler="random" if space.budget.sampler == "random" else "nsga2")
+    return optuna.create_study(directions=directions, sampler=make_sampler(budget, seed=budget.seed + seed_offset))
+
+
+def _rolled(study, space, options: SupernetSearch, seed_offset: int):
+    """A fresh study carrying the old one's elites: NSGA-II's survivors for its next generation, told as the
+    new study's generation 0 so evolution goes on from them. (Optuna's NSGA-II scans every trial of its study
+    on each ask: past a few thousand trials asking costs more than scoring a candidate with the predictor.)"""
+    sampler = study.sampler
+    select, key = getattr(sampler, "select_parent", None), getattr(sampler, "_get_generation_key", None)
+    trials = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+    generation = max((t.system_attrs.get(key(), -1) for t in trials), default=-1) if key else -1
+    elites = select(study, generation + 1) if select and generation >= 0 else []
+    fresh = _new_study(space, options, seed_offset)
+    for t in elites:
+        fresh.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, values=t.values,
+                                                  system_attrs={key(): 0}))
+    return fresh
 
 
 def _fit_predictor(space, rows: List[Dict], options: SupernetSearch, workers, log):

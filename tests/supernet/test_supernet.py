@@ -358,3 +358,30 @@ def test_candidates_of_one_deployed_structure_are_priced_once(task):
     for config in (base, {**base, "pruning.ratio": 0.7}, thinned):
         assert priced_metrics(s, config, task, cache=cache) == priced_metrics(s, config, task)
     assert len(cache) == 2
+
+
+def test_a_long_candidate_search_rolls_its_study_over_and_keeps_the_elites():
+    """Past STUDY_WINDOW trials the search asks a fresh study seeded with NSGA-II's survivors (asking a big
+    study scans all its trials), so evolution continues from them as generation 0."""
+    import optuna
+
+    from automl.search.supernet_search import SupernetSearch, _new_study, _rolled
+    from automl.spaces import define_by_run
+
+    s = space(objectives={"accuracy": "max", "macs": "min"}, budget={"seed": 0, "trials": 24})
+    options, suggest = SupernetSearch(candidates=24), define_by_run(s)
+    study = _new_study(s, options, 0)
+    for _ in range(40):
+        trial = study.ask()
+        suggest(trial)
+        study.tell(trial, [trial.params["arch.width"] / 16, trial.params["arch.depth"]])
+    fresh = _rolled(study, s, options, 40)
+    key = study.sampler._get_generation_key()
+    population = study.sampler._population_size
+    assert len(fresh.trials) == population and all(t.system_attrs[key] == 0 for t in fresh.trials)
+    best = max(t.values[0] - t.values[1] for t in study.trials)
+    assert max(t.values[0] - t.values[1] for t in fresh.trials) == best  # the best trade-off survives
+    child = fresh.ask()
+    suggest(child)
+    assert fresh._storage.get_trial(child._trial_id).system_attrs[key] == 1  # bred from the carried elites
+    assert isinstance(fresh.sampler, optuna.samplers.NSGAIISampler)
