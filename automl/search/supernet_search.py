@@ -189,7 +189,7 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
     study, suggest = _study(space, options, rows)
     predictor = _fit_predictor(space, rows, options, workers, log)
     began, last_log = time.time(), 0.0
-    pending: Dict = {}  # ref -> (worker, trial, config): every worker kept busy, no waiting for the slowest
+    pending: Dict = {}  # ref -> (worker, study, trial, config): every worker kept busy, none waits for the slowest
     idle = list(workers)
     with open(path, "a", encoding="utf-8") as journal:
         while len(rows) < options.candidates:
@@ -198,16 +198,16 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
                     study = _rolled(study, space, options, len(rows))
                 worker, trial = idle.pop(), study.ask()
                 config = _config(trial, suggest)
-                pending[worker.score.remote(config, predictor is not None)] = (worker, trial, config)
+                pending[worker.score.remote(config, predictor is not None)] = (worker, study, trial, config)
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            worker, trial, config = pending.pop(ref)
+            worker, owner, trial, config = pending.pop(ref)  # owner: the study that asked (see _rolled)
             idle.append(worker)
             metrics = ray.get(ref)
             values = objective_values(metrics, space, priced)
             row = {"number": len(rows), "config": config, "metrics": metrics, "values": values}
             journal.write(json.dumps(row, sort_keys=True, default=str) + "\n")
             journal.flush()
-            study.tell(trial, values) if values else study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            owner.tell(trial, values) if values else owner.tell(trial, state=optuna.trial.TrialState.FAIL)
             rows.append(row)
             predictor = predictor or _fit_predictor(space, rows, options, workers, log)
             if time.time() - last_log > 10 or len(rows) == options.candidates:

@@ -271,8 +271,11 @@ def test_supernet_search_scores_candidates_applies_the_front_and_resumes(trained
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_predictor_scores_most_candidates_and_its_front_is_measured_before_use(trained, tmp_path):
+def test_a_predictor_scores_most_candidates_and_its_front_is_measured_before_use(trained, tmp_path, monkeypatch):
+    from automl.search import supernet_search
     from automl.search.supernet_search import CANDIDATES, SupernetSearch, resume_supernet_search, run_supernet_search
+
+    monkeypatch.setattr(supernet_search, "STUDY_WINDOW", 30)  # the study rolls over twice, candidates in flight
 
     out, _ = trained
     s = space(supernet={"path": str(out)}, budget={"concurrency": 2, "seed": 0},
