@@ -194,7 +194,7 @@ def _phase_candidates(space, run_dir: Path, options: SupernetSearch, priced: boo
     with open(path, "a", encoding="utf-8") as journal:
         while len(rows) < options.candidates:
             while idle and len(rows) + len(pending) < options.candidates:
-                if len(study.trials) >= STUDY_WINDOW:
+                if len(study.get_trials(deepcopy=False)) >= STUDY_WINDOW:
                     study = _rolled(study, space, options, len(rows))
                 worker, trial = idle.pop(), study.ask()
                 config = _config(trial, suggest)
