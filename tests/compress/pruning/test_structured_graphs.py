@@ -148,6 +148,21 @@ class InvertedSE(nn.Module):
         return self.head(x)
 
 
+class MixConv(nn.Module):
+    """MixNet's mixed depthwise conv: the input split by sizes the module keeps in a Python list (a
+    thinned input would no longer sum to them), one depthwise kernel size per piece, concatenated."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.stem, self.sizes = cbr(3, c, 3, 2), [c // 2, c // 2]
+        self.mix = nn.ModuleList(cbr(n, n, k, groups=n) for n, k in zip(self.sizes, (3, 5)))
+        self.inner, self.head = cbr(c, 2 * c), Head(2 * c)
+
+    def forward(self, x):
+        pieces = torch.split(self.stem(x), self.sizes, dim=1)
+        return self.head(self.inner(torch.cat([m(p) for m, p in zip(self.mix, pieces)], 1)))
+
+
 GRAPHS = {"shuffle": ShuffleV2, "ghost": GhostNet, "grouped": Grouped, "dense": Dense, "inverted_se": InvertedSE}
 
 
@@ -223,6 +238,13 @@ def test_ghost_slice_that_cuts_channels_is_left_whole(task32):
     check(task32, handler, masked, thinned, handler.stats["mac_reduction"])
     assert "channel slice" in handler.stats["structured_skipped"]
     assert thinned.g3.primary[0].out_channels == 17 and thinned.last[0].in_channels == 33
+
+
+def test_split_by_stored_sizes_is_left_whole_not_a_crash(task32):
+    handler, masked, thinned = run(task32, MixConv(), ratio=0.5, round_to=1)
+    check(task32, handler, masked, thinned, handler.stats["mac_reduction"])
+    assert "differs from the masked one" in handler.stats["structured_skipped"]
+    assert thinned.stem[0].out_channels == 32 and thinned.inner[0].out_channels < 64
 
 
 def test_grouped_convs_stay_balanced_on_the_grid(task32):
