@@ -39,7 +39,7 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "dwconv": ("channels", "h", "w", "kernel", "stride", "padding", "bn", "act", *_WIDTHWISE),
     "linear": ("in_features", "out_features", "bn", "act"),
     "maxpool": _POOL, "avgpool": _POOL,         # ceil: PyTorch's ceil_mode
-    "gap": ("channels", "h", "w"),
+    "gap": ("channels", "h", "w", "reduce"),   # reduce: mean (global average pool) or max
     "add": ("channels", "h", "w", "act"),       # two full tensors (a residual), with its activation
     "mul": ("channels", "h", "w", "gate"),      # gate: 'channel' (a (C,1,1) tensor) or 'full'
     "act": ("channels", "h", "w", "act"),
@@ -53,6 +53,7 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "shuffle": ("channels", "groups", "h", "w"),  # view(N, g, C/g, H, W).transpose(1, 2).view(N, C, H, W)
 }
 OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpool": {"ceil": False},
+                                              "gap": {"reduce": "mean"},
                                               "pad": {"front": 0, "back": 0},
                                               "conv": dict.fromkeys(_WIDTHWISE, _SAME),
                                               "dwconv": dict.fromkeys(_WIDTHWISE, _SAME)}
@@ -60,7 +61,8 @@ OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpo
 CHANNEL_FIELDS: Dict[str, Tuple[str, ...]] = {
     op: tuple(f for f in fields if f in ("in_ch", "out_ch", "channels", "in_features", "out_features"))
     for op, fields in SHAPE_FIELDS.items()}
-_TEXT = {"act": ACTS, "gate": ("channel", "full"), "fn": ELTWISE_FNS, "operand": OPERANDS, "mode": PAD_MODES}
+_TEXT = {"act": ACTS, "gate": ("channel", "full"), "fn": ELTWISE_FNS, "operand": OPERANDS, "mode": PAD_MODES,
+         "reduce": ("mean", "max")}
 _BOOL = ("bn", "ceil")
 _NON_NEGATIVE = ("padding", "padding_w", "top", "bottom", "left", "right", "front", "back")
 

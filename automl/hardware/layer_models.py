@@ -124,7 +124,8 @@ def _pool(key: LayerKey, rand):
 
 @BUILDERS.register("gap")
 def _gap(key: LayerKey, rand):
-    return [helper.make_node("ReduceMean", ["input"], ["y"], axes=[2, 3], keepdims=1)], [], ["y"]
+    reduce = "ReduceMax" if key["reduce"] == "max" else "ReduceMean"
+    return [helper.make_node(reduce, ["input"], ["y"], axes=[2, 3], keepdims=1)], [], ["y"]
 
 
 @BUILDERS.register("add")
@@ -324,7 +325,7 @@ def layer_module(key: LayerKey) -> nn.Module:
     elif key.op == "avgpool":
         module = nn.AvgPool2d(f["kernel"], f["stride"], f["padding"], ceil_mode=f["ceil"])
     elif key.op == "gap":
-        module = nn.AdaptiveAvgPool2d(1)
+        module = nn.AdaptiveMaxPool2d(1) if f["reduce"] == "max" else nn.AdaptiveAvgPool2d(1)
     elif key.op == "bn":
         module = nn.BatchNorm2d(f["channels"])
     elif key.op == "act":

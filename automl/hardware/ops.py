@@ -50,7 +50,10 @@ def target_name(target) -> str:
         return f"method:{target}"
     if isinstance(target, type):
         return f"module:{target.__module__}.{target.__qualname__}"
-    return f"function:{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', repr(target))}"
+    name = getattr(target, "__qualname__", repr(target))
+    if "<locals>" in name:  # a generated wrapper (F.max_pool2d, F.adaptive_max_pool2d: boolean_dispatch's fn)
+        name = getattr(target, "__name__", name)
+    return f"function:{getattr(target, '__module__', None)}.{name}"
 
 
 def _register(registry: Registry, targets, fn) -> None:
@@ -193,10 +196,11 @@ def _standalone_act(ctx: Context, node: fx.Node) -> List[Layer]:
 # shape-only ops ------------------------------------------------------------------------------------
 # A view, reshape, flatten, squeeze or contiguous (after a transpose it is part of the shuffle
 # entry), dropout and identity run no kernel in the deployed graph (an ONNX Reshape only relabels
-# the buffer); their cost, if any, is left to the predictor's whole-model correction.
+# the buffer); their cost, if any, is left to the predictor's whole-model correction. An expand of an
+# attention vector to the map it gates is priced in the product that uses it (a mul of two full maps).
 @handles(nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
          nn.Identity, torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, getattr, "flatten", "view",
-         "view_as", "reshape", "reshape_as", "contiguous", "squeeze", "unsqueeze", "size")
+         "view_as", "reshape", "reshape_as", "contiguous", "squeeze", "unsqueeze", "size", "expand", "expand_as")
 def free(ctx: Context, node: fx.Node) -> List[Layer]:
     return []
 
@@ -255,9 +259,12 @@ def linear(ctx: Context, node: fx.Node) -> List[Layer]:
     return [Layer(ctx.make("linear", in_features=in_f, out_features=out_f, bn=bn, act=act), last, name)]
 
 
-@handles(nn.BatchNorm2d)
+@handles(nn.BatchNorm2d, nn.BatchNorm1d)
 def batchnorm(ctx: Context, node: fx.Node) -> List[Layer]:
-    c, h, w = chw(node.args[0])
+    """A BatchNorm not folded into the layer before it; a BatchNorm1d's (N, C) or (N, C, L) input is
+    priced as (C, 1, L)."""
+    dims = shape(node.args[0]) or ()
+    c, h, w = (dims[1], 1, dims[2]) if len(dims) == 3 else chw(node.args[0])
     return [Layer(ctx.make("bn", channels=c, h=h, w=w), node)]
 
 
@@ -292,26 +299,33 @@ def pool_function(ctx: Context, node: fx.Node) -> List[Layer]:
                  ceil, dilation)
 
 
-@handles(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+@handles(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d, nn.AdaptiveMaxPool2d, F.adaptive_max_pool2d)
 def adaptive_pool(ctx: Context, node: fx.Node) -> List[Layer]:
+    m = ctx.module(node)
+    is_max = isinstance(m, nn.AdaptiveMaxPool2d) or node.target is F.adaptive_max_pool2d
+    if is_max and (m.return_indices if m is not None else arg(node, 2, "return_indices", False)):
+        raise ctx.refuse(node, "an adaptive max pool that returns indices", True, "pool without return_indices")
     c, h, w = chw(node.args[0])
     gh, gw = shape(node)[2:]
     if (gh, gw) == (1, 1):
-        return [Layer(ctx.make("gap", channels=c, h=h, w=w), node)]
+        return [Layer(ctx.make("gap", channels=c, h=h, w=w, reduce="max" if is_max else "mean"), node)]
     if h % gh == 0 and w % gw == 0 and h // gh == w // gw:
-        # to a grid that divides the map: the plain average pool the ONNX export writes
+        # to a grid that divides the map: the plain pool the ONNX export writes
         k = h // gh
-        return [Layer(ctx.make("avgpool", channels=c, h=h, w=w, kernel=k, stride=k, padding=0), node)]
-    raise ConfigError("the profiler handles AdaptiveAvgPool2d to 1x1 or to a grid that divides the map evenly",
+        op = "maxpool" if is_max else "avgpool"
+        return [Layer(ctx.make(op, channels=c, h=h, w=w, kernel=k, stride=k, padding=0), node)]
+    raise ConfigError("the profiler handles adaptive pools to 1x1 or to a grid that divides the map evenly",
                       key=ctx.name(node), value=(gh, gw), fix="pool to 1, or to a divisor of the map")
 
 
-@handles(torch.mean, "mean")
+@handles(torch.mean, "mean", torch.amax, "amax")
 def mean(ctx: Context, node: fx.Node) -> List[Layer]:
-    """x.mean((2, 3)) is the global average pool (a ReduceMean, as the GAP's layer model)."""
+    """x.mean((2, 3)) / x.amax((2, 3)) are the global average / max pool (a ReduceMean / ReduceMax, as
+    the GAP's layer model)."""
     dims = arg(node, 1, "dim")
     rank = len(shape(node.args[0]) or ())
     if rank != 4 or not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3]:
-        raise ctx.refuse(node, "a mean over other dimensions than H and W", dims, "use x.mean((2, 3))")
+        raise ctx.refuse(node, "a reduction over other dimensions than H and W", dims, "reduce over (2, 3)")
     c, h, w = chw(node.args[0])
-    return [Layer(ctx.make("gap", channels=c, h=h, w=w), node)]
+    reduce = "max" if node.target in (torch.amax, "amax") else "mean"
+    return [Layer(ctx.make("gap", channels=c, h=h, w=w, reduce=reduce), node)]

@@ -85,7 +85,7 @@ def test_trace_cnn_fuses_conv_bn_relu():
                                 act="relu", kernel_w=-1, stride_w=-1, padding_w=-1)  # -1: square
     assert dict(first.shape) == {k: v for k, v in first.fields.items() if not k.endswith("_w")}
     assert (second["in_ch"], second["out_ch"], second["h"]) == (8, 16, 4)
-    assert gap.fields == dict(channels=16, h=4, w=4)
+    assert gap.fields == dict(channels=16, h=4, w=4, reduce="mean")
     assert head["in_features"] == 16 and head["act"] == "none"
 
 

@@ -105,6 +105,15 @@ CASES = {
                                  [("pad", dict(mode="reflect", top=1, left=1)), ("pad", dict(back=2, h=10))]),
     "functional_pools": (Lambda(lambda x: F.adaptive_avg_pool2d(F.max_pool2d(x, 2), 1)),
                          [("maxpool", dict(kernel=2, stride=2)), ("gap", dict(h=4))]),
+    # CBAM / DPN: average and max pooled channel attention, expanded back over the map it gates
+    "max_pooled_attention": (Lambda(lambda x: x * torch.sigmoid(
+        F.adaptive_max_pool2d(x, 1) + x.amax((2, 3), keepdim=True)).expand_as(x)),
+        [("gap", dict(reduce="max", channels=4, h=8)), ("mul", dict(gate="full"))]),
+    "adaptive_max_to_a_grid": (nn.Sequential(nn.AdaptiveMaxPool2d(2), Lambda(lambda x: F.adaptive_max_pool2d(x, 1))),
+                               [("maxpool", dict(kernel=4, stride=4)), ("gap", dict(reduce="max", h=2))]),
+    "functional_max_pool_is_not_average": (Lambda(lambda x: F.max_pool2d(x, 2)), [("maxpool", dict(kernel=2))]),
+    "batchnorm1d_head": (nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.BatchNorm1d(16), nn.ReLU()),
+                         [("linear", dict(in_features=256, out_features=16)), ("bn", dict(channels=16, h=1, w=1))]),
 }
 ACT_MODULES = {"hardswish": nn.Hardswish(), "hardsigmoid": nn.Hardsigmoid(), "swish": nn.SiLU(), "gelu": nn.GELU(),
                "gelu_tanh": nn.GELU("tanh"), "leaky_relu": nn.LeakyReLU(0.2), "prelu": nn.PReLU(8), "tanh": nn.Tanh(),
@@ -130,6 +139,9 @@ def test_elementwise_forms():
     broad = keys_of(CASES["broadcasts"][0])
     assert [(k["fn"], k["operand"]) for k in broad if k.op == "eltwise"] == [("sub", "channel"), ("mul", "spatial")]
     assert [k.op for k in broad].count("gap") == 1     # x.mean((2, 3)) is the global average pool
+    mean_pool = LayerKey.make("gap", channels=4, h=8, w=8)
+    assert mean_pool["reduce"] == "mean" and "reduce" not in mean_pool.id    # old profiles' keys unchanged
+    assert mean_pool.replace(reduce="max").id.endswith(",reduce=max")
 
 
 @pytest.mark.parametrize("act", sorted(ACT_MODULES))
