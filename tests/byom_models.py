@@ -111,6 +111,26 @@ class Shuffle(nn.Module):
         return self.head(self.g2(x).mean((2, 3)))
 
 
+class Attention(nn.Module):
+    """CBAM: channel attention from average- and max-pooled maps through one MLP, expanded over the map,
+    then a spatial gate from the max and mean over channels (onnxruntime's symbolic shape inference
+    cannot follow its exported graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = _cbr(1, 16), _cbr(16, 32)
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32))
+        self.avg, self.max, self.spatial = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1), nn.Conv2d(2, 1, 7, 1, 3)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        att = torch.sigmoid(self.mlp(self.avg(x)) + self.mlp(self.max(x)))
+        x = x * att.unsqueeze(2).unsqueeze(3).expand_as(x)
+        pooled = torch.cat((x.max(dim=1)[0].unsqueeze(1), x.mean(dim=1).unsqueeze(1)), dim=1)
+        return self.head((x * torch.sigmoid(self.spatial(pooled))).mean((2, 3)))
+
+
 class LinearOnly(nn.Module):
     def __init__(self):
         super().__init__()
@@ -122,7 +142,7 @@ class LinearOnly(nn.Module):
 
 
 GRAPHS = {"residual": Residual, "dense": Dense, "inverted_residual": InvertedResidual, "grouped": Grouped,
-          "se": SqueezeExcite, "shuffle": Shuffle, "linear": LinearOnly}
+          "se": SqueezeExcite, "shuffle": Shuffle, "attention": Attention, "linear": LinearOnly}
 
 
 def graph(kind: str) -> nn.Module:

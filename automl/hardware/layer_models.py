@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from automl.hardware.keys import window
 from automl.hardware.layers import LayerKey
 from automl.registry import Registry
-from automl.runtime.ort_quantize import quantize_dynamic_int8, quantize_static_qdq, quiet_root_logger
+from automl.runtime.ort_quantize import pre_process, quantize_dynamic_int8, quantize_static_qdq, quiet_root_logger
 
 OPSET = 17
 BUILDERS: Registry = Registry("layer model")     # op -> fn(key, rand) -> (nodes, initializers, outputs)
@@ -357,12 +357,10 @@ def quantize_onnx(src, dst, precision: str, calibration: List[np.ndarray], *, al
     ``alone``: the model is one layer cut out of a network. The quantizer leaves a lone pool in fp32
     because its input is not quantized; inside a quantized network it runs on int8 (QLinearAveragePool,
     int8 MaxPool), so the layer is forced to quantize as it would there."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     src, dst = Path(src), Path(dst)
     pre = dst.with_name(dst.stem + ".pre.onnx")
     with _quiet():
-        quant_pre_process(str(src), str(pre))
+        pre_process(src, pre)
         if precision == "int8_dynamic":  # as deployed: grouped convolutions stay float
             quantize_dynamic_int8(pre, dst, per_channel=True)
         elif precision == "int8_static":  # as int8_ptq deploys (its defaults: per channel, min/max, uint8)

@@ -20,6 +20,18 @@ class _Batches:
         return next(self._it, None)
 
 
+def pre_process(src, out) -> None:
+    """onnxruntime's quant_pre_process (shape inference + graph optimisation before quantizing).
+    Its symbolic shape inference fails on some exported graphs (a Reshape of a shape it cannot follow,
+    as in CBAM's spatial gate); ONNX's own shape inference is then enough for the quantizer."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(out))
+    except Exception:  # noqa: BLE001 -- any failure of the symbolic pass: retry without it
+        quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+
+
 def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
                         calibration_method: str = "minmax", nodes_to_quantize=None, nodes_to_exclude=(),
                         calibration_cache=None, force_quantize: bool = False) -> None:

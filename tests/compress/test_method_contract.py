@@ -1,5 +1,5 @@
 """Contract: every registered compression method, on a user model of every construct it may meet
-(residual, concat, depthwise, grouped, squeeze-excitation, channel shuffle, Linear-only), either
+(residual, concat, depthwise, grouped, squeeze-excitation, channel shuffle, CBAM attention, Linear-only), either
 compresses it into a deployable model or refuses with a ConfigError that names the key and the fix."""
 
 import pytest
@@ -14,7 +14,7 @@ from automl.validate import Where
 from repo_paths import BYOM_MODELS
 
 GRAPH = f"{BYOM_MODELS}:graph"
-KINDS = ("residual", "dense", "inverted_residual", "grouped", "se", "shuffle", "linear")
+KINDS = ("residual", "dense", "inverted_residual", "grouped", "se", "shuffle", "attention", "linear")
 EPOCHS = 2
 
 

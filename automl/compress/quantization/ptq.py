@@ -27,7 +27,8 @@ from automl.compress.base import KEEPS_SHAPE, Method, register_method
 from automl.compress.quantization.fallback import ParityProbe, describe, float_fallback
 from automl.configs import option
 from automl.runtime import Artifact, QuantInfo, int8_reduce_range
-from automl.runtime.ort_quantize import grouped_convs, quantize_dynamic_int8, quantize_static_qdq, quiet_root_logger
+from automl.runtime.ort_quantize import (grouped_convs, pre_process, quantize_dynamic_int8, quantize_static_qdq,
+                                         quiet_root_logger)
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,13 @@ class Int8PTQ(Method):
             return self._quantize(artifact, ctx)
 
     def _quantize(self, artifact: Artifact, ctx):
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         from automl.compress.quantization.pt2e import onnx_op_counts
 
         src = artifact.path
         pre = src.with_name(src.stem + ".pre.onnx")
         ranges = src.with_name(src.stem + ".ranges.json")
         out = src.with_name(src.stem + f".int8_{self.config.mode}.onnx")
-        quant_pre_process(str(src), str(pre))
+        pre_process(src, pre)
         ranges.unlink(missing_ok=True)  # ranges of another model would be read as this one's
         cfg = self.config
         notes = {}
