@@ -43,7 +43,10 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict:
 
     def hook(name):
         def record(module, inputs, output):
-            macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(module) // batch
+            # a conv subclass of a zoo may return several maps (octave convs: high and low frequency)
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            elems = sum(t.numel() for t in outputs if isinstance(t, torch.Tensor))
+            macs[name] = macs.get(name, 0) + elems * _macs_per_output(module) // batch
         return record
 
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -150,6 +150,19 @@ def test_count_macs_single_layers():
     assert count_macs(nn.Conv1d(2, 4, 3, padding=1), torch.zeros(1, 2, 10)) == 4 * 10 * 2 * 3
 
 
+class TwoMapConv(nn.Conv2d):
+    """An octave conv (pytorchcv): a Conv2d subclass returning two maps."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y, y[:, :, ::2, ::2]
+
+
+def test_count_macs_of_a_conv_returning_several_maps():
+    outputs = 4 * 4 * 4 + 4 * 2 * 2            # both maps' elements, each costing in_channels x kernel
+    assert count_macs(TwoMapConv(1, 4, 3, padding=1), torch.zeros(1, 1, 4, 4)) == outputs * 9
+
+
 def test_count_macs_keeps_mode_and_hooks():
     model = Tiny().train()
     count_macs(model, torch.zeros(1, 2, 5, 5))
