@@ -34,9 +34,12 @@ _POOL = ("channels", "h", "w", "kernel", "stride", "padding", "ceil")
 # SVD) gives the width's value in these; -1 (the default, left out of the key) means "as along the height".
 _WIDTHWISE = ("kernel_w", "stride_w", "padding_w")
 _SAME = -1
+# dilation (both directions; 1, the default, is left out of the key): an atrous conv's kernel spans
+# dilation * (kernel - 1) + 1 pixels with kernel x kernel MACs per output
+_CONV_EXTRA = (*_WIDTHWISE, "dilation")
 SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
-    "conv": ("in_ch", "out_ch", "h", "w", "kernel", "stride", "padding", "groups", "bn", "act", *_WIDTHWISE),
-    "dwconv": ("channels", "h", "w", "kernel", "stride", "padding", "bn", "act", *_WIDTHWISE),
+    "conv": ("in_ch", "out_ch", "h", "w", "kernel", "stride", "padding", "groups", "bn", "act", *_CONV_EXTRA),
+    "dwconv": ("channels", "h", "w", "kernel", "stride", "padding", "bn", "act", *_CONV_EXTRA),
     "linear": ("in_features", "out_features", "bn", "act"),
     "maxpool": _POOL, "avgpool": _POOL,         # ceil: PyTorch's ceil_mode
     "gap": ("channels", "h", "w", "reduce"),   # reduce: mean (global average pool) or max
@@ -55,8 +58,8 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
 OPTIONAL_FIELDS: Dict[str, Dict[str, Any]] = {"maxpool": {"ceil": False}, "avgpool": {"ceil": False},
                                               "gap": {"reduce": "mean"},
                                               "pad": {"front": 0, "back": 0},
-                                              "conv": dict.fromkeys(_WIDTHWISE, _SAME),
-                                              "dwconv": dict.fromkeys(_WIDTHWISE, _SAME)}
+                                              "conv": {**dict.fromkeys(_WIDTHWISE, _SAME), "dilation": 1},
+                                              "dwconv": {**dict.fromkeys(_WIDTHWISE, _SAME), "dilation": 1}}
 # Fields the predictor interpolates over (latency is close to linear in each of them).
 CHANNEL_FIELDS: Dict[str, Tuple[str, ...]] = {
     op: tuple(f for f in fields if f in ("in_ch", "out_ch", "channels", "in_features", "out_features"))
@@ -212,6 +215,8 @@ def out_hw(key: LayerKey) -> Tuple[int, int]:
     """Output height and width."""
     if key.op in ("conv", "dwconv", "maxpool", "avgpool"):
         (kh, kw), (sh, sw), (ph, pw) = window(key)
+        d = key["dilation"] if key.op in ("conv", "dwconv") else 1
+        kh, kw = d * (kh - 1) + 1, d * (kw - 1) + 1
         ceil = key.op in ("maxpool", "avgpool") and key["ceil"]
         return pool_size(key["h"], kh, sh, ph, ceil), pool_size(key["w"], kw, sw, pw, ceil)
     if key.op in ("gap", "linear"):

@@ -103,7 +103,7 @@ def _conv(key: LayerKey, rand):
     groups = f["groups"] if key.op == "conv" else cin
     kernel, stride, (ph, pw) = window(key)
     return ([helper.make_node("Conv", ["input", "w", "b"], ["y"], kernel_shape=list(kernel), strides=list(stride),
-                              pads=[ph, pw, ph, pw], group=groups)],
+                              pads=[ph, pw, ph, pw], group=groups, dilations=[f["dilation"]] * 2)],
             [_init("w", rand(cout, cin // groups, *kernel)), _init("b", rand(cout))], ["y"])
 
 
@@ -315,7 +315,7 @@ def layer_module(key: LayerKey) -> nn.Module:
         cin = f["in_ch"] if key.op == "conv" else f["channels"]
         cout = f["out_ch"] if key.op == "conv" else f["channels"]
         groups = f["groups"] if key.op == "conv" else cin
-        parts = [nn.Conv2d(cin, cout, *window(key), groups=groups, bias=not f["bn"])]
+        parts = [nn.Conv2d(cin, cout, *window(key), dilation=f["dilation"], groups=groups, bias=not f["bn"])]
         parts += [nn.BatchNorm2d(cout)] if f["bn"] else []
         module = nn.Sequential(*parts, _act_module(f["act"], cout))
     elif key.op == "linear":

@@ -211,24 +211,26 @@ def _conv(ctx: Context, node: fx.Node, weight: tuple, stride, padding, dilation,
     name, source = name or ctx.name(node), node.args[0]
     c, h, w = chw(source)
     out_ch, _, kh, kw = weight
-    if square(dilation, "dilation", name) != 1 or padding_mode != "zeros":
-        raise ConfigError("the profiler handles zero-padded, undilated convs only", key=name,
-                          value=(dilation, padding_mode), fix="use dilation=1 and padding_mode='zeros'")
+    if padding_mode != "zeros":
+        raise ConfigError("the profiler handles zero-padded convs only", key=name, value=padding_mode,
+                          fix="use padding_mode='zeros' (or a padding layer before the conv)")
+    dilation = square(dilation, "dilation", name)
     (sh, sw) = pair(stride, "stride", name)
     if padding == "valid":
         padding = 0
     elif padding == "same":
-        if (sh, sw) != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
+        span_h, span_w = dilation * (kh - 1), dilation * (kw - 1)
+        if (sh, sw) != (1, 1) or span_h % 2 or span_w % 2:
             raise ConfigError("padding='same' with an even kernel or a stride pads unevenly", key=name,
                               value=((kh, kw), (sh, sw)), fix="give the padding as a number")
-        padding = (kh // 2, kw // 2)
+        padding = (span_h // 2, span_w // 2)
     (ph, pw) = pair(padding, "padding", name)
     if source in ctx.folded_pads:      # onnxruntime fuses a zero Pad into the conv (PadFusion)
         source, extra = ctx.folded_pads[source]
         c, h, w = chw(source)
         ph, pw = ph + extra, pw + extra
     last, bn, act = ctx.fuse(node, bn=True)
-    geo = dict(kernel=kh, stride=sh, padding=ph, kernel_w=kw, stride_w=sw, padding_w=pw)
+    geo = dict(kernel=kh, stride=sh, padding=ph, kernel_w=kw, stride_w=sw, padding_w=pw, dilation=dilation)
     if groups == c == out_ch > 1:
         return [Layer(ctx.make("dwconv", channels=c, h=h, w=w, bn=bn, act=act, **geo), last, name)]
     return [Layer(ctx.make("conv", in_ch=c, out_ch=out_ch, h=h, w=w, groups=groups, bn=bn, act=act, **geo), last,

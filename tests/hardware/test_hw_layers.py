@@ -82,8 +82,8 @@ def test_trace_cnn_fuses_conv_bn_relu():
         ("head", "linear")]
     first, _, second, gap, head = (t.key for t in layers)
     assert first.fields == dict(in_ch=1, out_ch=8, h=8, w=8, kernel=3, stride=1, padding=1, groups=1, bn=True,
-                                act="relu", kernel_w=-1, stride_w=-1, padding_w=-1)  # -1: square
-    assert dict(first.shape) == {k: v for k, v in first.fields.items() if not k.endswith("_w")}
+                                act="relu", kernel_w=-1, stride_w=-1, padding_w=-1, dilation=1)  # -1: square
+    assert dict(first.shape) == {k: v for k, v in first.fields.items() if not k.endswith("_w") and k != "dilation"}
     assert (second["in_ch"], second["out_ch"], second["h"]) == (8, 16, 4)
     assert gap.fields == dict(channels=16, h=4, w=4, reduce="mean")
     assert head["in_features"] == 16 and head["act"] == "none"

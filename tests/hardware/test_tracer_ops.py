@@ -111,6 +111,10 @@ CASES = {
         [("gap", dict(reduce="max", channels=4, h=8)), ("mul", dict(gate="full"))]),
     "adaptive_max_to_a_grid": (nn.Sequential(nn.AdaptiveMaxPool2d(2), Lambda(lambda x: F.adaptive_max_pool2d(x, 1))),
                                [("maxpool", dict(kernel=4, stride=4)), ("gap", dict(reduce="max", h=2))]),
+    # atrous convs (DRN, BAM's spatial attention, DeepLab backbones)
+    "dilated_convs": (nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding="same", dilation=3, groups=8)),
+                      [("conv", dict(dilation=2, padding=2, h=8)), ("dwconv", dict(dilation=3, padding=3))]),
     "functional_max_pool_is_not_average": (Lambda(lambda x: F.max_pool2d(x, 2)), [("maxpool", dict(kernel=2))]),
     "batchnorm1d_head": (nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.BatchNorm1d(16), nn.ReLU()),
                          [("linear", dict(in_features=256, out_features=16)), ("bn", dict(channels=16, h=1, w=1))]),
@@ -139,6 +143,10 @@ def test_elementwise_forms():
     broad = keys_of(CASES["broadcasts"][0])
     assert [(k["fn"], k["operand"]) for k in broad if k.op == "eltwise"] == [("sub", "channel"), ("mul", "spatial")]
     assert [k.op for k in broad].count("gap") == 1     # x.mean((2, 3)) is the global average pool
+    atrous = LayerKey.make("conv", in_ch=4, out_ch=8, h=9, w=9, kernel=3, stride=2, padding=1, groups=1, bn=False,
+                           act="none", dilation=2)
+    assert out_hw(atrous) == tuple(nn.Conv2d(4, 8, 3, 2, 1, dilation=2)(torch.zeros(1, 4, 9, 9)).shape[2:])
+    assert layer_cost(atrous).macs == 8 * 4 * 4 * (4 * 3 * 3) and "dilation" not in atrous.replace(dilation=1).id
     mean_pool = LayerKey.make("gap", channels=4, h=8, w=8)
     assert mean_pool["reduce"] == "mean" and "reduce" not in mean_pool.id    # old profiles' keys unchanged
     assert mean_pool.replace(reduce="max").id.endswith(",reduce=max")
