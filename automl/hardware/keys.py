@@ -43,6 +43,7 @@ SHAPE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "linear": ("in_features", "out_features", "bn", "act"),
     "maxpool": _POOL, "avgpool": _POOL,         # ceil: PyTorch's ceil_mode
     "gap": ("channels", "h", "w", "reduce"),   # reduce: mean (global average pool) or max
+    "chreduce": ("channels", "h", "w", "reduce"),  # a max / mean over the channels (CBAM's spatial gate)
     "add": ("channels", "h", "w", "act"),       # two full tensors (a residual), with its activation
     "mul": ("channels", "h", "w", "gate"),      # gate: 'channel' (a (C,1,1) tensor) or 'full'
     "act": ("channels", "h", "w", "act"),
@@ -267,6 +268,8 @@ def layer_cost(key: LayerKey) -> LayerCost:
         return LayerCost(macs=0, weights=0, input_elems=inputs, output_elems=(c + key["front"] + key["back"]) * oh * ow)
     if key.op in ("cat", "split", "shuffle"):
         return LayerCost(macs=0, weights=0, input_elems=inputs, output_elems=inputs)
+    if key.op == "chreduce":
+        return LayerCost(macs=inputs, weights=0, input_elems=inputs, output_elems=oh * ow)
     weights = c if key.op == "act" and key["act"] == "prelu" else 0
     return LayerCost(macs=inputs, weights=weights, input_elems=inputs + _second_operand(key),
                      output_elems=c * oh * ow)

@@ -128,6 +128,12 @@ def _gap(key: LayerKey, rand):
     return [helper.make_node(reduce, ["input"], ["y"], axes=[2, 3], keepdims=1)], [], ["y"]
 
 
+@BUILDERS.register("chreduce")
+def _chreduce(key: LayerKey, rand):
+    reduce = "ReduceMax" if key["reduce"] == "max" else "ReduceMean"
+    return [helper.make_node(reduce, ["input"], ["y"], axes=[1], keepdims=1)], [], ["y"]
+
+
 @BUILDERS.register("add")
 def _add(key: LayerKey, rand):
     return [helper.make_node("Add", ["input", "input"], ["y"])], [], ["y"]
@@ -276,6 +282,15 @@ class _Elementwise(nn.Module):
         return self.act(y)
 
 
+class _ChannelReduce(nn.Module):
+    def __init__(self, reduce: str):
+        super().__init__()
+        self.reduce = reduce
+
+    def forward(self, x):
+        return x.amax(1, keepdim=True) if self.reduce == "max" else x.mean(1, keepdim=True)
+
+
 class _Data(nn.Module):
     """The data-movement ops as torch eager runs them (a split or a slice there is a view)."""
 
@@ -326,6 +341,8 @@ def layer_module(key: LayerKey) -> nn.Module:
         module = nn.AvgPool2d(f["kernel"], f["stride"], f["padding"], ceil_mode=f["ceil"])
     elif key.op == "gap":
         module = nn.AdaptiveMaxPool2d(1) if f["reduce"] == "max" else nn.AdaptiveAvgPool2d(1)
+    elif key.op == "chreduce":
+        module = _ChannelReduce(f["reduce"])
     elif key.op == "bn":
         module = nn.BatchNorm2d(f["channels"])
     elif key.op == "act":

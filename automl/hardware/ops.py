@@ -320,14 +320,18 @@ def adaptive_pool(ctx: Context, node: fx.Node) -> List[Layer]:
                       key=ctx.name(node), value=(gh, gw), fix="pool to 1, or to a divisor of the map")
 
 
-@handles(torch.mean, "mean", torch.amax, "amax")
-def mean(ctx: Context, node: fx.Node) -> List[Layer]:
+@handles(torch.mean, "mean", torch.amax, "amax", torch.max, "max")
+def reduction(ctx: Context, node: fx.Node) -> List[Layer]:
     """x.mean((2, 3)) / x.amax((2, 3)) are the global average / max pool (a ReduceMean / ReduceMax, as
-    the GAP's layer model)."""
+    the GAP's layer model); a mean or max over dim 1 (x.max(dim=1)[0]: CBAM's spatial gate) reduces
+    the channels of each pixel."""
     dims = arg(node, 1, "dim")
     rank = len(shape(node.args[0]) or ())
-    if rank != 4 or not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3]:
-        raise ctx.refuse(node, "a reduction over other dimensions than H and W", dims, "reduce over (2, 3)")
+    reduce = "mean" if node.target in (torch.mean, "mean") else "max"
+    over = sorted(d % 4 for d in dims) if isinstance(dims, (tuple, list)) else [dims % 4] \
+        if isinstance(dims, int) else None
+    if rank != 4 or over not in ([2, 3], [1]):
+        raise ctx.refuse(node, "a reduction over other dimensions than H and W, or the channels", dims,
+                         "reduce over (2, 3) or over dim 1")
     c, h, w = chw(node.args[0])
-    reduce = "max" if node.target in (torch.amax, "amax") else "mean"
-    return [Layer(ctx.make("gap", channels=c, h=h, w=w, reduce=reduce), node)]
+    return [Layer(ctx.make("gap" if over == [2, 3] else "chreduce", channels=c, h=h, w=w, reduce=reduce), node)]

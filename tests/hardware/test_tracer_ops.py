@@ -81,6 +81,18 @@ class SamePadConv(nn.Conv2d):
                         self.groups)
 
 
+class SpatialGate(nn.Module):
+    """CBAM's spatial attention (pytorchcv): max and mean over the channels, a 7x7 conv, a sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        pooled = torch.cat((x.max(dim=1)[0].unsqueeze(1), x.mean(dim=1).unsqueeze(1)), dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
 CASES = {
     # name: (model, expected (op, fields subset) of the keys the construct adds)
     "densenet_cat": (Lambda(lambda x: torch.cat([x, x[:, :2] * 2], 1)),
@@ -109,6 +121,10 @@ CASES = {
     "max_pooled_attention": (Lambda(lambda x: x * torch.sigmoid(
         F.adaptive_max_pool2d(x, 1) + x.amax((2, 3), keepdim=True)).expand_as(x)),
         [("gap", dict(reduce="max", channels=4, h=8)), ("mul", dict(gate="full"))]),
+    "cbam_spatial_gate": (SpatialGate(), [("chreduce", dict(reduce="max", channels=4)),
+                                          ("chreduce", dict(reduce="mean", channels=4)),
+                                          ("conv", dict(in_ch=2, out_ch=1, act="sigmoid")),
+                                          ("eltwise", dict(fn="mul", operand="spatial"))]),
     "adaptive_max_to_a_grid": (nn.Sequential(nn.AdaptiveMaxPool2d(2), Lambda(lambda x: F.adaptive_max_pool2d(x, 1))),
                                [("maxpool", dict(kernel=4, stride=4)), ("gap", dict(reduce="max", h=2))]),
     # atrous convs (DRN, BAM's spatial attention, DeepLab backbones)
@@ -207,6 +223,7 @@ def test_costs_of_new_ops_by_hand():
     (Lambda(lambda x: x.permute(0, 2, 3, 1)), "layer 'permute'.*transpose/permute"),
     (Lambda(lambda x: torch.cat([x, x], 2)), "layer 'cat'.*concatenation along dim 2"),
     (Lambda(lambda x: x[:, :, :4]), "layer 'getitem'.*indexing"),
+    (Lambda(lambda x: torch.max(x, x * 2)), "layer 'max'.*reduction over other dimensions"),
 ])
 def test_unpriceable_constructs_name_the_layer_and_the_fix(model, words):
     with pytest.raises(ConfigError, match=words) as err:
