@@ -326,6 +326,9 @@ def reduction(ctx: Context, node: fx.Node) -> List[Layer]:
     the GAP's layer model); a mean or max over dim 1 (x.max(dim=1)[0]: CBAM's spatial gate) reduces
     the channels of each pixel."""
     dims = arg(node, 1, "dim")
+    if isinstance(dims, fx.Node):  # torch.max(a, b)
+        raise ctx.refuse(node, "an elementwise maximum of two tensors", dims.name,
+                         "use torch.maximum inside a module with a registered handler, or profile without it")
     rank = len(shape(node.args[0]) or ())
     reduce = "mean" if node.target in (torch.mean, "mean") else "max"
     over = sorted(d % 4 for d in dims) if isinstance(dims, (tuple, list)) else [dims % 4] \
