@@ -29,7 +29,29 @@ def pre_process(src, out) -> None:
     try:
         quant_pre_process(str(src), str(out))
     except Exception:  # noqa: BLE001 -- any failure of the symbolic pass: retry without it
+        _remove_symbolic_leftovers()
         quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+
+
+SYMBOLIC_LEFTOVER = "sym_shape_infer_temp.onnx"
+
+
+def _remove_symbolic_leftovers() -> None:
+    """An incomplete symbolic shape inference saves its partial model, with its weights in a file
+    named at random, into the current directory: the user's. Remove both."""
+    import onnx
+
+    path = Path(SYMBOLIC_LEFTOVER)
+    if not path.is_file():
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location" and Path(entry.value).name == entry.value:
+                    Path(entry.value).unlink(missing_ok=True)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def quantize_static_qdq(src, out, batches, *, per_channel: bool = True, symmetric_activations: bool = False,
