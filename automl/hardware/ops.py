@@ -331,8 +331,11 @@ def reduction(ctx: Context, node: fx.Node) -> List[Layer]:
                          "use torch.maximum inside a module with a registered handler, or profile without it")
     rank = len(shape(node.args[0]) or ())
     reduce = "mean" if node.target in (torch.mean, "mean") else "max"
-    over = sorted(d % 4 for d in dims) if isinstance(dims, (tuple, list)) else [dims % 4] \
-        if isinstance(dims, int) else None
+    over = None  # the reduced dimensions, sorted
+    if isinstance(dims, (tuple, list)):
+        over = sorted(d % 4 for d in dims)
+    elif isinstance(dims, int):
+        over = [dims % 4]
     if rank != 4 or over not in ([2, 3], [1]):
         raise ctx.refuse(node, "a reduction over other dimensions than H and W, or the channels", dims,
                          "reduce over (2, 3) or over dim 1")
