@@ -170,10 +170,12 @@ def search(name, checkpoint, data, trials, epochs, out: Path):
 
     space = user_space(builder=BUILDER, checkpoint=str(checkpoint) if checkpoint else None, data=data,
                        max_drop=0.01 if checkpoint else None, epochs=epochs)
-    import dataclasses
+    from automl.spaces import parse_space
 
-    space = dataclasses.replace(space, model=dataclasses.replace(space.model, kwargs={"name": name}),
-                                budget=dataclasses.replace(space.budget, trials=trials))
+    # through the raw space, so the run's space.yaml (what `automl resume` reads) says the same
+    raw = {**space.raw, "model": {**space.raw["model"], "kwargs": {"name": name}},
+           "budget": {**space.raw.get("budget", {}), "trials": trials}}
+    space = parse_space(raw, space.source)
     started = time.time()
     outcome = run_search(space, out, force=True)
     picks = outcome.report.get("within_budget", {})
