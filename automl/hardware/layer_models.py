@@ -123,15 +123,12 @@ def _pool(key: LayerKey, rand):
 
 
 @BUILDERS.register("gap")
-def _gap(key: LayerKey, rand):
-    reduce = "ReduceMax" if key["reduce"] == "max" else "ReduceMean"
-    return [helper.make_node(reduce, ["input"], ["y"], axes=[2, 3], keepdims=1)], [], ["y"]
-
-
 @BUILDERS.register("chreduce")
-def _chreduce(key: LayerKey, rand):
+def _reduce(key: LayerKey, rand):
+    """A max / mean over H and W (gap) or over the channels (chreduce)."""
     reduce = "ReduceMax" if key["reduce"] == "max" else "ReduceMean"
-    return [helper.make_node(reduce, ["input"], ["y"], axes=[1], keepdims=1)], [], ["y"]
+    axes = [2, 3] if key.op == "gap" else [1]
+    return [helper.make_node(reduce, ["input"], ["y"], axes=axes, keepdims=1)], [], ["y"]
 
 
 @BUILDERS.register("add")

@@ -26,10 +26,12 @@ def pre_process(src, out) -> None:
     as in CBAM's spatial gate); ONNX's own shape inference is then enough for the quantizer."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    theirs = Path(SYMBOLIC_LEFTOVER).exists()  # a file of that name the user had is left alone
     try:
         quant_pre_process(str(src), str(out))
     except Exception:  # noqa: BLE001 -- any failure of the symbolic pass: retry without it
-        _remove_symbolic_leftovers()
+        if not theirs:
+            _remove_symbolic_leftovers()
         quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
 
 
