@@ -7,6 +7,7 @@ a ``needs`` attribute saying what it must be given, so a handler can dispatch on
 
   ``groups``          f(groups)                     l1, l2, fpgm
   ``groups+grads``    f(groups, grad_groups)        taylor, obd (given the diagonal Fisher)
+  ``incoming+outgoing`` f(incoming, outgoing)       similarity (per channel: weights in and out)
   ``activations``     f(activations (N, C, ...))    apoz, mean_activation
   ``bn_weight``       f(bn_weight (C,))             bn_scale
   ``count``           f(n, seed)                    random
@@ -94,6 +95,30 @@ def fpgm(groups: torch.Tensor) -> torch.Tensor:
     g = _check_groups(groups).float()
     dist = torch.cdist(g, g, compute_mode="donot_use_mm_for_euclid_dist")
     return dist.sum(dim=1)
+
+
+def pair_saliency(dist: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+    """[i, j] = power[j] * dist[i, j]: the cost of removing j into i; inf on the diagonal (never oneself)."""
+    return (dist * power[None, :]).fill_diagonal_(float("inf"))
+
+
+def squared_distances(w: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+@_criterion("similarity", "incoming+outgoing")
+def similarity(incoming: torch.Tensor, outgoing: torch.Tensor) -> torch.Tensor:
+    """min over i of <a_j^2> * ||w_j - w_i||^2 per channel j: the saliency of removing j and adding its
+    outgoing weights ``a_j`` to its nearest twin i (Srinivas & Babu 2015, data-free); ``incoming``
+    (C, F) and ``outgoing`` (C, G) rows per channel. Pruning by it folds each removed channel
+    (similarity.py)."""
+    w, a = _check_groups(incoming, "incoming").double(), _check_groups(outgoing, "outgoing").double()
+    if w.shape[0] != a.shape[0]:
+        raise ConfigError("similarity needs one incoming and one outgoing row per channel",
+                          value=(tuple(w.shape), tuple(a.shape)), fix="build both over the same channels")
+    if w.shape[0] < 2:
+        return torch.full((w.shape[0],), float("inf"))
+    return pair_saliency(squared_distances(w), a.pow(2).mean(1)).min(0).values.float()
 
 
 @_criterion("bn_scale", "bn_weight")

@@ -18,7 +18,9 @@ over what the side's masks zero (filter: producers' weights, biases and BN; chan
 gradients summed over ``calib_batches`` in eval mode; obd = sum(0.5 * F * w^2) over the same, F the
 diagonal Fisher (fisher.py); apoz/mean_activation on the rectified BN output
 of each producer, pooled over the group's producers; bn_scale = sum of |gamma| (groups without BN
-are left alone); random, seeded by the run's seed. ``allocation``, ``round_to`` and ``mac_reduction``:
+are left alone); random, seeded by the run's seed; similarity (data-free, Srinivas & Babu) ranks a
+channel by how closely another one duplicates it and folds each removed channel's outgoing weights
+into that twin (similarity.py; hard mode, thinned path only). ``allocation``, ``round_to`` and ``mac_reduction``:
 see allocation.py (the grid per group: groups.grid_step). Scoring lives in structured_scores.py.
 
 Third-party graphs (structured_checks.py, at prepare, before any training): a group Torch-Pruning
@@ -39,6 +41,7 @@ import torch.nn as nn
 
 from automl.compress.base import register_method
 from automl.compress.pruning.shapes import structured_shape
+from automl.compress.pruning.similarity import foldable, unit_twins
 from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs
 from automl.compress.pruning.base import PruningConfig, PruningMethod
 from automl.compress.pruning.channels import ChannelMaskSet, MacModel, _norm_after, _param, channel_keep, parity
@@ -110,7 +113,12 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         if needs in ("activations", "bn_weight") and not self.grouped and cfg.granularity not in ("filter", "row"):
             raise ConfigError(f"criterion {cfg.criterion} scores output channels", key="granularity",
                               value=cfg.granularity, fix="use granularity filter/row, or channel with thin: true")
+        if cfg.criterion == "similarity" and not (self.grouped and cfg.mode == "hard"):
+            raise ConfigError("criterion similarity folds each removed channel into its twin once: it needs "
+                              "thinned channels in hard mode", key="criterion", value=cfg.criterion,
+                              fix="use granularity filter/channel with thin: true and mode: hard, or another criterion")
         self.batches, self.skipped, self.last_keep, self.groups_skipped = None, [], {}, 0
+        self.merges, self.unfolded = 0, set()
         return super()._prepare(model, ctx)
 
     def _example(self):
@@ -221,9 +229,25 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
                 keep = keep_at(self.level(final, self._progress))
         else:
             keep = keep_at(shared)
+        if self.grouped and self.config.criterion == "similarity":
+            keep = self._fold_twins(keep, previous)
         if self.grouped:
             return self._producer_masks(keep)
         return {n: expand_mask(k, weights[n].shape, self.cut, self.block) for n, k in keep.items()}
+
+    def _fold_twins(self, keep, previous):
+        """similarity: each foldable unit loses as many channels as ``keep`` says, chosen greedily
+        and folded into their twins (similarity.py); other units keep the ranking's choice."""
+        out = dict(keep)
+        for u, unit in self.units.items():
+            g = unit["group"]
+            if g.blocks or foldable(g.members):
+                self.unfolded.add(u)
+                continue
+            chosen = unit_twins(g.members, g.channels, previous[u], int(keep[u].sum()))
+            out[u] = chosen["keep"]
+            self.merges += chosen["merges"]
+        return out
 
     def _keeper(self, scores, fixed, previous):
         """keep_at(level) -> {unit: keep mask}: the allocation on each unit's grid, intersected with
@@ -298,6 +322,8 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         if self.skipped:
             self.stats["structured_skipped"] = ", ".join(self.skipped)
         self.stats["structured_groups_skipped"] = self.groups_skipped
+        if cfg.criterion == "similarity":
+            self.stats.update({"similarity_merges": self.merges, "similarity_unfolded_groups": len(self.unfolded)})
         if cfg.mac_reduction:
             self.stats["mac_reduction_target"] = cfg.mac_reduction
         if not self.grouped:

@@ -14,6 +14,7 @@ from automl.compress.pruning.channels import _norm_after, _param, _slices
 from automl.compress.pruning.criteria import CRITERIA, ActivationStats
 from automl.compress.pruning.fisher import diagonal_fisher
 from automl.compress.pruning.granularity import group_view
+from automl.compress.pruning.similarity import incoming, outgoing
 from automl.compress.pruning.thinning import NORMS, PRUNABLE
 
 GRADIENT_CRITERIA = ("taylor", "obd")  # ranked with a tensor per parameter left in .grad
@@ -101,6 +102,8 @@ class StructuredScoring:
                         scores[u].index_add_(0, torch.tensor(r), _param(m, "weight").detach()[list(idx)].abs())
             elif crit == "random":
                 scores[u] = CRITERIA.get("random")(g.channels, seed=self.ctx.seed * 7919 + i)
+            elif crit == "similarity":
+                scores[u] = CRITERIA.get(crit)(incoming(g.members, g.channels), outgoing(g.members, g.channels))
             elif crit in GRADIENT_CRITERIA:  # over what the side's masks zero: producers' weights, biases, BN
                 members = side if self.side == "in" else [(m, "out", idx, r) for _, m, idx, r in unit["producers"]]
                 scores[u] = CRITERIA.get(crit)(*self._channel_matrix(g.channels, members, ("weight", "bias"), True))

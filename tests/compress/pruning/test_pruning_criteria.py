@@ -16,10 +16,11 @@ def t(rows):
 
 def test_registry_names_and_needs():
     assert CRITERIA.names() == sorted(["l1", "l2", "apoz", "mean_activation", "taylor", "random",
-                                       "bn_scale", "fpgm", "obd"])
+                                       "bn_scale", "fpgm", "obd", "similarity"])
     assert CRITERIA.get("l1") is l1_norm and CRITERIA.get("random") is random_scores
     assert CRITERIA.get("taylor").needs == "groups+grads" and CRITERIA.get("obd").needs == "groups+grads"
     assert CRITERIA.get("apoz").needs == "activations"
+    assert CRITERIA.get("similarity").needs == "incoming+outgoing"
     with pytest.raises(UnknownNameError, match="did you mean 'l1'"):
         CRITERIA.get("l1_")
 
