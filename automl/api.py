@@ -19,6 +19,7 @@ from typing import Optional
 import torch.nn as nn
 
 from automl.arch.user import class_name
+from automl.hardware.layer_costs import price_layers
 from automl.recipe.saved import apply_to_dir, load_model
 from automl.recipe.schema import Recipe
 from automl.tasks import LOADERS_TASK
@@ -54,7 +55,7 @@ def apply(recipe, out, *, model: Optional[nn.Module] = None, train_loader=None, 
     Recipes searched on objects need them again: ``model`` and the loaders."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     task = LoaderTask(train_loader, val_loader, test_loader) if train_loader is not None else None
-    return apply_to_dir(recipe, out, force=force, task=task, model=model)
+    return apply_to_dir(recipe, out, force=force, task=task, model=model, price_layers=price_layers)
 
 
 def load(directory, *, model: Optional[nn.Module] = None) -> nn.Module:

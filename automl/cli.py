@@ -101,13 +101,15 @@ def _summary(outcome):
 
 
 def cmd_apply(args) -> int:
+    from automl.hardware.layer_costs import price_layers
     from automl.recipe import Recipe
     from automl.recipe.saved import apply_to_dir
 
     recipe = Recipe.load(args.recipe)
     try:
         result, metrics = apply_to_dir(recipe, args.out, force=args.force, on_epoch=lambda e, m: print(
-            f"epoch {e + 1}/{recipe.train.epochs}: val accuracy {m['accuracy']:.4f}", flush=True))
+            f"epoch {e + 1}/{recipe.train.epochs}: val accuracy {m['accuracy']:.4f}", flush=True),
+            price_layers=price_layers)
     except ConfigError as exc:
         raise with_file(exc, args.recipe) from None
     print(json.dumps({k: v for k, v in result.metrics.items()}, indent=1, default=str))

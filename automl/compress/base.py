@@ -111,6 +111,9 @@ class ApplyContext:
     model: Any = None  # the trained model that was exported, set before the deploy calls
     # (spec, ctx, teacher_epochs) -> trained teacher; the recipe layer sets it (automl.recipe.teacher)
     load_teacher: Any = None
+    # (model, example, profile spec, 'latency' | 'energy') -> {layer name: cost}, for stages that weigh
+    # layers by their device cost; handed down by the callers of apply_recipe (automl.hardware.layer_costs)
+    price_layers: Any = None
 
 
 class Method:

@@ -170,21 +170,22 @@ def timed(seconds: Dict[str, float], phase: str):
 
 
 def apply_recipe(recipe: Recipe, work_dir, *, task=None, on_epoch: Optional[EpochCallback] = None,
-                 cache_dir=None) -> ApplyResult:
+                 cache_dir=None, price_layers=None) -> ApplyResult:
     """Rebuild, train, compress, export and measure. Files go to ``work_dir``; trained distillation
     teachers are cached in ``cache_dir`` (default ``work_dir/cache``). The metrics carry the wall
     seconds of each phase (``train_s``, ``export_s``, ``deploy_s``, ``measure_s``). Runs with the recipe's
-    torch threads; the caller's setting is restored after."""
+    torch threads; the caller's setting is restored after. ``price_layers`` (automl.hardware.layer_costs)
+    prices layers for stages that weigh them by a hardware profile."""
     with torch_threads(recipe.train.threads or recipe.deploy.threads):
-        return _apply(recipe, Path(work_dir), task, on_epoch, cache_dir)
+        return _apply(recipe, Path(work_dir), task, on_epoch, cache_dir, price_layers)
 
 
-def _apply(recipe: Recipe, work_dir: Path, task, on_epoch, cache_dir) -> ApplyResult:
+def _apply(recipe: Recipe, work_dir: Path, task, on_epoch, cache_dir, price_layers) -> ApplyResult:
     work_dir.mkdir(parents=True, exist_ok=True)
     check_stage_combination(s.method for s in recipe.stages)
     task = task if task is not None else recipe_task(recipe)
     ctx = ApplyContext(task=task, work_dir=work_dir, epochs=recipe.train.epochs, seed=recipe.train.seed,
-                       threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir)
+                       threads=recipe.deploy.threads, recipe=recipe, cache_dir=cache_dir, price_layers=price_layers)
     seconds: Dict[str, float] = {}
     with timed(seconds, "train_s"):
         model, handlers = train_with_stages(recipe, task, ctx, on_epoch)

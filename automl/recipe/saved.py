@@ -91,7 +91,8 @@ def save_result(recipe: Recipe, result: ApplyResult, out: Path, task) -> dict:
     return metrics
 
 
-def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, task=None, model=None):
+def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, task=None, model=None,
+                 price_layers=None):
     """``automl apply``: replay ``recipe`` into ``out`` and save everything there. ``model`` is the
     model object a recipe from the Python API was searched on; ``task`` replaces the recipe's task."""
     out = check_output(Path(out), force)
@@ -104,7 +105,7 @@ def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, tas
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        result = apply_recipe(recipe, staging, task=task, on_epoch=on_epoch)
+        result = apply_recipe(recipe, staging, task=task, on_epoch=on_epoch, price_layers=price_layers)
         metrics = save_result(recipe, result, staging, task)
         if out.exists():
             shutil.rmtree(out)

@@ -77,11 +77,12 @@ class Evaluator:
     def apply(self, config: Dict, trial_id: str) -> Dict:
         import tempfile
 
+        from automl.hardware.layer_costs import price_layers
         from automl.recipe import apply_recipe, recipe_from_config
 
         recipe = recipe_from_config(self.space, config, provenance={"trial_id": trial_id})
         with tempfile.TemporaryDirectory(prefix=f"automl-{trial_id}-") as tmp:
-            return apply_recipe(recipe, Path(tmp), task=self.task).metrics
+            return apply_recipe(recipe, Path(tmp), task=self.task, price_layers=price_layers).metrics
 
 
 def objective_values(metrics: Dict, space, priced: bool) -> Optional[List[float]]:

@@ -12,6 +12,7 @@ from ray import tune
 
 from automl.recipe.teacher import teacher_entries
 from automl.errors import MeasurementError
+from automl.hardware.layer_costs import price_layers
 from automl.recipe import apply_recipe, recipe_from_config
 from automl.runtime import warm_onnx_exporter
 from automl.search.baseline import relative_metrics
@@ -82,7 +83,8 @@ def _trial(recipe, space, task, costing, baseline, work, cache, send):
         if epoch + 1 < recipe.train.epochs:
             send({**metrics, "epoch": epoch + 1, "final": False})
 
-    result = apply_recipe(recipe, work / "apply", task=task, on_epoch=on_epoch, cache_dir=cache)
+    result = apply_recipe(recipe, work / "apply", task=task, on_epoch=on_epoch, cache_dir=cache,
+                          price_layers=price_layers)
     metrics = dict(result.metrics)
     if costing is not None:
         metrics = costing.trial_metrics(metrics, result.model, result.artifact,

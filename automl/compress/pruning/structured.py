@@ -77,6 +77,10 @@ class StructuredPruningConfig(PruningConfig):
                            "(onnxruntime's CPU kernels use blocks of 8/16 channels; 1 = no rounding)")
     layer_sensitivity: Dict[str, float] = option({}, low=0.0, doc="energy allocation: per-layer sensitivity, e.g. "
                                                  "the accuracy drop at a probe level; sensitive layers lose less")
+    cost: str = option("macs", choices=("macs", "latency", "energy"), doc="energy allocation: what a group costs -- "
+                       "its layers' MACs, or their latency / energy priced by `profile`")
+    profile: str = option("auto", doc="cost latency/energy: the hardware profile YAML that prices the layers "
+                          "('auto': the shipped profile measured on this CPU)")
     calib_batches: int = option(4, low=1, high=10_000, doc="training batches of 128 for taylor/apoz/mean_activation "
                                 "(obd: as many samples in batches of 16)")
 
@@ -117,6 +121,9 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
             raise ConfigError("criterion similarity folds each removed channel into its twin once: it needs "
                               "thinned channels in hard mode", key="criterion", value=cfg.criterion,
                               fix="use granularity filter/channel with thin: true and mode: hard, or another criterion")
+        if cfg.cost != "macs" and cfg.allocation != "energy":
+            raise ConfigError(f"cost {cfg.cost} weighs the groups of the energy allocation only", key="cost",
+                              value=cfg.cost, fix="set allocation: energy, or leave cost at macs")
         self.batches, self.skipped, self.last_keep, self.groups_skipped = None, [], {}, 0
         self.merges, self.unfolded = 0, set()
         return super()._prepare(model, ctx)
@@ -222,7 +229,7 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         if hard:  # what is pruned goes first: rankings stay nested across events
             scores = {u: s.float().masked_fill(~previous[u], float("-inf")) for u, s in scores.items()}
         fixed, shared = self._levels(levels)
-        keep_at = self._keeper(scores, fixed, previous if hard else None)
+        keep_at = self._keeper(model, scores, fixed, previous if hard else None)
         if self.config.mac_reduction:
             keep, final, _ = self._keep_for_target(scores, keep_at)
             if self._progress < 1.0:
@@ -249,11 +256,11 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
             self.merges += chosen["merges"]
         return out
 
-    def _keeper(self, scores, fixed, previous):
+    def _keeper(self, model, scores, fixed, previous):
         """keep_at(level) -> {unit: keep mask}: the allocation on each unit's grid, intersected with
         ``previous`` (hard mode: nothing comes back)."""
         cfg = self.config
-        costs = self._costs() if cfg.allocation == "energy" else None
+        costs = self._costs(model) if cfg.allocation == "energy" else None
         sensitivity = self._sensitivity() if cfg.allocation == "energy" else None
 
         def keep_at(level):
@@ -283,12 +290,25 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
     def _unit_layers(self, unit):
         return self.units[unit]["layers"] if self.grouped else [unit]
 
-    def _costs(self):
+    def _costs(self, model):
+        """{unit: cost}: the MACs (or, with ``cost`` latency/energy, the profile's price) of its layers."""
+        per_layer = self.layer_macs if self.config.cost == "macs" else self._priced(model)
         if not self.grouped:
-            return {n: self.layer_macs.get(n, 0) for n in self.units}
-        return {u: sum(self.layer_macs.get(n, 0) for n in {**dict.fromkeys(unit["group"].outputs),
-                                                             **dict.fromkeys(unit["group"].inputs)})
+            return {n: per_layer.get(n, 0) for n in self.units}
+        return {u: sum(per_layer.get(n, 0) for n in {**dict.fromkeys(unit["group"].outputs),
+                                                      **dict.fromkeys(unit["group"].inputs)})
                 for u, unit in self.units.items()}
+
+    def _priced(self, model) -> Dict[str, float]:
+        """The layers' latency or energy from the profile, once (the dense shapes: masks change no shape)."""
+        if getattr(self, "_prices", None) is None:
+            price = getattr(self.ctx, "price_layers", None)
+            if price is None:
+                raise ConfigError(f"cost {self.config.cost} is priced by a hardware profile through a recipe",
+                                  key="cost", value=self.config.cost,
+                                  fix="run the stage through automl apply / search, or use cost: macs")
+            self._prices = price(model, self._example(), self.config.profile, self.config.cost)
+        return self._prices
 
     def _unit_keep(self, unit, masks) -> torch.Tensor:
         keep = torch.ones(unit["group"].channels, dtype=torch.bool)

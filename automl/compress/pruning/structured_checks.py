@@ -63,7 +63,7 @@ class GroupChecks:
         """Before any training: the MAC target must be reachable at the deepest level (0.9 per group)."""
         scores = (self._group_scores(model) if self.config.allocation == "global"
                   else {u: torch.zeros(unit["group"].channels) for u, unit in self.units.items()})
-        keep_at = self._keeper(scores, self._levels(self.final_levels)[0], None)
+        keep_at = self._keeper(model, scores, self._levels(self.final_levels)[0], None)
         self._keep_for_target(scores, keep_at, check_only=True)
 
     def _keep_for_target(self, scores, keep_at, check_only: bool = False):
