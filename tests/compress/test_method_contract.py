@@ -91,7 +91,7 @@ def test_method_builds_its_deployed_shape_or_refuses(method, task):
     assert out.shape == (2, task.num_classes)
     # the methods that change shapes say what they did; the rest leave the model as it was
     changed = {"structured": "thinned_ratio", "layer": "removed_blocks", "exits": "exit_after",
-               "lowrank": "lowrank_layers"}
+               "lowrank": "lowrank_layers", "ghost": "ghost_layers"}
     assert set(notes) == ({changed[method]} if method in changed else set())
 
 
