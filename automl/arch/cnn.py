@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from automl.arch import register_arch
+from automl.arch.ghost import conv_or_ghost
 from automl.configs import option
 
 
@@ -18,6 +19,8 @@ class CNNParams:
                           doc="how every other block halves the resolution")
     growth: float = option(2.0, low=1.0, high=4.0, doc="channel multiplier at each downsampling")
     dropout: float = option(0.0, low=0.0, high=1.0, high_open=True, doc="dropout before the head")
+    ghost: int = option(1, low=1, high=8, doc="1: plain convolutions; r > 1: ghost modules (GhostNet) that "
+                        "compute 1/r of each conv's maps and make the rest with cheap 3x3 depthwise filters")
 
 
 class CNN(nn.Module):
@@ -41,7 +44,7 @@ def build_cnn(p: CNNParams, input_shape, num_classes: int) -> nn.Module:
         down = p.pooling != "none" and i % 2 == 0 and size > 2
         out_ch = max(1, int(round(width)))
         stride = 2 if down and p.pooling == "stride" else 1
-        layers += [nn.Conv2d(in_ch, out_ch, p.kernel, stride=stride, padding=p.kernel // 2, bias=False),
+        layers += [conv_or_ghost(in_ch, out_ch, p.kernel, p.ghost, stride=stride, padding=p.kernel // 2),
                    nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
         if down and p.pooling in ("max", "avg"):
             layers.append(nn.MaxPool2d(2) if p.pooling == "max" else nn.AvgPool2d(2))

@@ -1,7 +1,8 @@
 """A ResNet-style residual CNN for small inputs: stem, stages of BasicBlocks, optional SE, GAP + Linear.
 
 Layer names are stable for addressing: ``stem.conv``, ``stages.<s>.<b>.conv1|bn1|conv2|bn2``,
-``stages.<s>.<b>.shortcut.conv|bn`` (projection only), ``stages.<s>.<b>.se.fc1|fc2`` and ``head``.
+``stages.<s>.<b>.shortcut.conv|bn`` (projection only), ``stages.<s>.<b>.se.fc1|fc2`` and ``head``; with
+``ghost`` > 1 a convolution ``X`` is a ghost module, ``X.primary`` and ``X.cheap``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from automl.arch import register_arch
 from automl.arch.common import StemStagesNet
+from automl.arch.ghost import conv_or_ghost
 from automl.configs import option
 
 
@@ -22,11 +24,14 @@ class ResNetParams:
     blocks: int = option(2, low=1, high=8, doc="BasicBlocks per stage")
     se: bool = option(False, doc="squeeze-excitation on every block's residual branch")
     se_reduction: int = option(4, low=1, high=64, doc="SE bottleneck = channels // se_reduction")
+    ghost: int = option(1, low=1, high=8, doc="1: plain convolutions; r > 1: the stem and block convolutions "
+                        "are ghost modules (GhostNet) computing 1/r of their maps, the rest from cheap 3x3 "
+                        "depthwise filters")
 
 
-def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
+def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, ghost: int = 1) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        conv=conv_or_ghost(in_ch, out_ch, kernel, ghost, stride=stride, padding=kernel // 2),
         bn=nn.BatchNorm2d(out_ch)))
 
 
@@ -47,12 +52,12 @@ class SqueezeExcite(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, se: bool, se_reduction: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, se: bool, se_reduction: int, ghost: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = conv_or_ghost(in_ch, out_ch, 3, ghost, stride=stride, padding=1)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.conv2 = conv_or_ghost(out_ch, out_ch, 3, ghost, padding=1)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.se = SqueezeExcite(out_ch, se_reduction) if se else nn.Identity()
         # A projection only where the identity cannot match shape (stride or channel change).
@@ -71,7 +76,7 @@ class ResNet(StemStagesNet):
 @register_arch("resnet", ResNetParams)
 def build_resnet(p: ResNetParams, input_shape, num_classes: int) -> nn.Module:
     in_ch, size = input_shape[0], min(input_shape[1:])
-    stem = conv_bn(in_ch, p.width, 3)
+    stem = conv_bn(in_ch, p.width, 3, ghost=p.ghost)
     stem.add_module("relu", nn.ReLU(inplace=True))
     stages, ch = [], p.width
     for s in range(p.stages):
@@ -81,7 +86,7 @@ def build_resnet(p: ResNetParams, input_shape, num_classes: int) -> nn.Module:
         size = (size + 1) // 2 if stride == 2 else size
         blocks = []
         for b in range(p.blocks):
-            blocks.append(BasicBlock(ch, out_ch, stride if b == 0 else 1, p.se, p.se_reduction))
+            blocks.append(BasicBlock(ch, out_ch, stride if b == 0 else 1, p.se, p.se_reduction, p.ghost))
             ch = out_ch
         stages.append(nn.Sequential(*blocks))
     return ResNet(stem, nn.Sequential(*stages), ch, num_classes)

@@ -13,28 +13,16 @@ than they save, so the deployed latency is measured like every other method's.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from automl.arch.ghost import GhostConv, ghost_conv
+
 MAX_ROWS = 50_000  # output positions used by the least-squares fit of one layer
 RIDGE = 1e-4       # relative ridge on the fit's normal equations
-
-
-class GhostConv(nn.Module):
-    """``cat(primary(x), cheap(primary(x)))[:, :out_channels]``."""
-
-    def __init__(self, primary: nn.Conv2d, cheap: nn.Conv2d, out_channels: int):
-        super().__init__()
-        self.primary, self.cheap, self.out_channels = primary, cheap, out_channels
-
-    def forward(self, x):
-        p = self.primary(x)
-        out = torch.cat([p, self.cheap(p)], 1)
-        return out if out.shape[1] == self.out_channels else out[:, :self.out_channels]
 
 
 def unsupported(conv: nn.Module, ratio: int) -> Optional[str]:
@@ -53,18 +41,17 @@ def unsupported(conv: nn.Module, ratio: int) -> Optional[str]:
 def build_ghost(conv: nn.Conv2d, ratio: int, dw_kernel: int) -> GhostConv:
     """A ghost module of ``conv``'s shape: the primary convolution holds the trained filters of the
     first m channels; the cheap filters start at zero (``fit_cheap`` sets them)."""
-    m = math.ceil(conv.out_channels / ratio)
-    primary = nn.Conv2d(conv.in_channels, m, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                        bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
-    cheap = nn.Conv2d(m, m * (ratio - 1), dw_kernel, 1, dw_kernel // 2, groups=m, bias=True).to(
-        conv.weight.device, conv.weight.dtype)
+    ghost = ghost_conv(conv.in_channels, conv.out_channels, conv.kernel_size, ratio, stride=conv.stride,
+                       padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                       dw_kernel=dw_kernel).to(conv.weight.device, conv.weight.dtype)
+    m = ghost.primary.out_channels
     with torch.no_grad():
-        primary.weight.copy_(conv.weight[:m])
+        ghost.primary.weight.copy_(conv.weight[:m])
         if conv.bias is not None:
-            primary.bias.copy_(conv.bias[:m])
-        cheap.weight.zero_()
-        cheap.bias.zero_()
-    return GhostConv(primary, cheap, conv.out_channels)
+            ghost.primary.bias.copy_(conv.bias[:m])
+        ghost.cheap.weight.zero_()
+        ghost.cheap.bias.zero_()
+    return ghost
 
 
 @torch.no_grad()
