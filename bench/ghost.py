@@ -1,5 +1,6 @@
-"""Ghost modules (`ghost`, GhostNet's cheap feature maps) made from trained convolutions, against the
-dense model and against `structured` pruning at about the same MACs, in one run.
+"""Ghost modules (GhostNet's cheap feature maps): the `ghost` method on trained convolutions and the
+families' `ghost` option trained from scratch, against the dense model and against `structured`
+pruning at about the same MACs, in one run.
 
 Every row applies the same recipe (same seed, same epochs): train, replace (or thin) at
 ``--prune-epoch``, fine-tune the remaining epochs. The deployed models (onnxruntime, 1 thread) are timed
@@ -31,8 +32,9 @@ MODELS = {
     "digits CNN w64 d4": {"family": "cnn", "width": 64, "depth": 4, "kernel": 3, "pooling": "stride"},
     "digits ResNet w16": {"family": "resnet", "width": 16, "stages": 3, "blocks": 2},
 }
-ROWS = {  # row -> stage (None: the dense model)
+ROWS = {  # row -> stage (None: the dense model; "arch": the family's ghost option, trained from scratch)
     "dense": None,
+    "ghost architecture (ghost: 2), from scratch": ("arch", {"ghost": 2}),
     "ghost, ratio 2": ("ghost", {"ratio": 2}),
     "ghost, ratio 3": ("ghost", {"ratio": 3}),
     "structured 1.9x MACs (l1, 16-channel grid)": ("structured", {"mac_reduction": 1.9, "criterion": "l1"}),
@@ -41,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(model: str, row: str, seed: int, args, work: Path) -> dict:
-    stage = ROWS[row]
+    stage, arch = ROWS[row], MODELS[model]
+    if stage is not None and stage[0] == "arch":
+        stage, arch = None, {**arch, **stage[1]}
     stages = [] if stage is None else [{"method": stage[0], "start_epoch": args.prune_epoch,
                                         "config": {**stage[1], "finetune_epochs": args.epochs - args.prune_epoch}}]
-    recipe = Recipe.from_dict({"version": 1, "task": "digits", "arch": MODELS[model],
+    recipe = Recipe.from_dict({"version": 1, "task": "digits", "arch": arch,
                                "train": {"epochs": args.epochs, "lr": 0.005, "seed": seed}, "stages": stages})
     m = apply_recipe(recipe, work, task=get_task("digits")).metrics
     return {"val": m["accuracy"], "test": m["test_accuracy"], "macs": m["macs"], "params": m["params"],
