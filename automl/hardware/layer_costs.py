@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch.nn as nn
 
@@ -35,13 +35,15 @@ def _profile(spec: str) -> HardwareProfile:
     return choice.profile
 
 
-def price_layers(model: nn.Module, example, spec: str, cost: str) -> Dict[str, float]:
+def price_layers(model: nn.Module, example, spec: str, cost: str, *,
+                 auto: Optional[HardwareProfile] = None) -> Dict[str, float]:
     """{module name: latency_ms or energy_mj} of every costed layer of ``model`` on ``example``, in fp32,
-    from the profile ``spec`` (a path, or 'auto' for the shipped profile of this CPU). A layer the
-    profile cannot price is a ProfileError naming it and the command that profiles the model."""
+    from the profile ``spec``: a path, or 'auto' -- ``auto`` when given (a search's own profile), else
+    the shipped profile of this CPU. A layer the profile cannot price is a ProfileError naming it and
+    the command that profiles the model."""
     if cost not in COSTS:
         raise ConfigError("a profile prices latency or energy", key="cost", value=cost, fix="use latency or energy")
-    profile = _profile(spec)
+    profile = auto if spec == "auto" and auto is not None else _profile(spec)
     out: Dict[str, float] = {}
     for layer in trace_layers(model, example[:1], "fp32"):
         price = price_layer(profile, layer.key)

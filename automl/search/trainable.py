@@ -83,8 +83,10 @@ def _trial(recipe, space, task, costing, baseline, work, cache, send):
         if epoch + 1 < recipe.train.epochs:
             send({**metrics, "epoch": epoch + 1, "final": False})
 
+    # a stage's `profile: auto` is the profile this search prices its trials with
+    pricer = price_layers if costing is None else functools.partial(price_layers, auto=costing.profile)
     result = apply_recipe(recipe, work / "apply", task=task, on_epoch=on_epoch, cache_dir=cache,
-                          price_layers=price_layers)
+                          price_layers=pricer)
     metrics = dict(result.metrics)
     if costing is not None:
         metrics = costing.trial_metrics(metrics, result.model, result.artifact,

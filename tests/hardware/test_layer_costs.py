@@ -29,6 +29,18 @@ def test_every_layer_is_priced_from_the_profile(task):
     assert set(latency) == set(energy) and all(energy[n] > 0 for n in layers)
 
 
+def test_auto_is_the_searchs_own_profile_when_there_is_one(task):
+    from automl.hardware.profile import HardwareProfile
+
+    model, x = task.build_model("cnn", CNN), task.example_input(1)
+    other = str(SHIPPED_PROFILES[-1])
+    assert price_layers(model, x, other, "latency") != price_layers(model, x, PROFILE, "latency")  # two CPUs
+    assert price_layers(model, x, "auto", "latency", auto=HardwareProfile.load(other)) == \
+        price_layers(model, x, other, "latency")
+    assert price_layers(model, x, PROFILE, "latency", auto=HardwareProfile.load(other)) == \
+        price_layers(model, x, PROFILE, "latency")  # a named profile wins
+
+
 def test_a_layer_the_profile_lacks_names_it_and_the_fix(task):
     with pytest.raises(ProfileError, match="no entry for conv") as err:
         price_layers(task.build_model("resnet", {"width": 16}), task.example_input(1), PROFILE, "latency")

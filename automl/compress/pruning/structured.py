@@ -80,7 +80,7 @@ class StructuredPruningConfig(PruningConfig):
     cost: str = option("macs", choices=("macs", "latency", "energy"), doc="energy allocation: what a group costs -- "
                        "its layers' MACs, or their latency / energy priced by `profile`")
     profile: str = option("auto", doc="cost latency/energy: the hardware profile YAML that prices the layers "
-                          "('auto': the shipped profile measured on this CPU)")
+                          "('auto': the search's profile, else the shipped profile measured on this CPU)")
     calib_batches: int = option(4, low=1, high=10_000, doc="training batches of 128 for taylor/apoz/mean_activation "
                                 "(obd: as many samples in batches of 16)")
 
