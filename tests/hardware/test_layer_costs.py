@@ -89,9 +89,13 @@ def test_cost_from_a_profile_needs_the_energy_allocation_and_a_recipe(task):
     handler = StructuredPruning(StructuredPruningConfig(ratio=0.5, allocation="energy", cost="energy",
                                                        finetune_epochs=0), start_epoch=0)
     ctx = ApplyContext(task=task, work_dir=None, epochs=0, seed=0, steps_per_epoch=1)
-    model = handler.prepare(task.build_model("cnn", CNN), ctx)
-    with pytest.raises(ConfigError, match="through a recipe"):
-        handler.on_epoch_start(model, 0, ctx)
+    with pytest.raises(ConfigError, match="through a recipe"):  # at prepare: before any training
+        handler.prepare(task.build_model("cnn", CNN), ctx)
+    handler = StructuredPruning(StructuredPruningConfig(ratio=0.5, allocation="energy", cost="latency",
+                                                       profile="nowhere.yaml", finetune_epochs=0), start_epoch=3)
+    ctx = ApplyContext(task=task, work_dir=None, epochs=4, seed=0, steps_per_epoch=1, price_layers=price_layers)
+    with pytest.raises(ConfigError, match="profile not found"):
+        handler.prepare(task.build_model("cnn", CNN), ctx)
 
 
 def test_a_recipe_prices_its_groups_with_the_named_profile(task, tmp_path):

@@ -126,7 +126,10 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
                               value=cfg.cost, fix="set allocation: energy, or leave cost at macs")
         self.batches, self.skipped, self.last_keep, self.groups_skipped = None, [], {}, 0
         self.merges, self.unfolded = 0, set()
-        return super()._prepare(model, ctx)
+        model = super()._prepare(model, ctx)
+        if cfg.allocation == "energy" and cfg.cost != "macs":
+            self._priced(model)  # a missing profile or an unpriced layer fails now, before any training
+        return model
 
     def _example(self):
         task = getattr(self.ctx, "task", None)
