@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from automl.errors import AutoMLError, ConfigError, RunDirError
+from automl.errors import AutoMLError, RunDirError
 from automl.hardware.shipped import auto_profile
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_json, write_yaml
@@ -28,7 +28,8 @@ from automl.search.costing import Costing, load_costing, profile_report, restore
 from automl.search.interrupt import stop_on_signals
 from automl.search.journal import JOURNAL, Journal, teach_study
 from automl.search.strategy import SEQUENTIAL_PARAM, Phase, compression_phase, phase_of, phases
-from automl.search.shipping import check_worker_imports, search_modules, user_code_paths
+from automl.search.raystart import RayStart, _init_ray, check_reachable  # noqa: F401  (tests import the last two)
+from automl.search.shipping import check_worker_imports, search_modules
 from automl.search.teachers import space_has_teachers, start_store
 from automl.search.triallog import TrialLog
 from automl.search.outputs import front_rows, write_outputs
@@ -89,67 +90,12 @@ def _searcher(space: SearchSpace, finished: Optional[List[Dict]] = None) -> Pare
     return searcher
 
 
-def _init_ray(address: Optional[str], cpus: int, modules=()):
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # user paths stay valid inside trials
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog callback prints one line per trial
-    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # ... failures included, not 50 traceback lines
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Per-epoch reports carry accuracy only (for ASHA); deployed metrics come with the final report.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None  # as Ray's own tools do
-    if address:
-        check_reachable(address)
-    if not address:  # local workers import a user's model builder from where the driver runs
-        paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                  configure_logging=True)
-    shipped = user_code_paths(modules)
-    try:
-        if address:
-            ray.init(address=address, **kwargs, **({"runtime_env": {"py_modules": shipped}} if shipped else {}))
-        else:
-            ray.init(num_cpus=max(cpus, 1), **kwargs)
-    except Exception as exc:  # connection, auth (RAY_AUTH_MODE) ...
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise AutoMLError(f"could not start or reach {where}: {exc}. If the cluster uses token "
-                          "authentication, set both RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token>; "
-                          "check --address.") from None
-
-
 def _check_capacity(cpus: int):
     """A trial no node can hold would wait forever: say so now."""
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if largest < cpus:
         raise AutoMLError(f"budget.resources asks for {cpus} CPUs per trial, and the largest Ray node has "
                           f"{largest:g}, so no trial could start. Fix: lower budget.resources.cpu, or add bigger nodes")
-
-
-CONNECT_TIMEOUT_S = 30.0
-
-
-def check_reachable(address: str):
-    """Fail within AUTOML_CONNECT_TIMEOUT_S (default 30 s) when nothing listens at a host:port address;
-    Ray itself retries for many minutes."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    host = host.strip("[]")  # an IPv6 address: [::1]:6379
-    if not host or not port.isdigit():  # 'auto', 'local': Ray resolves these itself
-        return
-    try:
-        timeout = float(os.environ.get("AUTOML_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S))
-    except ValueError:
-        raise ConfigError("must be a number of seconds", key="AUTOML_CONNECT_TIMEOUT_S",
-                          value=os.environ["AUTOML_CONNECT_TIMEOUT_S"],
-                          fix="e.g. AUTOML_CONNECT_TIMEOUT_S=30") from None
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise AutoMLError(f"no Ray cluster answers at {address} (waited up to {timeout:g} s: {exc}). Fix: start the "
-                          "cluster ('ray start --head') or correct --address / RAY_ADDRESS; "
-                          "AUTOML_CONNECT_TIMEOUT_S sets the wait") from None
 
 
 def _ship_file_modules():
@@ -204,11 +150,12 @@ def _tuner(space: SearchSpace, run_dir: Path, task, *, finished: List[Dict], tri
 
 
 def _run(space: SearchSpace, run_dir: Path, *, address: Optional[str], costing: Optional[Costing] = None,
-         task=None, started: Optional[float] = None) -> SearchOutcome:
+         task=None, started: Optional[float] = None, starting: Optional[RayStart] = None) -> SearchOutcome:
+    """``starting``: Ray, already starting (run_search); else it starts after the task is built."""
     started = started or time.time()
     task = task if task is not None else space.build_task()  # fail fast, before Ray starts
     with stop_on_signals() as stopper:
-        return _search_and_write(space, run_dir, address, costing, task, stopper, started)
+        return _search_and_write(space, run_dir, address, costing, task, stopper, started, starting)
 
 
 def timing(started: float, ray_s: float, log: TrialLog, front_check_s: float = 0.0) -> Dict[str, float]:
@@ -225,17 +172,14 @@ def timing(started: float, ray_s: float, log: TrialLog, front_check_s: float = 0
         "overhead_share": overhead / max(wall, 1e-9)}.items()}
 
 
-def _run_trials(space: SearchSpace, run_dir: Path, address, task, journal: Journal, log: TrialLog, stopper,
-                costing, baseline) -> float:
-    """Starts Ray and runs the trials the journal lacks, phase by phase; returns Ray's start-up seconds."""
+def _run_trials(space: SearchSpace, run_dir: Path, starting: RayStart, modules, task, journal: Journal,
+                log: TrialLog, stopper, costing, baseline) -> float:
+    """Waits for Ray and runs the trials the journal lacks, phase by phase; returns Ray's start-up seconds."""
     finished = journal.read()
     if finished:
         print(f"automl: {len(finished)} of {space.budget.trials} trials already finished ({JOURNAL}); "
               f"running the other {space.budget.trials - len(finished)}", flush=True)
-    modules = search_modules(space, task)
-    ray_started = time.time()
-    _init_ray(address, space.budget.concurrency * space.budget.trial_cpus, modules)
-    ray_s = time.time() - ray_started
+    ray_s = starting.wait()
     _check_capacity(space.budget.trial_cpus)
     check_worker_imports(modules)  # fail here, not in every trial
     stopper.install()  # ray.init replaced the SIGTERM handler
@@ -263,14 +207,22 @@ def _fit_phase(phase: Phase, run_dir: Path, task, log: TrialLog, stopper, costin
 
 
 def _search_and_write(space: SearchSpace, run_dir: Path, address, costing, task, stopper,
-                      started: float) -> SearchOutcome:
+                      started: float, starting: Optional[RayStart] = None) -> SearchOutcome:
     journal = Journal(run_dir)
     finished = journal.read()
-    baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
+    modules = search_modules(space, task)
+    if starting is None and len(finished) < space.budget.trials:  # Ray starts while the baseline is measured
+        starting = RayStart(address, _ray_cpus(space), modules)
+    try:
+        baseline = measure_baseline(space, task, run_dir, costing, log=lambda m: print(m, flush=True))
+    except BaseException:
+        if starting is not None:
+            starting.stop()
+        raise
     log = TrialLog(journal, space, run_dir, done=len(finished), interrupt=stopper)
     ray_s = 0.0
-    if len(finished) < space.budget.trials:
-        ray_s = _run_trials(space, run_dir, address, task, journal, log, stopper, costing, baseline)
+    if starting is not None and len(finished) < space.budget.trials:
+        ray_s = _run_trials(space, run_dir, starting, modules, task, journal, log, stopper, costing, baseline)
     interrupted = stopper.signal
     rows = journal.read() + log.unfinished()  # in the order they finished
     versions = library_versions()
@@ -306,17 +258,29 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
     SIGINT or SIGTERM returns with ``interrupted`` set; ``resume_search`` finishes it."""
     started = time.time()
     check_run_dir(Path(out), force)
-    if isinstance(profile, str) and profile == "auto":
-        profile, measure_front = auto_profile(measure_front)
-    costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
-    if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
-        check_space(space)
-    task = task if task is not None else space.build_task()  # a bad task must not cost the old run
-    with run_lock(Path(out)):
-        run_dir = prepare_run_dir(Path(out), force)
-        write_yaml(run_dir / "space.yaml", space.raw)
-        save_costing(run_dir, costing)
-        return _run(space, run_dir, address=address, costing=costing, task=task, started=started)
+    # a local Ray starts while the inputs are read and checked (a remote one needs the user's modules)
+    starting = None if address or os.environ.get("RAY_ADDRESS") else RayStart(None, _ray_cpus(space))
+    try:
+        if isinstance(profile, str) and profile == "auto":
+            profile, measure_front = auto_profile(measure_front)
+        costing = load_costing(profile, space, measure_trials=measure_trials, measure_front=measure_front)
+        if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
+            check_space(space)
+        task = task if task is not None else space.build_task()  # a bad task must not cost the old run
+        with run_lock(Path(out)):
+            run_dir = prepare_run_dir(Path(out), force)
+            write_yaml(run_dir / "space.yaml", space.raw)
+            save_costing(run_dir, costing)
+            return _run(space, run_dir, address=address, costing=costing, task=task, started=started,
+                        starting=starting)
+    except BaseException:
+        if starting is not None:
+            starting.stop()
+        raise
+
+
+def _ray_cpus(space: SearchSpace) -> int:
+    return space.budget.concurrency * space.budget.trial_cpus
 
 
 def resume_search(run_dir, *, address: Optional[str] = None) -> SearchOutcome:
