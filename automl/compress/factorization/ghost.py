@@ -80,11 +80,16 @@ def fit_cheap(ghost: GhostConv, conv: nn.Conv2d, inputs: torch.Tensor, seed: int
 
 
 def layer_inputs(model: nn.Module, names: List[str], batches) -> Dict[str, torch.Tensor]:
-    """The input of each named layer over ``batches`` (run in eval mode)."""
+    """The input of each named layer over ``batches`` (run in eval mode), each kept only up to about
+    MAX_ROWS map positions: the fit needs no more, and a large model's maps would not fit in memory."""
     modules = dict(model.named_modules())
     seen: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].detach()))
-               for n in names]
+
+    def keep(name, x):
+        held = sum(t.shape[0] for t in seen[name]) * x[0, 0].numel()
+        if held < MAX_ROWS:
+            seen[name].append(x.detach()[:max(1, -(-(MAX_ROWS - held) // x[0, 0].numel()))])
+    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: keep(n, args[0])) for n in names]
     was_training = model.training
     model.eval()
     try:

@@ -1,4 +1,6 @@
-"""Low-rank factorization as a compression stage (``lowrank``, category ``factorization``).
+"""Low-rank factorization (``lowrank``) and ghost modules (``ghost``, ghost.py) as compression stages
+of category ``factorization``: both replace trained layers by cheaper ones and fine-tune; they share
+the replacement below (``_factorize``), each giving its own ``_replacements``.
 
 At the start epoch each selected layer is replaced by its factors (Linear: two Linears from a
 truncated SVD; Conv2d: spatial SVD (k x 1 then 1 x k) or Tucker-2 (1x1, core, 1x1)), with ranks
