@@ -97,6 +97,7 @@ def _ao() -> types.SimpleNamespace:
                 if relu is not None:
                     relu.meta[x86.QUANT_ANNOTATION_KEY] = x86._X86InductorQuantizationAnnotation(
                         output_qspec=act, _annotated=True, _is_output_of_quantized_pattern=True)
+            _int8_outputs(model, act, x86.QUANT_ANNOTATION_KEY)
             return model
 
     return types.SimpleNamespace(
@@ -107,6 +108,19 @@ def _ao() -> types.SimpleNamespace:
         move_exported_model_to_train=ao.move_exported_model_to_train,
         convert_pt2e=quantize_pt2e.convert_pt2e, prepare_pt2e=quantize_pt2e.prepare_pt2e,
         prepare_qat_pt2e=quantize_pt2e.prepare_qat_pt2e)
+
+
+def _int8_outputs(model, act, key):
+    """Quantize the output of every int8 pattern (a conv, a conv + ReLU, a linear) that the x86 recipe
+    leaves float because no int8 op reads it next (Inductor fuses the float epilogue; onnxruntime cannot):
+    a conv whose output goes to a float op -- hard-swish written as x * relu6(x + 3) / 6, a sigmoid gate
+    -- would otherwise run in float between DQ and Q nodes. The model's own outputs stay float."""
+    for node in model.graph.nodes:
+        annotation = node.meta.get(key)
+        if (annotation is None or not annotation._is_output_of_quantized_pattern
+                or annotation.output_qspec is not None or any(u.op == "output" for u in node.users)):
+            continue
+        annotation.output_qspec = act
 
 
 def quantization_config(*, per_channel: bool = True, qat: bool = False):

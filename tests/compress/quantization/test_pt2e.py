@@ -135,3 +135,36 @@ def test_inductor_and_aoti_forms_match_reference(digits, tmp_path):
     loader = task.test_loader(batch_size=batch)  # 360 test images: every batch is full
     assert pt2e.parity(converted, compiled, loader) >= 0.99
     assert pt2e.parity(converted, packaged, loader) >= 0.99
+
+
+class HSwishSE(nn.Module):
+    """A conv read by float ops only: hard-swish written out (x * relu6(x + 3) / 6, as model zoos do) and
+    a sigmoid channel gate; then a conv and the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.conv2, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        x = x * nn.functional.relu6(x + 3.0) / 6.0
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_convs_read_by_float_ops_still_run_int8(tmp_path):
+    """Their outputs are quantized too, so onnxruntime fuses every conv into QLinearConv (before, the
+    hard-swish and gate convs ran in float between DQ and Q and the model deployed slower than fp32)."""
+    torch.manual_seed(0)
+    model = HSwishSE().eval()
+    calib = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    artifact = pt2e.deploy_pt2e(model, torch.randn(2, 1, 8, 8), calib, tmp_path / "h.onnx")
+    assert "QLinearConv:4" in artifact.notes["int8_ops"]
+    assert "Conv" not in artifact.notes["float_ops"]
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        fp32 = model(x).numpy()
+    got = OrtModel(artifact.path)(x)
+    assert np.abs(got - fp32).max() < 0.1 * float(np.abs(fp32).max())
