@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from automl.arch.ghost import GhostConv, ghost_conv
+from automl.modelstats import eval_mode
 
 MAX_ROWS = 50_000  # output positions used by the least-squares fit of one layer
 RIDGE = 1e-4       # relative ridge on the fit's normal equations
@@ -90,14 +91,11 @@ def layer_inputs(model: nn.Module, names: List[str], batches) -> Dict[str, torch
         if held < MAX_ROWS:
             seen[name].append(x.detach()[:max(1, -(-(MAX_ROWS - held) // x[0, 0].numel()))])
     handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: keep(n, args[0])) for n in names]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for x in batches:
                 model(x)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return {n: torch.cat(v) for n, v in seen.items() if v}
