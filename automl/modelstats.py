@@ -18,6 +18,18 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def forward_batches(model: nn.Module, batches, handles=()) -> None:
+    """Run ``batches`` through ``model`` in eval mode without gradients (for the forward hooks whose
+    ``handles`` are removed afterwards, whatever happens)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

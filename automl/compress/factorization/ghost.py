@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from automl.arch.ghost import GhostConv, ghost_conv
-from automl.modelstats import eval_mode
+from automl.modelstats import forward_batches
 
 MAX_ROWS = 50_000  # output positions used by the least-squares fit of one layer
 RIDGE = 1e-4       # relative ridge on the fit's normal equations
@@ -90,14 +90,8 @@ def layer_inputs(model: nn.Module, names: List[str], batches) -> Dict[str, torch
         held = sum(t.shape[0] for t in seen[name]) * x[0, 0].numel()
         if held < MAX_ROWS:
             seen[name].append(x.detach()[:max(1, -(-(MAX_ROWS - held) // x[0, 0].numel()))])
-    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: keep(n, args[0])) for n in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_batches(model, batches,
+                    [modules[n].register_forward_hook(lambda mod, args, out, n=n: keep(n, args[0])) for n in names])
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 

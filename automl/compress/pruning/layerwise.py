@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from automl.compress.base import KEEPS_PRECISION, Method, register_method
 from automl.configs import option
 from automl.errors import ConfigError, UnknownNameError
-from automl.modelstats import count_macs, count_params, eval_mode
+from automl.modelstats import count_macs, count_params, forward_batches
 
 CRITERIA = ("contribution", "bn_scale", "random")
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Identity)
@@ -202,13 +202,7 @@ def contribution_scores(model: nn.Module, blocks: Dict[str, BlockInfo], batches:
             sums[name][1] += float(x.pow(2).sum())
         handles.append(model.get_submodule(info.members[0]).register_forward_pre_hook(keep))
         handles.append(model.get_submodule(info.members[-1]).register_forward_hook(measure))
-    try:
-        with eval_mode(model), torch.no_grad():
-            for x in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_batches(model, batches, handles)
     return {n: (num / max(den, 1e-12)) ** 0.5 for n, (num, den) in sums.items()}
 
 
