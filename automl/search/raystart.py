@@ -17,21 +17,22 @@ from automl.search.shipping import user_code_paths
 
 
 class RayStart:
-    """``_init_ray`` on a thread; ``wait()`` returns its seconds or raises what it raised. ``stop()``
-    (the search failed before its trials) returns at once: the thread shuts Ray down as soon as it is
-    up, so a bad input is reported without waiting for Ray.
+    """``_init_ray`` on a thread; ``wait()`` returns its seconds or raises what it raised and hands Ray
+    to the search. ``stop()`` (the search failed before that) waits for the start and shuts down the Ray
+    it began; once the search holds Ray it does nothing (as when Ray was started in the main thread).
 
     The thread that started Ray stays alive (idle) while Ray runs: Ray's processes are set to die with
     the thread that spawned them (Linux's parent-death signal is per thread)."""
 
     def __init__(self, address: Optional[str], cpus: int, modules=()):
-        self.seconds, self.error, self.ready, self.cancelled = 0.0, None, threading.Event(), threading.Event()
+        self.seconds, self.error, self.ready, self.claimed, self.ours = 0.0, None, threading.Event(), False, False
         self.thread = threading.Thread(target=self._run, args=(address, cpus, modules), daemon=True,
                                        name="automl-ray-start")
         self.thread.start()
 
     def _run(self, *args):
-        started, ours = time.time(), not ray.is_initialized()
+        started = time.time()
+        self.ours = ours = not ray.is_initialized()
         quiet = logging.getLogger("ray._private.worker")  # "SIGTERM handler is not set ..." off the main thread:
         level = quiet.level                                 # the search installs its own handler after
         quiet.setLevel(logging.ERROR)
@@ -44,19 +45,21 @@ class RayStart:
             self.seconds = time.time() - started
             self.ready.set()
         while ours and self.error is None and ray.is_initialized():
-            if self.cancelled.is_set():
-                ray.shutdown()
-                break
             time.sleep(0.2)
 
     def wait(self) -> float:
         self.ready.wait()
         if self.error is not None:
             raise self.error
+        self.claimed = True
         return self.seconds
 
     def stop(self):
-        self.cancelled.set()
+        if self.claimed:
+            return
+        self.ready.wait()
+        if self.ours and self.error is None and ray.is_initialized():
+            ray.shutdown()
 
 
 def _init_ray(address: Optional[str], cpus: int, modules=()):
