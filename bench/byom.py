@@ -83,12 +83,13 @@ def train_user_model(name, data, task, epochs, path: Path):
     return {"seconds": time.time() - started, "torch_val_accuracy": task.evaluate(model, task.val_loader())}
 
 
-def automl_stages(finetune):
+def automl_stages(finetune, allocation="uniform", target_parity=None):
     return [{"method": "kd", "start_epoch": 0, "config": {"temperature": 4.0, "alpha": 0.5}},
             {"method": "structured", "start_epoch": 0,
-             "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": "uniform", "round_to": 16,
+             "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": allocation, "round_to": 16,
                         "finetune_epochs": finetune}},
-            {"method": "int8_ptq", "config": {"mode": "static"}}]
+            {"method": "int8_ptq", "config": {"mode": "static", **({"target_parity": target_parity}
+                                                                   if target_parity else {})}}]
 
 
 def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Path):
@@ -203,7 +204,8 @@ def run_model(name, args, data, task, work: Path):
     base = apply_recipe(recipe(name, data, checkpoint=checkpoint), work / "baseline", task=task)
     row["baseline"] = {k: base.metrics[k] for k in ("accuracy", "test_accuracy", "params", "macs")}
     ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
-                               stages=automl_stages(args.finetune_epochs)), work / "automl", task=task)
+                               stages=automl_stages(args.finetune_epochs, args.allocation,
+                                                                     args.target_parity)), work / "automl", task=task)
     row["automl"] = {k: ours.metrics.get(k) for k in ("accuracy", "test_accuracy", "params", "macs", "mac_reduction",
                                                        "precision", "structured_groups_skipped")}
     paths = {"baseline": base.artifact.path, "automl": ours.artifact.path}
@@ -267,6 +269,10 @@ def main():
     parser.add_argument("--scratch", nargs="*", default=["resnet20"],
                         help="models whose search also runs from scratch (train + fine-tune epochs per trial)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sampled"),
+                        help="how automl's structured stage shares the MAC target among groups")
+    parser.add_argument("--target-parity", type=float, default=None,
+                        help="automl's int8_ptq keeps its most harmful layers float below this agreement")
     parser.add_argument("--work", default="/tmp/automl-byom-bench")
     parser.add_argument("--out", default=str(BENCH / "results" / "byom.json"))
     parser.add_argument("--quick", action="store_true", help="1 training epoch, 1 fine-tune epoch, 2 rounds")

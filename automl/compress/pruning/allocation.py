@@ -11,6 +11,8 @@ are named by strings; scores are 1-D tensors, one per structure (higher = keep).
            ``max_ratio``; k makes sum(ratio_i * cost_i) = level * sum(cost). To first order this removes
            the cost uniform pruning at ``level`` removes, taken where it is expensive and cheap in
            accuracy. ``costs`` are MACs today; a hardware profile's latency or energy per unit fits as is.
+  sampled  random per-unit multipliers on the level, the one whose pruned model loses least on
+           calibration batches kept (sampled.py; structured pruning with a MAC target only).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from automl.errors import ConfigError
 from automl.modelstats import count_macs, layer_macs  # noqa: F401  (layer_macs re-exported)
 from automl.registry import unknown_name
 
-ALLOCATIONS = ("uniform", "global", "energy")
+ALLOCATIONS = ("uniform", "global", "energy", "sampled")  # sampled: picked in sampled.py, uniform here
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 

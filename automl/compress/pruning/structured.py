@@ -20,8 +20,9 @@ diagonal Fisher (fisher.py); apoz/mean_activation on the rectified BN output
 of each producer, pooled over the group's producers; bn_scale = sum of |gamma| (groups without BN
 are left alone); random, seeded by the run's seed; similarity (data-free, Srinivas & Babu) ranks a
 channel by how closely another one duplicates it and folds each removed channel's outgoing weights
-into that twin (similarity.py; hard mode, thinned path only). ``allocation``, ``round_to`` and ``mac_reduction``:
-see allocation.py (the grid per group: groups.grid_step). Scoring lives in structured_scores.py.
+into that twin (similarity.py; hard mode, thinned path only). ``allocation``, ``round_to`` and
+``mac_reduction``: see allocation.py (the grid per group: groups.grid_step; ``sampled``: sampled.py).
+Scoring lives in structured_scores.py.
 
 Third-party graphs (structured_checks.py, at prepare, before any training): a group Torch-Pruning
 traces wrongly (channel shuffle, a slice that cuts channels ...; see groups.py) is left whole and
@@ -41,6 +42,7 @@ import torch.nn as nn
 
 from automl.compress.base import register_method
 from automl.compress.pruning.shapes import structured_shape
+from automl.compress.pruning.sampled import multiplier_keeper, sample_allocation
 from automl.compress.pruning.similarity import foldable, unit_twins
 from automl.compress.pruning.allocation import ALLOCATIONS, allocate, layer_macs
 from automl.compress.pruning.base import PruningConfig, PruningMethod
@@ -60,6 +62,7 @@ from automl.modelstats import count_macs, count_params
 GRANULARITIES = ("filter", "channel", "kernel", "row", "column", "block")
 CHANNEL_WISE = ("filter", "row", "channel", "column")
 SAME_CUT = {"row": "filter", "column": "channel"}  # one cut, named for Linear or for conv
+SPREAD = 0.7  # allocation sampled: each group's multiplier on the shared level lies in [0.3, 1.7]
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,9 @@ class StructuredPruningConfig(PruningConfig):
     profile: str = option("auto", doc="cost latency/energy: the hardware profile YAML that prices the layers "
                           "('auto': the search's profile, else the shipped profile measured on this CPU)")
     calib_batches: int = option(4, low=1, high=10_000, doc="training batches of 128 for taylor/apoz/mean_activation "
-                                "(obd: as many samples in batches of 16)")
+                                "and the sampled allocation (obd: as many samples in batches of 16)")
+    candidates: int = option(24, low=2, high=10_000, doc="allocation sampled: random allocations scored at the "
+                             "MAC target (the first is uniform)")
 
 
 def parse_block(text: str):
@@ -124,8 +129,12 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         if cfg.cost != "macs" and cfg.allocation != "energy":
             raise ConfigError(f"cost {cfg.cost} weighs the groups of the energy allocation only", key="cost",
                               value=cfg.cost, fix="set allocation: energy, or leave cost at macs")
+        if cfg.allocation == "sampled" and not (cfg.mac_reduction and self.grouped):
+            raise ConfigError("allocation sampled compares allocations at one MAC target", key="allocation",
+                              value=cfg.allocation, fix="set mac_reduction (e.g. 2.0) with thinned channels, "
+                              "or use allocation uniform / global")
         self.batches, self.skipped, self.last_keep, self.groups_skipped = None, [], {}, 0
-        self.merges, self.unfolded = 0, set()
+        self.merges, self.unfolded, self.sampled = 0, set(), None
         model = super()._prepare(model, ctx)
         if cfg.allocation == "energy" and cfg.cost != "macs":
             self._priced(model)  # a missing profile or an unpriced layer fails now, before any training
@@ -232,6 +241,8 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         if hard:  # what is pruned goes first: rankings stay nested across events
             scores = {u: s.float().masked_fill(~previous[u], float("-inf")) for u, s in scores.items()}
         fixed, shared = self._levels(levels)
+        if self.config.allocation == "sampled" and self.sampled is None:
+            self.sampled = sample_allocation(self, model, scores, fixed, SPREAD)
         keep_at = self._keeper(model, scores, fixed, previous if hard else None)
         if self.config.mac_reduction:
             keep, final, _ = self._keep_for_target(scores, keep_at)
@@ -265,10 +276,13 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
         cfg = self.config
         costs = self._costs(model) if cfg.allocation == "energy" else None
         sensitivity = self._sensitivity() if cfg.allocation == "energy" else None
+        chosen = multiplier_keeper(scores, self.sampled and self.sampled["multipliers"], fixed, self.grids) \
+            if cfg.allocation == "sampled" else None
 
         def keep_at(level):
-            keep = allocate(scores, level, cfg.allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
-                            grids=self.grids if self.grouped else None)
+            keep = chosen(level) if chosen else allocate(
+                scores, level, cfg.allocation, costs=costs, sensitivity=sensitivity, fixed=fixed,
+                grids=self.grids if self.grouped else None)
             return {u: k & previous[u] for u, k in keep.items()} if previous is not None else keep
         return keep_at
 
@@ -349,6 +363,8 @@ class StructuredPruning(GroupChecks, StructuredScoring, PruningMethod):
             self.stats.update({"similarity_merges": self.merges, "similarity_unfolded_groups": len(self.unfolded)})
         if cfg.mac_reduction:
             self.stats["mac_reduction_target"] = cfg.mac_reduction
+        if self.sampled:
+            self.stats.update({f"sampled_{k}": v for k, v in self.sampled.items() if k != "multipliers"})
         if not self.grouped:
             pruned = sum(int((~k).sum()) for k in self.last_keep.values())
             self.stats.update({"pruned_layers": len(self.units), "structures_pruned": pruned,
