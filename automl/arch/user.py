@@ -133,7 +133,8 @@ def _split_spec(spec: str, where: Where):
 
 
 def import_builder(spec: str, where: Where) -> Callable[..., nn.Module]:
-    """The builder function ``spec`` names. The current directory is importable, as for ``python -m``."""
+    """The builder function ``spec`` names. The current directory is importable, as for ``python -m``; for
+    a file path, the file's folder is, as for ``python file.py``."""
     module_name, attr = _split_spec(spec, where)
     if not module_name.endswith(".py"):
         check_module(module_name, file=where.file, key=where.key, value=spec, what="model builder")
@@ -145,10 +146,16 @@ def import_builder(spec: str, where: Where) -> Callable[..., nn.Module]:
             name = f"{FILE_MODULE_PREFIX}{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
             module = sys.modules.get(name)
             if module is None:
+                if str(path.parent) not in sys.path:  # its sibling modules import, as under `python file.py`
+                    sys.path.insert(0, str(path.parent))
                 spec_obj = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec_obj)
                 sys.modules[name] = module
-                spec_obj.loader.exec_module(module)
+                try:
+                    spec_obj.loader.exec_module(module)
+                except BaseException:  # a half-run module must not be found cached next time
+                    sys.modules.pop(name, None)
+                    raise
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))

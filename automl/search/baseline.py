@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
+
+from automl.arch.user import build_user_model
+from automl.errors import ConfigError
 from automl.io import write_json
 from automl.recipe import Recipe, apply_recipe
 from automl.settings import TrainSettings
@@ -26,6 +30,35 @@ def baseline_recipe(space) -> Recipe:
     return Recipe(task=space.task, family=space.family, arch={}, train=TrainSettings(epochs=0), stages=(),
                   deploy=space.deploy, model=space.model, data=space.data,
                   provenance={"space_hash": space.hash, "trial_id": "baseline"})
+
+
+def check_user_model(space, task) -> None:
+    """Before a search touches its run directory (``--force`` empties it): the user's model builds, its
+    checkpoint loads, and one forward pass on the task's example input returns one logits tensor with
+    a score per class. Each failure is a ConfigError naming the model's key, the value and the fix."""
+    if space.model is None:
+        return
+    model = build_user_model(space.model).eval()
+    where = f"model.{'builder' if space.model.builder else 'object'}"
+    name = space.model.builder or space.model.object_class
+    try:
+        with torch.no_grad():
+            out = model(task.example_input(2))
+    except Exception as exc:
+        raise ConfigError(f"the model's forward failed on one input batch of the data "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=space.source,
+                          key=where, value=name, fix="automl calls model(x) with one tensor x of the data's "
+                          "input shape: give a model whose forward takes that (wrap a multi-input model)") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model must return one logits tensor (batch, classes); it returned {shape}",
+                          file=space.source, key=where, value=name,
+                          fix="wrap the model so forward returns only the logits (e.g. out[0] or out['logits'])")
+    classes = getattr(task, "num_classes", None)
+    if classes and out.shape[1] != classes:
+        raise ConfigError(f"the model scores {out.shape[1]} classes but the data has {classes}", file=space.source,
+                          key=where, value=name, fix="build the model with one output per class of the data "
+                          "(an empty class folder counts as no class)")
 
 
 def measure_baseline(space, task, run_dir: Path, costing=None, log=print) -> Optional[Dict]:

@@ -22,7 +22,7 @@ from automl.errors import AutoMLError, RunDirError
 from automl.hardware.shipped import auto_profile
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_json, write_yaml
-from automl.search.baseline import measure_baseline
+from automl.search.baseline import check_user_model, measure_baseline
 from automl.supernet.inherit import check_space
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals
@@ -267,6 +267,7 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
         if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
             check_space(space)
         task = task if task is not None else space.build_task()  # a bad task must not cost the old run
+        check_user_model(space, task)  # ... nor a model that does not build, load or fit the data
         with run_lock(Path(out)):
             run_dir = prepare_run_dir(Path(out), force)
             write_yaml(run_dir / "space.yaml", space.raw)

@@ -151,7 +151,12 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.files[i]) as image:
+        try:
+            image = Image.open(self.files[i])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the image ({type(exc).__name__})", key="data.path", value=self.files[i],
+                              fix="remove or replace the file") from None
+        with image:
             image = image.convert(self.mode)
             if image.size != (self.size[1], self.size[0]):
                 image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
@@ -161,11 +166,13 @@ class ImageFiles(Dataset):
 
 
 def _class_files(root: Path) -> Dict[str, List[str]]:
+    """{class folder: its image files}, hidden files and folders left out (macOS's ._name.png are not
+    images); a folder without images maps to []."""
     classes = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        if files:
-            classes[folder.name] = files
+        classes[folder.name] = sorted(
+            str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(folder).parts))
     return classes
 
 
@@ -176,6 +183,11 @@ def _image_task(spec: DataSpec, where: Where) -> DatasetTask:
         raise (where / "path").error("the folder has val/ or test/ but no train/", spec.path,
                                      "add a train/ folder of class folders")
     tree = {s: _class_files(d) for s, d in split_dirs.items()} if split_dirs else {"train": _class_files(root)}
+    empty = [c for c, files in tree["train"].items() if not files]
+    if empty:  # dropping it would shift every later class's label
+        raise (where / "path").error(f"class folder {empty[0]!r} holds no images", str(root / empty[0]),
+                                     "add its images, or move the folder out of the data folder")
+    tree = {s: {c: files for c, files in classes.items() if files} for s, classes in tree.items()}
     names = sorted(tree["train"])
     if len(names) < 2:
         raise (where / "path").error("an image folder needs at least two class folders holding images "

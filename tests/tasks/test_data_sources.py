@@ -104,3 +104,29 @@ def test_loader_task_uses_the_callers_loaders():
     assert task.input_shape == (4,) and task.example_input(5).shape == (5, 4)
     with pytest.raises(ConfigError, match="pairs of tensors"):
         LoaderTask([{"x": 1}], train)
+
+
+def test_hidden_files_are_not_images_and_an_unreadable_image_is_named(tmp_path):
+    images(tmp_path, classes=2, per_class=4)
+    (tmp_path / "class_0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (tmp_path / "class_1" / ".cache").mkdir()
+    (tmp_path / "class_1" / ".cache" / "x.png").write_bytes(b"")
+    task = task_of({"path": str(tmp_path), "val_fraction": 0.25})
+    files = [f for s in ("train", "val") for f in task.datasets[s].files]
+    assert len(files) == 8 and not any("/." in f for f in files)
+    (tmp_path / "class_1" / "broken.png").write_bytes(b"not a png")
+    task = task_of({"path": str(tmp_path), "val_fraction": 0.25, "split_seed": 1})
+    broken = [i for s in ("train", "val") for i, f in enumerate(task.datasets[s].files) if f.endswith("broken.png")]
+    split = "train" if any(f.endswith("broken.png") for f in task.datasets["train"].files) else "val"
+    with pytest.raises(ConfigError, match="cannot read the image") as info:
+        task.datasets[split][broken[0]]
+    assert info.value.value.endswith("broken.png") and info.value.key == "data.path"
+
+
+def test_an_empty_class_folder_is_refused_rather_than_shifting_the_labels(tmp_path):
+    images(tmp_path, classes=3, per_class=4)
+    for f in (tmp_path / "class_1").iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError, match="class folder 'class_1' holds no images") as info:
+        task_of({"path": str(tmp_path)})
+    assert "Fix:" in str(info.value)

@@ -1,0 +1,79 @@
+"""A search over a user's model checks the model before its run directory is touched: a model that
+does not build, load, take the data or return one score per class is one paragraph, exit 2, and an
+earlier run in --out survives even with --force."""
+import textwrap
+
+import pytest
+import torch
+
+from automl.cli import main
+from automl.errors import ConfigError
+from automl.search.baseline import check_user_model
+from automl.spaces import parse_space
+from automl.spaces.user import user_space
+
+MODELS = '''
+import torch.nn as nn
+from sibling_layers import Head          # a module beside this file, imported as `python models.py` would
+
+
+class Net(nn.Module):
+    def __init__(self, out="tensor", classes=10):
+        super().__init__()
+        self.body, self.head, self.out = nn.Flatten(), Head(64, classes), out
+
+    def forward(self, x, mask=None):
+        if self.out == "two_inputs":
+            return self.head(self.body(x)) * mask
+        logits = self.head(self.body(x))
+        return {"tensor": logits, "tuple": (logits, x), "dict": {"logits": logits}}[self.out]
+
+
+def build(out="tensor", classes=10):
+    return Net(out, classes)
+'''
+
+
+@pytest.fixture()
+def user_files(tmp_path):
+    (tmp_path / "sibling_layers.py").write_text(textwrap.dedent('''
+        import torch.nn as nn
+
+        def Head(features, classes):
+            return nn.Linear(features, classes)
+        '''))
+    (tmp_path / "models.py").write_text(MODELS)
+    return tmp_path
+
+
+def _old_run(path):
+    path.mkdir()
+    (path / "trials.csv").write_text("the user's earlier results\n")
+    return path
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"out": "tuple"}, "must return one logits tensor .batch, classes.; it returned tuple"),
+    ({"out": "dict"}, "it returned dict"),
+    ({"classes": 7}, "scores 7 classes but the data has 10"),
+    ({"out": "two_inputs"}, "forward failed on one input batch"),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_paragraph_naming_the_builder(user_files, task, kwargs, words):
+    raw = user_space(builder=f"{user_files / 'models.py'}:build", task="digits").raw
+    space = parse_space({**raw, "model": {**raw["model"], "kwargs": kwargs}}, "s.yaml")
+    with pytest.raises(ConfigError, match=words) as info:
+        check_user_model(space, task)
+    assert info.value.key == "model.builder" and "Fix:" in str(info.value)
+
+
+def test_a_model_beside_its_own_modules_passes(user_files, task):
+    check_user_model(user_space(builder=f"{user_files / 'models.py'}:build", task="digits"), task)
+
+
+def test_a_bad_checkpoint_with_force_keeps_the_old_run(user_files, capsys):
+    out = _old_run(user_files / "run")
+    torch.save({"head.weight": torch.zeros(3, 3)}, user_files / "bad.pt")
+    code = main(["search", "--model", f"{user_files / 'models.py'}:build", "--checkpoint",
+                 str(user_files / "bad.pt"), "--task", "digits", "--out", str(out), "--force"])
+    assert code == 2 and "model.checkpoint" in capsys.readouterr().err
+    assert (out / "trials.csv").read_text() == "the user's earlier results\n"
