@@ -17,8 +17,11 @@ names), or ``path/<class>/*.png`` and the fractions split it (stratified, seeded
 sorted folder names. Images are decoded lazily, so large folders do not have to fit in memory.
 
 ``.npz`` (read with ``allow_pickle=False``): ``x_train, y_train`` with optional ``x_val, y_val``,
-``x_test, y_test``, or ``x, y`` split by the fractions. ``x`` is (N, C, H, W), (N, H, W) or (N, F);
-``layout: nhwc`` reads (N, H, W, C). uint8 inputs are scaled to [0, 1] before ``mean`` / ``std``.
+``x_test, y_test``, or ``x, y`` split by the fractions. ``layout``: ``auto`` (default) reads a 4-D x as
+(N, C, H, W), or as (N, H, W, C) when only its last axis has 1, 3 or 4 values (image channels);
+``nchw`` / ``nhwc`` say which. A 3-D x is (N, H, W) grey images, a 2-D one (N, F) features; ``as_is``
+hands x to the model with the shape it has (e.g. sequences (N, C, L)). uint8 inputs are scaled to
+[0, 1] before ``mean`` / ``std``.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from automl.validate import Where, expect_choice, expect_keys, expect_mapping, e
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("auto", "nchw", "nhwc", "as_is")
+IMAGE_CHANNELS = (1, 3, 4)
 KEYS = ("path", "format", "input_size", "channels", "mean", "std", "layout", "val_fraction", "test_fraction",
         "split_seed")
 
@@ -48,7 +53,7 @@ class DataSpec:
     channels: int = 3
     mean: Tuple[float, ...] = ()
     std: Tuple[float, ...] = ()
-    layout: str = "nchw"
+    layout: str = "auto"                       # auto | nchw | nhwc | as_is
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     split_seed: int = 0
@@ -99,7 +104,7 @@ def parse_data(data: Any, where: Where) -> DataSpec:
         raise (where / "val_fraction").error("val_fraction + test_fraction must be at most 0.9",
                                              sum(fractions.values()), "hold out less data")
     seed = expect_range(expect_type(data.get("split_seed", 0), where / "split_seed", int), where / "split_seed", 0)
-    layout = expect_choice(data.get("layout", "nchw"), where / "layout", ("nchw", "nhwc"))
+    layout = expect_choice(data.get("layout", "auto"), where / "layout", LAYOUTS)
     return DataSpec(path=str(path.resolve()), format=fmt, input_size=size, channels=channels, layout=layout,
                     split_seed=seed, source=where.file, **stats, **fractions)
 
@@ -262,9 +267,10 @@ def _inputs(x: np.ndarray, spec: DataSpec, where: Where) -> np.ndarray:
                           "save x as float32 or uint8 (N, C, H, W), (N, H, W) or (N, F)")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = x.astype(np.float32) / scale
-    if x.ndim == 3:
+    if x.ndim == 3 and spec.layout != "as_is":
         x = x[:, None]
-    elif x.ndim == 4 and spec.layout == "nhwc":
+    elif x.ndim == 4 and (spec.layout == "nhwc" or (spec.layout == "auto" and x.shape[3] in IMAGE_CHANNELS
+                                                    and x.shape[1] not in IMAGE_CHANNELS)):
         x = x.transpose(0, 3, 1, 2)
     channels = x.shape[1]
     _check_stats(spec, channels, Where(where.file, "data"))

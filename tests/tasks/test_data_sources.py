@@ -130,3 +130,18 @@ def test_an_empty_class_folder_is_refused_rather_than_shifting_the_labels(tmp_pa
     with pytest.raises(ConfigError, match="class folder 'class_1' holds no images") as info:
         task_of({"path": str(tmp_path)})
     assert "Fix:" in str(info.value)
+
+
+def test_array_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 10)
+    for name, x, layout, shape in [("nhwc_auto", rng.integers(0, 256, (20, 8, 6, 3), dtype=np.uint8), None, (3, 8, 6)),
+                                   ("nchw_auto", rng.normal(size=(20, 3, 8, 6)).astype(np.float32), None, (3, 8, 6)),
+                                   ("grey", rng.normal(size=(20, 8, 6)).astype(np.float32), None, (1, 8, 6)),
+                                   ("sequence", rng.normal(size=(20, 4, 16)).astype(np.float32), "as_is", (4, 16)),
+                                   ("forced", rng.normal(size=(20, 3, 8, 3)).astype(np.float32), "nhwc", (3, 3, 8))]:
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+        task = task_of({"path": str(tmp_path / f"{name}.npz"), **({"layout": layout} if layout else {})})
+        assert task.input_shape == shape, name
+    with pytest.raises(ConfigError, match="layout"):
+        task_of({"path": str(tmp_path / "grey.npz"), "layout": "chw"})
