@@ -91,10 +91,11 @@ def apply_structure(model: nn.Module, structure: Mapping, state: Mapping[str, to
     recorded = structure["modules"]
     root = recorded.get("", {}).get("type")
     if root != _qualname(model):
-        raise ConfigError(f"the compressed model is a {root}, not the {_qualname(model)} the recipe builds (a "
-                          "stage wrapped it, e.g. early exit)", key="structure", value=root,
-                          fix="load the deployed files instead (the ONNX model, or the early-exit segments with "
-                              "automl.compress.early_exit.export.EarlyExitRunner)")
+        raise ConfigError(f"the saved compressed model is a {root}; the model to load it into is a "
+                          f"{_qualname(model)}", key="structure", value=root,
+                          fix=f"pass a fresh instance of {root} (automl.load(dir, model=...)); if a stage wrapped "
+                              "the model (early exit), load the deployed files instead (the ONNX model, or the "
+                              "early-exit segments with automl.compress.early_exit.export.EarlyExitRunner)")
     current = dict(model.named_modules())
     for name in sorted(recorded, key=lambda n: (n.count(".") + bool(n), n)):
         info = recorded[name]

@@ -8,8 +8,12 @@ directory, so a resumed search does not measure it again.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -58,7 +62,30 @@ def check_user_model(space, task) -> None:
     if classes and out.shape[1] != classes:
         raise ConfigError(f"the model scores {out.shape[1]} classes but the data has {classes}", file=space.source,
                           key=where, value=name, fix="build the model with one output per class of the data "
-                          "(an empty class folder counts as no class)")
+                          "(array labels are 0..K-1: K is the largest label + 1)")
+    _check_exportable(model, task.example_input(2), space.source, where, name)
+
+
+def _check_exportable(model, x, source, where: str, name: str) -> None:
+    """Every trial deploys through torch.export: a forward it cannot trace (a Python branch on a tensor's
+    value, ...) is refused now, in one paragraph, instead of failing the baseline with torch's traceback."""
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch.export")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:  # they (and a print to stderr) dump the graph; the exception says it
+            log.setLevel(logging.ERROR)
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.export.export(model, (x,), strict=False)
+    except Exception as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"torch.export cannot trace the model's forward ({type(exc).__name__}: {reason[:300]})",
+                          file=source, key=where, value=name,
+                          fix="make the forward traceable: no Python if/for on a tensor's values (use torch.where "
+                              "or torch.cond), no .item() or .tolist() on activations") from None
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def measure_baseline(space, task, run_dir: Path, costing=None, log=print) -> Optional[Dict]:

@@ -130,6 +130,10 @@ def test_search_from_a_trained_model_object(api_search, task):
     loaded = automl.load(run / "applied", model=type(model)())
     x = task.example_input(4)
     torch.testing.assert_close(loaded(x), result.model.eval()(x))
+    with pytest.raises(ConfigError, match=f"saved compressed model is a .*{type(model).__name__}; the model to "
+                                          "load it into is a .*Linear") as info:
+        automl.load(run / "applied", model=torch.nn.Linear(2, 2))
+    assert f"pass a fresh instance of {info.value.value}" in str(info.value)
 
 
 @pytest.mark.slow

@@ -77,3 +77,25 @@ def test_a_bad_checkpoint_with_force_keeps_the_old_run(user_files, capsys):
                  str(user_files / "bad.pt"), "--task", "digits", "--out", str(out), "--force"])
     assert code == 2 and "model.checkpoint" in capsys.readouterr().err
     assert (out / "trials.csv").read_text() == "the user's earlier results\n"
+
+
+def test_a_forward_torch_export_cannot_trace_is_refused_naming_the_fix(tmp_path, task):
+    (tmp_path / "branchy.py").write_text(textwrap.dedent('''
+        import torch.nn as nn
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+            def forward(self, x):
+                if x.mean() > 0:          # a Python branch on a tensor's value
+                    return self.head(x)
+                return -self.head(x)
+
+        def build():
+            return Branchy()
+        '''))
+    with pytest.raises(ConfigError, match="torch.export cannot trace the model's forward") as info:
+        check_user_model(user_space(builder=f"{tmp_path / 'branchy.py'}:build", task="digits"), task)
+    assert "torch.where" in str(info.value) and info.value.key == "model.builder"
