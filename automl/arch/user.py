@@ -20,6 +20,7 @@ import copy
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,13 @@ def read_state_dict(path, where: Where) -> Dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its message for terminals
+        if "Unsupported global" in text:
+            first = "it holds pickled Python objects, not only tensors (a whole model saved with torch.save(model)?)"
+        elif isinstance(exc, (KeyError, EOFError)) or "invalid load key" in text or "Unsupported operand" in text:
+            first = "it is not a file written by torch.save"
+        else:
+            first = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
         raise where.error(f"cannot read the checkpoint with torch.load(weights_only=True): {first}", str(path),
                           "save only tensors: torch.save(model.state_dict(), path); automl never unpickles a "
                           "whole model object (it could run code)") from None

@@ -125,6 +125,10 @@ def load_model(directory, *, model: Optional[nn.Module] = None) -> nn.Module:
     if not (directory / RECIPE_FILE).is_file():
         raise ConfigError(f"not an `automl apply` output directory (no {RECIPE_FILE})", file=directory,
                           fix="give the --out directory of `automl apply`")
+    if model is not None and not isinstance(model, nn.Module):
+        what = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
+        raise ConfigError(f"model must be a torch.nn.Module instance, got {what}", key="model", value=what,
+                          fix="pass a fresh instance: automl.load(dir, model=MyNet(...))")
     base = untrained_model(Recipe.load(directory / RECIPE_FILE), model=model)
     return load_checkpoint(base, directory, Where(str(directory), "model.pt")).eval()
 

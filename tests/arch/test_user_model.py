@@ -79,8 +79,12 @@ def test_a_checkpoint_of_another_shape_names_the_first_parameter(trained, tmp_pa
 
 def test_a_pickled_model_object_is_never_unpickled(tmp_path):
     torch.save(build_user_model(source()), tmp_path / "whole.pt")  # a full pickle could run code
-    with pytest.raises(ConfigError, match="weights_only=True"):
+    with pytest.raises(ConfigError, match="weights_only=True.: it holds pickled Python objects") as info:
         build_user_model(source(checkpoint=str(tmp_path / "whole.pt")))
+    assert "\x1b[" not in str(info.value)  # torch's terminal colours are stripped
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="it is not a file written by torch.save"):
+        build_user_model(source(checkpoint=str(tmp_path / "notes.pt")))
 
 
 def test_a_changed_checkpoint_is_refused(trained, tmp_path):

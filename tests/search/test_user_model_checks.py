@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+import automl
 from automl.cli import main
 from automl.errors import ConfigError
 from automl.search.baseline import check_user_model
@@ -99,3 +100,10 @@ def test_a_forward_torch_export_cannot_trace_is_refused_naming_the_fix(tmp_path,
     with pytest.raises(ConfigError, match="torch.export cannot trace the model's forward") as info:
         check_user_model(user_space(builder=f"{tmp_path / 'branchy.py'}:build", task="digits"), task)
     assert "torch.where" in str(info.value) and info.value.key == "model.builder"
+
+
+def test_load_asks_for_an_instance_not_a_class(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("version: 1\n")
+    with pytest.raises(ConfigError, match="got the class Linear") as info:
+        automl.load(tmp_path, model=torch.nn.Linear)
+    assert "model=MyNet(...)" in str(info.value)
