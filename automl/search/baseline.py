@@ -24,6 +24,7 @@ from automl.errors import ConfigError
 from automl.io import write_json
 from automl.recipe import Recipe, apply_recipe
 from automl.settings import TrainSettings
+from automl.tasks.base import DatasetTask
 
 BASELINE_FILE = "baseline.json"
 BASELINE_DIR = "baseline"
@@ -38,8 +39,9 @@ def baseline_recipe(space) -> Recipe:
 
 def check_user_model(space, task) -> None:
     """Before a search touches its run directory (``--force`` empties it): the user's model builds, its
-    checkpoint loads, and one forward pass on the task's example input returns one logits tensor with
-    a score per class. Each failure is a ConfigError naming the model's key, the value and the fix."""
+    checkpoint loads, one forward pass on the task's example input runs (for our classification tasks:
+    returning one logits tensor with a score per class) and torch.export traces it. Each failure is a
+    ConfigError naming the model's key, the value and the fix."""
     if space.model is None:
         return
     model = build_user_model(space.model).eval()
@@ -53,6 +55,8 @@ def check_user_model(space, task) -> None:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=space.source,
                           key=where, value=name, fix="automl calls model(x) with one tensor x of the data's "
                           "input shape: give a model whose forward takes that (wrap a multi-input model)") from None
+    if not _classifies(task):  # a task of the user's own defines what the outputs are
+        return _check_exportable(model, task.example_input(2), space.source, where, name)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model must return one logits tensor (batch, classes); it returned {shape}",
@@ -64,6 +68,12 @@ def check_user_model(space, task) -> None:
                           key=where, value=name, fix="build the model with one output per class of the data "
                           "(array labels are 0..K-1: K is the largest label + 1)")
     _check_exportable(model, task.example_input(2), space.source, where, name)
+
+
+def _classifies(task) -> bool:
+    """Our data tasks (folders, arrays, loaders, digits): cross-entropy on logits, accuracy by argmax."""
+    return isinstance(task, DatasetTask) and type(task).loss is DatasetTask.loss \
+        and type(task).evaluate is DatasetTask.evaluate
 
 
 def _check_exportable(model, x, source, where: str, name: str) -> None:

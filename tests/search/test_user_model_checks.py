@@ -107,3 +107,14 @@ def test_load_asks_for_an_instance_not_a_class(tmp_path):
     with pytest.raises(ConfigError, match="got the class Linear") as info:
         automl.load(tmp_path, model=torch.nn.Linear)
     assert "model=MyNet(...)" in str(info.value)
+
+
+def test_a_task_of_the_users_own_defines_its_outputs(user_files):
+    class Segmentation:  # not one of automl's classification tasks: outputs are whatever it evaluates
+        num_classes = 10
+
+        def example_input(self, batch=1):
+            return torch.randn(batch, 1, 8, 8)
+
+    (user_files / "dense.py").write_text("import torch.nn as nn\n\ndef build():\n    return nn.Conv2d(1, 10, 1)\n")
+    check_user_model(user_space(builder=f"{user_files / 'dense.py'}:build", task="digits"), Segmentation())
