@@ -44,19 +44,19 @@ def check_user_model(space, task) -> None:
     ConfigError naming the model's key, the value and the fix."""
     if space.model is None:
         return
-    model = build_user_model(space.model).eval()
+    model, x = build_user_model(space.model).eval(), task.example_input(2)
     where = f"model.{'builder' if space.model.builder else 'object'}"
     name = space.model.builder or space.model.object_class
     try:
         with torch.no_grad():
-            out = model(task.example_input(2))
+            out = model(x)
     except Exception as exc:
         raise ConfigError(f"the model's forward failed on one input batch of the data "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=space.source,
                           key=where, value=name, fix="automl calls model(x) with one tensor x of the data's "
                           "input shape: give a model whose forward takes that (wrap a multi-input model)") from None
     if not _classifies(task):  # a task of the user's own defines what the outputs are
-        return _check_exportable(model, task.example_input(2), space.source, where, name)
+        return _check_exportable(model, x, space.source, where, name)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model must return one logits tensor (batch, classes); it returned {shape}",
@@ -67,7 +67,7 @@ def check_user_model(space, task) -> None:
         raise ConfigError(f"the model scores {out.shape[1]} classes but the data has {classes}", file=space.source,
                           key=where, value=name, fix="build the model with one output per class of the data "
                           "(array labels are 0..K-1: K is the largest label + 1)")
-    _check_exportable(model, task.example_input(2), space.source, where, name)
+    _check_exportable(model, x, space.source, where, name)
 
 
 def _classifies(task) -> bool:
