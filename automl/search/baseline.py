@@ -37,13 +37,13 @@ def baseline_recipe(space) -> Recipe:
                   provenance={"space_hash": space.hash, "trial_id": "baseline"})
 
 
-def check_user_model(space, task) -> None:
+def check_user_model(space, task):
     """Before a search touches its run directory (``--force`` empties it): the user's model builds, its
     checkpoint loads, one forward pass on the task's example input runs (for our classification tasks:
     returning one logits tensor with a score per class) and torch.export traces it. Each failure is a
-    ConfigError naming the model's key, the value and the fix."""
+    ConfigError naming the model's key, the value and the fix. Returns the model (None without one)."""
     if space.model is None:
-        return
+        return None
     model, x = build_user_model(space.model).eval(), task.example_input(2)
     where = f"model.{'builder' if space.model.builder else 'object'}"
     name = space.model.builder or space.model.object_class
@@ -56,7 +56,8 @@ def check_user_model(space, task) -> None:
                           key=where, value=name, fix="automl calls model(x) with one tensor x of the data's "
                           "input shape: give a model whose forward takes that (wrap a multi-input model)") from None
     if not _classifies(task):  # a task of the user's own defines what the outputs are
-        return _check_exportable(model, x, space.source, where, name)
+        _check_exportable(model, x, space.source, where, name)
+        return model
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model must return one logits tensor (batch, classes); it returned {shape}",
@@ -68,6 +69,7 @@ def check_user_model(space, task) -> None:
                           key=where, value=name, fix="build the model with one output per class of the data "
                           "(array labels are 0..K-1: K is the largest label + 1)")
     _check_exportable(model, x, space.source, where, name)
+    return model
 
 
 def _classifies(task) -> bool:

@@ -36,6 +36,7 @@ from automl.search.outputs import front_rows, write_outputs
 from automl.search.pareto_asha import ParetoASHA
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
+from automl.spaces.user import fit_to_model
 
 
 
@@ -267,7 +268,8 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
         if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
             check_space(space)
         task = task if task is not None else space.build_task()  # a bad task must not cost the old run
-        check_user_model(space, task)  # ... nor a model that does not build, load or fit the data
+        model = check_user_model(space, task)  # ... nor a model that does not build, load or fit the data
+        space = space if model is None else fit_to_model(space, model)
         with run_lock(Path(out)):
             run_dir = prepare_run_dir(Path(out), force)
             write_yaml(run_dir / "space.yaml", space.raw)

@@ -87,3 +87,31 @@ def space_from_flags(space, *, model=None, checkpoint=None, data=None, task=None
                                              "model), or --space SPACE.yaml")
     return user_space(space=space, builder=model, checkpoint=checkpoint, data=data, task=task, max_drop=max_drop,
                       epochs=epochs)
+
+
+def fit_to_model(space: SearchSpace, model, log=print) -> SearchSpace:
+    """``space`` without the pruning criteria ``model`` cannot use: bn_scale (BatchNorm gamma) on a model
+    with no BatchNorm/GroupNorm. The embedded space drops them from its choices (with a note); a space of
+    the user's is refused, naming the key, instead of failing those trials one by one."""
+    from automl.compress.pruning.criteria import CRITERIA
+    from automl.compress.pruning.thinning import NORMS
+
+    if any(isinstance(m, NORMS) and getattr(m, "weight", None) is not None for m in model.modules()):
+        return space
+    raw = copy.deepcopy(space.raw)
+    for group, params in (raw.get("compression") or {}).items():
+        value = params.get("criterion") if isinstance(params, dict) else None
+        values = value.get("choice", [value.get("fixed")]) if isinstance(value, dict) else [value]
+        unusable = [v for v in values if isinstance(v, str) and v in CRITERIA.names()
+                    and CRITERIA.get(v).needs == "bn_weight"]
+        if not unusable:
+            continue
+        usable = [v for v in values if v not in unusable]
+        if space.source != USER_SPACE or not usable or "choice" not in value:
+            raise ConfigError(f"the model has no BatchNorm layer, and criterion {unusable[0]} ranks channels by "
+                              f"their BatchNorm scale", file=space.source, key=f"compression.{group}.criterion",
+                              value=unusable[0], fix="use another criterion (l1, l2, taylor, fpgm ...) for this model")
+        value["choice"] = usable
+        log(f"automl search: the model has no BatchNorm layer; pruning criterion {', '.join(unusable)} is left out "
+            f"of the search")
+    return parse_space(raw, space.source)

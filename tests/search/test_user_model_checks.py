@@ -118,3 +118,28 @@ def test_a_task_of_the_users_own_defines_its_outputs(user_files):
 
     (user_files / "dense.py").write_text("import torch.nn as nn\n\ndef build():\n    return nn.Conv2d(1, 10, 1)\n")
     check_user_model(user_space(builder=f"{user_files / 'dense.py'}:build", task="digits"), Segmentation())
+
+
+def test_the_default_space_leaves_bn_scale_out_for_a_model_without_batchnorm(user_files, task):
+    from automl.spaces.user import fit_to_model
+
+    space = user_space(builder=f"{user_files / 'models.py'}:build", task="digits")
+    notes = []
+    fitted = fit_to_model(space, check_user_model(space, task), log=notes.append)
+    criteria = fitted.raw["compression"]["pruning"]["criterion"]["choice"]
+    assert "bn_scale" not in criteria and criteria == ["l1", "taylor"]
+    assert "no BatchNorm" in notes[0] and fitted.hash != space.hash
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    assert fit_to_model(space, with_bn, log=notes.append) is space and len(notes) == 1
+
+
+def test_a_users_space_with_bn_scale_for_a_model_without_batchnorm_is_refused(user_files, task):
+    from automl.spaces.user import fit_to_model
+
+    raw = user_space(builder=f"{user_files / 'models.py'}:build", task="digits").raw
+    space = parse_space({**raw, "compression": {"pruning": {"method": "structured", "criterion": "bn_scale",
+                                                            "mac_reduction": 2.0}}}, "mine.yaml")
+    with pytest.raises(ConfigError, match="no BatchNorm layer") as info:
+        fit_to_model(space, check_user_model(space, task))
+    assert info.value.key == "compression.pruning.criterion" and info.value.value == "bn_scale"
+    assert "mine.yaml" in str(info.value)
