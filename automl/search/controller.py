@@ -37,6 +37,7 @@ from automl.search.pareto_asha import ParetoASHA
 from automl.search.versions import library_versions
 from automl.spaces import SearchSpace, define_by_run, parse_space
 from automl.spaces.user import fit_to_model
+from automl.tasks.data import check_images
 
 
 
@@ -268,6 +269,7 @@ def run_search(space: SearchSpace, out, *, address: Optional[str] = None, force:
         if space.supernet is not None:  # an architecture the supernet cannot hold fails here, not in every trial
             check_space(space)
         task = task if task is not None else space.build_task()  # a bad task must not cost the old run
+        check_images(task)
         model = check_user_model(space, task)  # ... nor a model that does not build, load or fit the data
         space = space if model is None else fit_to_model(space, model)
         with run_lock(Path(out)):

@@ -110,16 +110,22 @@ def parse_data(data: Any, where: Where) -> DataSpec:
 
 
 # -- splitting ------------------------------------------------------------------------------------------
-def _split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(kept, held-out) indices, stratified by label when every class has at least two samples."""
+def _split(labels: np.ndarray, fraction: float, seed: int, where: Where) -> Tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices, stratified by label when every class has at least two samples and
+    both sides can hold one of each class."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
     if fraction <= 0:
         return index, index[:0]
+    held = int(np.ceil(fraction * len(labels)))
+    if held < 1 or held >= len(labels):
+        raise where.error(f"{len(labels)} sample(s) cannot be split {fraction:.3g} / {1 - fraction:.3g}", fraction,
+                          "give more samples, or val/ and test/ splits of your own")
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    return train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    classes = int((counts > 0).sum())
+    stratify = labels if counts[counts > 0].min() >= 2 and min(held, len(labels) - held) >= classes else None
+    return train_test_split(index, test_size=held, random_state=seed, stratify=stratify)
 
 
 def _carve(train: Dict[str, np.ndarray], spec: DataSpec, have: set, where: Where) -> Dict[str, Dict[str, np.ndarray]]:
@@ -132,7 +138,7 @@ def _carve(train: Dict[str, np.ndarray], spec: DataSpec, have: set, where: Where
     for split, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
         if split in have or fraction <= 0:
             continue
-        keep, held = _split(train["y"], fraction / (1.0 - used), spec.split_seed)
+        keep, held = _split(train["y"], fraction / (1.0 - used), spec.split_seed, where / f"{split}_fraction")
         used += fraction
         out[split] = {k: v[held] for k, v in train.items()}
         train = {k: v[keep] for k, v in train.items()}
@@ -157,17 +163,41 @@ class ImageFiles(Dataset):
         from PIL import Image
 
         try:
-            image = Image.open(self.files[i])
-        except (OSError, ValueError) as exc:
+            with Image.open(self.files[i]) as image:
+                image = image.convert(self.mode)  # decodes: a truncated file fails here
+        except (OSError, ValueError, SyntaxError) as exc:
             raise ConfigError(f"cannot read the image ({type(exc).__name__})", key="data.path", value=self.files[i],
                               fix="remove or replace the file") from None
-        with image:
-            image = image.convert(self.mode)
-            if image.size != (self.size[1], self.size[0]):
-                image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+        if image.size != (self.size[1], self.size[0]):
+            image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
         x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).transpose(2, 0, 1).copy())
         return (x - self.mean) / self.std, int(self.labels[i])
+
+    def unreadable(self) -> List[str]:
+        """The files PIL cannot decode (JPEGs decoded at reduced scale: one pass costs less than an epoch)."""
+        from PIL import Image
+
+        bad = []
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    image.draft(self.mode, (self.size[1], self.size[0]))
+                    image.load()
+            except Exception:  # OSError, SyntaxError, DecompressionBombError ...: all mean "not usable"
+                bad.append(path)
+        return bad
+
+
+def check_images(task) -> None:
+    """Every image of an image-folder task decodes, checked once before a search: a bad file would
+    otherwise fail every trial in its first epoch, one after the other."""
+    datasets = {id(d): d for d in getattr(task, "datasets", {}).values() if isinstance(d, ImageFiles)}
+    bad = [path for d in datasets.values() for path in d.unreadable()]
+    if bad:
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(f"{len(bad)} image file(s) of the data cannot be decoded", key="data.path", value=bad[0],
+                          fix=f"remove or replace them: {listed}")
 
 
 def _class_files(root: Path) -> Dict[str, List[str]]:

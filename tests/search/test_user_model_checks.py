@@ -80,6 +80,23 @@ def test_a_bad_checkpoint_with_force_keeps_the_old_run(user_files, capsys):
     assert (out / "trials.csv").read_text() == "the user's earlier results\n"
 
 
+
+def test_a_truncated_training_image_with_force_keeps_the_old_run(user_files, capsys):
+    from PIL import Image
+
+    for c in range(10):  # 8x8 grey images, one class folder per digit (what models.py's Linear(64) takes)
+        (user_files / "data" / str(c)).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), color=20 * c + i).save(user_files / "data" / str(c) / f"{i}.png")
+    broken = user_files / "data" / "3" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    out = _old_run(user_files / "run")
+    code = main(["search", "--model", f"{user_files / 'models.py'}:build", "--data", str(user_files / "data"),
+                 "--out", str(out), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be decoded" in err and "1.png" in err
+    assert (out / "trials.csv").read_text() == "the user's earlier results\n"
+
 def test_a_forward_torch_export_cannot_trace_is_refused_naming_the_fix(tmp_path, task):
     (tmp_path / "branchy.py").write_text(textwrap.dedent('''
         import torch.nn as nn

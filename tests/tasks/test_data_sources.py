@@ -123,6 +123,25 @@ def test_hidden_files_are_not_images_and_an_unreadable_image_is_named(tmp_path):
     assert info.value.value.endswith("broken.png") and info.value.key == "data.path"
 
 
+
+def test_truncated_images_are_found_before_a_search_not_in_its_trials(tmp_path):
+    from automl.tasks.data import check_images
+
+    images(tmp_path, classes=2, per_class=6, size=(64, 64))
+    task = task_of({"path": str(tmp_path), "val_fraction": 0.25})
+    check_images(task)  # all decode
+    good = tmp_path / "class_0" / "0.png"
+    Image.open(good).save(tmp_path / "class_1" / "photo.jpg", quality=90)
+    for path in (good, tmp_path / "class_1" / "photo.jpg"):  # headers intact, pixels cut off
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    task = task_of({"path": str(tmp_path), "val_fraction": 0.25})
+    with pytest.raises(ConfigError, match="2 image file.s. of the data cannot be decoded") as info:
+        check_images(task)
+    assert info.value.key == "data.path" and "0.png" in str(info.value) and "photo.jpg" in str(info.value)
+    split = next(s for s in ("train", "val") if str(good) in task.datasets[s].files)
+    with pytest.raises(ConfigError, match="cannot read the image"):  # and in a trial: named, not PIL's traceback
+        task.datasets[split][task.datasets[split].files.index(str(good))]
+
 def test_an_empty_class_folder_is_refused_rather_than_shifting_the_labels(tmp_path):
     images(tmp_path, classes=3, per_class=4)
     for f in (tmp_path / "class_1").iterdir():
@@ -145,3 +164,13 @@ def test_array_layouts(tmp_path):
         assert task.input_shape == shape, name
     with pytest.raises(ConfigError, match="layout"):
         task_of({"path": str(tmp_path / "grey.npz"), "layout": "chw"})
+
+
+def test_few_samples_split_without_stratifying_and_too_few_are_refused(tmp_path):
+    images(tmp_path / "few", classes=10, per_class=3, size=(8, 8))  # 6 held out < 10 classes: not stratified
+    task = task_of({"path": str(tmp_path / "few"), "val_fraction": 0.2})
+    assert len(task.datasets["val"]) == 6 and len(task.datasets["train"]) == 24
+    images(tmp_path / "two", classes=2, per_class=1, size=(8, 8))
+    with pytest.raises(ConfigError, match=r"1 sample\(s\) cannot be split") as info:
+        task_of({"path": str(tmp_path / "two"), "val_fraction": 0.2, "test_fraction": 0.5})
+    assert info.value.key.endswith("fraction")
