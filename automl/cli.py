@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from automl.cli_sensitivity import DEFAULT_LEVELS, cmd_sensitivity
-from automl.cli_common import load_space_arg as _space, search_space as _search_space
+from automl.cli_common import flags_named, load_space_arg as _space, search_space as _search_space
 from automl.cli_profile import add_profile_parser
 from automl.cli_supernet import add_supernet_parser, supernet_search
 from automl.errors import AutoMLError, ConfigError, with_file
@@ -33,6 +33,11 @@ def _override_budget(space, args):
 
 
 def cmd_search(args) -> int:
+    with flags_named(args):
+        return _search(args)
+
+
+def _search(args) -> int:
     from automl.search import run_search
 
     space = _search_space(args)

@@ -1,6 +1,10 @@
 """What several CLI commands share: the space their --space and model flags describe."""
 from __future__ import annotations
 
+import contextlib
+
+from automl.errors import ConfigError
+
 
 def load_space_arg(path):
     """The space file a --space flag names, or the embedded default."""
@@ -18,3 +22,20 @@ def search_space(args):
     if not any(getattr(args, k, None) is not None for k in flags):
         return load_space_arg(args.space)
     return space_from_flags(args.space, **{k: getattr(args, k, None) for k in flags})
+
+
+# the space keys the flags of a search over a user's model fill in
+FLAG_KEYS = {"model.builder": "model", "model.checkpoint": "checkpoint", "data.path": "data", "task": "task"}
+
+
+@contextlib.contextmanager
+def flags_named(args):
+    """A ConfigError about a value the user gave as a flag names the flag, not the space file the value
+    was written into (the embedded space is not a file the user can edit)."""
+    try:
+        yield
+    except ConfigError as exc:
+        flag = FLAG_KEYS.get(exc.key)
+        if flag is None or getattr(args, flag, None) is None:
+            raise
+        raise ConfigError(exc.message, key=f"--{flag}", value=exc.value, fix=exc.fix) from None

@@ -48,9 +48,10 @@ from automl.validate import Where  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BUILDER = f"{BENCH / 'zoo.py'}:build"
-# the user's training (SGD, cosine) and the fine-tune both pipelines get (same optimizer, lr and epochs)
+# the user's training (SGD, cosine) and the fine-tune both pipelines get (same optimizer, lr and epochs;
+# the lr is set by --finetune-lr, default the training's: "learning-rate rewinding", Renda et al. 2020)
 TRAIN = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-FINETUNE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+FINETUNE = {**TRAIN}
 
 
 def write_digits(root: Path):
@@ -75,12 +76,17 @@ def recipe(name, data, *, checkpoint=None, epochs=0, stages=()):
                              "stages": list(stages)})
 
 
-def train_user_model(name, data, task, epochs, path: Path):
+def train_user_model(name, data, task, epochs, path: Path, reuse=False):
     started = time.time()
+    done = path.with_suffix(".json")
+    if reuse and done.is_file() and json.loads(done.read_text()).get("epochs") == epochs:
+        return json.loads(done.read_text())["train"]
     model, _ = train_with_stages(recipe(name, data, epochs=epochs), task,
                                  ApplyContext(task=task, work_dir=path.parent, epochs=epochs))
     torch.save(model.state_dict(), path)
-    return {"seconds": time.time() - started, "torch_val_accuracy": task.evaluate(model, task.val_loader())}
+    row = {"seconds": time.time() - started, "torch_val_accuracy": task.evaluate(model, task.val_loader())}
+    done.write_text(json.dumps({"epochs": epochs, "train": row}))
+    return row
 
 
 def automl_stages(finetune, allocation="uniform", target_parity=None):
@@ -200,7 +206,7 @@ def run_model(name, args, data, task, work: Path):
     work.mkdir(parents=True, exist_ok=True)
     row = {"model": name, "graph": MODELS[name][2]}
     checkpoint = work / "weights.pt"
-    row["train"] = train_user_model(name, data, task, args.train_epochs, checkpoint)
+    row["train"] = train_user_model(name, data, task, args.train_epochs, checkpoint, args.reuse_checkpoints)
     base = apply_recipe(recipe(name, data, checkpoint=checkpoint), work / "baseline", task=task)
     row["baseline"] = {k: base.metrics[k] for k in ("accuracy", "test_accuracy", "params", "macs")}
     ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
@@ -269,6 +275,10 @@ def main():
     parser.add_argument("--scratch", nargs="*", default=["resnet20"],
                         help="models whose search also runs from scratch (train + fine-tune epochs per trial)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--finetune-lr", type=float, default=TRAIN["lr"],
+                        help="SGD lr of both pipelines' fine-tune (default: the training's, cosine again)")
+    parser.add_argument("--reuse-checkpoints", action="store_true",
+                        help="keep a model's checkpoint from an earlier run in --work (same --train-epochs)")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sampled"),
                         help="how automl's structured stage shares the MAC target among groups")
     parser.add_argument("--target-parity", type=float, default=None,
@@ -280,6 +290,7 @@ def main():
     if args.quick:
         args.train_epochs, args.finetune_epochs, args.rounds = 1, 1, 2
     torch.set_num_threads(1)
+    FINETUNE["lr"] = args.finetune_lr
     work = Path(args.work)
     args.data = work / "digits32"
     write_digits(args.data)
