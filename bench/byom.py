@@ -94,8 +94,8 @@ def automl_stages(finetune, allocation="uniform", target_parity=None):
             {"method": "structured", "start_epoch": 0,
              "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": allocation, "round_to": 16,
                         "finetune_epochs": finetune}},
-            {"method": "int8_ptq", "config": {"mode": "static", **({"target_parity": target_parity}
-                                                                   if target_parity else {})}}]
+            {"method": "int8_ptq", "config": {"mode": "static", "calibration_method": "auto",
+                                              **({"target_parity": target_parity} if target_parity else {})}}]
 
 
 def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Path):

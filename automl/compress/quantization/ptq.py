@@ -40,8 +40,9 @@ class Int8PTQConfig:
                    "accelerators require) instead of min/max; on ReLU nets it wastes half the levels and "
                    "keeps each ReLU as a float op (measured slower)")
     calibration_batches: int = option(8, low=1, high=10_000, doc="training batches used to calibrate")
-    calibration_method: str = option("minmax", choices=("minmax", "percentile", "entropy"),
-                                     doc="how static activation ranges are set")
+    calibration_method: str = option("minmax", choices=("minmax", "percentile", "entropy", "auto"),
+                                     doc="how static activation ranges are set; auto: minmax, and where that model "
+                                         "misses target_parity, percentile too (clips outliers), the better kept")
     target_parity: float = option(0.0, low=0.0, high=1.0,
                                   doc="when the int8 model agrees with the float model on fewer validation inputs than "
                                       "this, keep its most harmful layers float until it does (fallback.py; 0 = off)")
@@ -95,18 +96,18 @@ class Int8PTQ(Method):
             if cfg.mode == "dynamic":
                 notes["float_grouped_convs"] = len(grouped_convs(pre))
                 quantize = partial(quantize_dynamic_int8, per_channel=cfg.per_channel)
-            else:
-                batches = calibration_arrays(ctx.task, cfg.calibration_batches, seed=ctx.seed)
-                quantize = partial(quantize_static_qdq, batches=batches, per_channel=cfg.per_channel,
-                                   symmetric_activations=cfg.symmetric_activations,
-                                   calibration_method=cfg.calibration_method, calibration_cache=ranges)
             probe = ParityProbe(src, ctx.task.val_loader(), threads=ctx.threads)
-            done = float_fallback(quantize, pre, out, probe, cfg.target_parity,
-                                  cfg.max_float_share if cfg.target_parity > 0 else 0.0)
+            share = cfg.max_float_share if cfg.target_parity > 0 else 0.0
+            if cfg.mode == "dynamic":
+                done = float_fallback(quantize, pre, out, probe, cfg.target_parity, share)
+            else:
+                done = self._calibrated(ctx, pre, out, ranges, probe, share)
         finally:
             pre.unlink(missing_ok=True)
             ranges.unlink(missing_ok=True)
         self._check_parity(done["parity"])
+        if cfg.mode == "static":
+            notes["calibration"] = done["calibration"]
         if cfg.target_parity > 0:
             self.stats["int8_float_layers"] = len(done["float_layers"])
             notes["float_layers"] = describe(done["float_layers"])
@@ -135,3 +136,34 @@ class Int8PTQ(Method):
         fallback = ("target_parity (e.g. 0.98: the most harmful layers stay float), "
                     if not self.config.target_parity else "")
         return f"{fallback}calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
+
+    def _calibrated(self, ctx, pre, out, ranges, probe, share) -> dict:
+        """float_fallback with the configured calibration; for ``auto``, minmax first and, when it misses
+        the target or keeps layers float, percentile too: the model meeting the target with the fewest
+        float layers (then the higher parity) is written to ``out``."""
+        cfg = self.config
+        batches = calibration_arrays(ctx.task, cfg.calibration_batches, seed=ctx.seed)
+        methods = ("minmax", "percentile") if cfg.calibration_method == "auto" else (cfg.calibration_method,)
+        best = None
+        for method in methods:
+            path = out if best is None else out.with_name(f"{out.stem}.{method}.onnx")
+            ranges.unlink(missing_ok=True)  # each method calibrates its own ranges
+            quantize = partial(quantize_static_qdq, batches=batches, per_channel=cfg.per_channel,
+                               symmetric_activations=cfg.symmetric_activations, calibration_method=method,
+                               calibration_cache=ranges)
+            done = {**float_fallback(quantize, pre, path, probe, cfg.target_parity, share), "calibration": method}
+            if best is None:
+                best = done
+            elif _better(done, best, cfg.target_parity):
+                path.replace(out)
+                best = done
+            else:
+                path.unlink(missing_ok=True)
+            if best["parity"] >= cfg.target_parity and not best["float_layers"]:
+                break
+        return best
+
+
+def _better(a: dict, b: dict, target: float) -> bool:
+    key = lambda d: (d["parity"] >= target, -len(d["float_layers"]), d["parity"])  # noqa: E731
+    return key(a) > key(b)

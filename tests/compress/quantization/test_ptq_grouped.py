@@ -74,3 +74,28 @@ def test_low_parity_is_refused(tmp_path, monkeypatch):
     with pytest.raises(MeasurementError, match=r"Fix: try target_parity .*calibration_method percentile or entropy"):
         _deploy(_handler(mode="static"), tmp_path / "static")
     _deploy(_handler(mode="dynamic", min_parity=0.0), tmp_path / "keep")  # 0 keeps any model
+
+
+def test_auto_calibration_tries_percentile_where_minmax_misses_the_target(tmp_path, monkeypatch):
+    probed = []
+
+    def parity(self, path):  # minmax ranges ruin this model, percentile's clipped ones do not
+        probed.append(path.name)
+        return 0.99 if "percentile" in path.name else 0.5
+
+    monkeypatch.setattr(ptq.ParityProbe, "__call__", parity)
+    handler = _handler(mode="static", calibration_method="auto", target_parity=0.98)
+    artifact = _deploy(handler, tmp_path)
+    assert artifact.notes["calibration"] == "percentile" and handler.stats["int8_float_layers"] == 0
+    assert handler.stats["int8_parity"] == 0.99 and artifact.path.name == "m.int8_static.onnx"
+    assert not list(tmp_path.glob("*percentile*")) and "m.int8_static.percentile.onnx" in probed
+    minmax = _handler(mode="static", calibration_method="minmax", target_parity=0.98, min_parity=0.0)
+    assert _deploy(minmax, tmp_path / "minmax").notes["calibration"] == "minmax"
+    assert minmax.stats["int8_parity"] == 0.5  # no float layers helped: it ships what it has
+
+
+def test_auto_calibration_stops_at_minmax_when_it_meets_the_target(tmp_path, monkeypatch):
+    probed = []
+    monkeypatch.setattr(ptq.ParityProbe, "__call__", lambda self, path: probed.append(path.name) or 1.0)
+    artifact = _deploy(_handler(mode="static", calibration_method="auto", target_parity=0.98), tmp_path)
+    assert artifact.notes["calibration"] == "minmax" and probed == ["m.int8_static.onnx"]
