@@ -5,9 +5,10 @@ images (val 20 %, test 20 %):
 
 1. the user's side: train it (``--train-epochs``, SGD with momentum, cosine) and save a state_dict;
 2. baseline: the checkpoint exported as is (fp32 ONNX), measured;
-3. automl: ``structured`` 2x MACs (thinned, uniform, 16-channel grid, BatchNorm-scale criterion) + ``int8_ptq``
-   static, ``kd`` from the checkpoint, ``--finetune-epochs`` of fine-tuning, all through ``apply_recipe`` (what
-   ``automl apply`` runs) with only the model builder and the data folder;
+3. automl: ``structured`` 2x MACs (thinned, ``--allocation``, 16-channel grid, BatchNorm-scale criterion) +
+   ``int8_ptq`` static (calibration auto), ``kd`` from the checkpoint, ``--finetune-epochs`` of fine-tuning
+   (SGD at ``--finetune-lr``, default the training's lr: learning-rate rewinding), all through
+   ``apply_recipe`` (what ``automl apply`` runs) with only the model builder and the data folder;
 4. hand-written: what a user chaining the tools would write -- Torch-Pruning's MagnitudePruner (L1)
    to the same MACs as (3), the same fine-tune epochs, optimizer and learning rate (plain cross-entropy),
    torch.onnx export, onnxruntime ``quantize_static`` (QDQ, per channel, its defaults otherwise);
