@@ -35,7 +35,9 @@ def flags_named(args):
     try:
         yield
     except ConfigError as exc:
-        flag = FLAG_KEYS.get(exc.key)
+        key = str(exc.key or "")
+        flag = FLAG_KEYS.get(key) or ("data" if key.startswith("data.") else None)
         if flag is None or getattr(args, flag, None) is None:
             raise
-        raise ConfigError(exc.message, key=f"--{flag}", value=exc.value, fix=exc.fix) from None
+        named = f"--{flag}" if key in FLAG_KEYS else f"--{flag} ({key})"  # e.g. data.val_fraction of --data
+        raise type(exc)(exc.message, key=named, value=exc.value, fix=exc.fix) from None

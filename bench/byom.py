@@ -80,7 +80,7 @@ def recipe(name, data, *, checkpoint=None, epochs=0, stages=()):
 def train_user_model(name, data, task, epochs, path: Path, reuse=False):
     started = time.time()
     done = path.with_suffix(".json")
-    if reuse and done.is_file() and json.loads(done.read_text()).get("epochs") == epochs:
+    if reuse and path.is_file() and done.is_file() and json.loads(done.read_text()).get("epochs") == epochs:
         return json.loads(done.read_text())["train"]
     model, _ = train_with_stages(recipe(name, data, epochs=epochs), task,
                                  ApplyContext(task=task, work_dir=path.parent, epochs=epochs))

@@ -110,9 +110,9 @@ def parse_data(data: Any, where: Where) -> DataSpec:
 
 
 # -- splitting ------------------------------------------------------------------------------------------
-def _split(labels: np.ndarray, fraction: float, seed: int, where: Where) -> Tuple[np.ndarray, np.ndarray]:
+def _split(labels: np.ndarray, fraction: float, seed: int, where: Where, given: float) -> Tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices, stratified by label when every class has at least two samples and
-    both sides can hold one of each class."""
+    both sides can hold one of each class. ``given``: the fraction as the user wrote it (of all the data)."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
@@ -120,7 +120,7 @@ def _split(labels: np.ndarray, fraction: float, seed: int, where: Where) -> Tupl
         return index, index[:0]
     held = int(np.ceil(fraction * len(labels)))
     if held < 1 or held >= len(labels):
-        raise where.error(f"{len(labels)} sample(s) cannot be split {fraction:.3g} / {1 - fraction:.3g}", fraction,
+        raise where.error(f"too few samples: this split would hold out {held} of the {len(labels)} left", given,
                           "give more samples, or val/ and test/ splits of your own")
     counts = np.bincount(labels)
     classes = int((counts > 0).sum())
@@ -138,7 +138,8 @@ def _carve(train: Dict[str, np.ndarray], spec: DataSpec, have: set, where: Where
     for split, fraction in (("test", spec.test_fraction), ("val", spec.val_fraction)):
         if split in have or fraction <= 0:
             continue
-        keep, held = _split(train["y"], fraction / (1.0 - used), spec.split_seed, where / f"{split}_fraction")
+        keep, held = _split(train["y"], fraction / (1.0 - used), spec.split_seed, where / f"{split}_fraction",
+                            fraction)
         used += fraction
         out[split] = {k: v[held] for k, v in train.items()}
         train = {k: v[keep] for k, v in train.items()}

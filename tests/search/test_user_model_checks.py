@@ -80,7 +80,6 @@ def test_a_bad_checkpoint_with_force_keeps_the_old_run(user_files, capsys):
     assert (out / "trials.csv").read_text() == "the user's earlier results\n"
 
 
-
 def test_a_truncated_training_image_with_force_keeps_the_old_run(user_files, capsys):
     from PIL import Image
 
@@ -96,6 +95,7 @@ def test_a_truncated_training_image_with_force_keeps_the_old_run(user_files, cap
     err = capsys.readouterr().err
     assert code == 2 and "cannot be decoded" in err and "1.png" in err
     assert (out / "trials.csv").read_text() == "the user's earlier results\n"
+
 
 def test_a_forward_torch_export_cannot_trace_is_refused_naming_the_fix(tmp_path, task):
     (tmp_path / "branchy.py").write_text(textwrap.dedent('''
@@ -160,3 +160,21 @@ def test_a_users_space_with_bn_scale_for_a_model_without_batchnorm_is_refused(us
         fit_to_model(space, check_user_model(space, task))
     assert info.value.key == "compression.pruning.criterion" and info.value.value == "bn_scale"
     assert "mine.yaml" in str(info.value)
+
+
+def test_errors_about_flag_values_name_the_flag_and_keep_their_class():
+    from types import SimpleNamespace
+
+    from automl.cli_common import flags_named
+    from automl.errors import UnknownNameError
+
+    args = SimpleNamespace(model="m.py:build", checkpoint=None, data="imgs/", task=None)
+    with pytest.raises(ConfigError) as info, flags_named(args):
+        raise ConfigError("too few samples", file="embedded:user_model.yaml", key="data.val_fraction", value=0.2)
+    assert info.value.key == "--data (data.val_fraction)" and info.value.file is None
+    with pytest.raises(UnknownNameError) as info, flags_named(args):
+        raise UnknownNameError("no such function", file="embedded:user_model.yaml", key="model.builder")
+    assert info.value.key == "--model"
+    with pytest.raises(ConfigError) as info, flags_named(args):  # not given as a flag: as it was
+        raise ConfigError("bad", file="s.yaml", key="model.checkpoint")
+    assert info.value.key == "model.checkpoint" and info.value.file == "s.yaml"

@@ -132,7 +132,9 @@ class Int8PTQ(Method):
     def _other_settings(self) -> str:
         if self.config.mode == "dynamic":
             return "mode static"
-        others = [m for m in ("percentile", "entropy", "minmax") if m != self.config.calibration_method]
+        method = self.config.calibration_method
+        tried = ("minmax", "percentile") if method == "auto" else (method,)
+        others = [m for m in ("percentile", "entropy", "minmax") if m not in tried]
         fallback = ("target_parity (e.g. 0.98: the most harmful layers stay float), "
                     if not self.config.target_parity else "")
         return f"{fallback}calibration_method {' or '.join(others[:2])}, more calibration_batches, or mode dynamic"
@@ -151,7 +153,13 @@ class Int8PTQ(Method):
             quantize = partial(quantize_static_qdq, batches=batches, per_channel=cfg.per_channel,
                                symmetric_activations=cfg.symmetric_activations, calibration_method=method,
                                calibration_cache=ranges)
-            done = {**float_fallback(quantize, pre, path, probe, cfg.target_parity, share), "calibration": method}
+            try:
+                done = {**float_fallback(quantize, pre, path, probe, cfg.target_parity, share), "calibration": method}
+            except Exception:
+                if best is None:
+                    raise
+                path.unlink(missing_ok=True)  # the minmax model in ``out`` stands
+                break
             if best is None:
                 best = done
             elif _better(done, best, cfg.target_parity):
@@ -165,5 +173,7 @@ class Int8PTQ(Method):
 
 
 def _better(a: dict, b: dict, target: float) -> bool:
-    key = lambda d: (d["parity"] >= target, -len(d["float_layers"]), d["parity"])  # noqa: E731
+    """Meeting the target first; then, among models that meet it, fewer float layers; else higher parity."""
+    key = lambda d: (d["parity"] >= target, -len(d["float_layers"]) if d["parity"] >= target else d["parity"],  # noqa
+                     d["parity"])
     return key(a) > key(b)

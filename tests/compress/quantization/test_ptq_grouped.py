@@ -99,3 +99,11 @@ def test_auto_calibration_stops_at_minmax_when_it_meets_the_target(tmp_path, mon
     monkeypatch.setattr(ptq.ParityProbe, "__call__", lambda self, path: probed.append(path.name) or 1.0)
     artifact = _deploy(_handler(mode="static", calibration_method="auto", target_parity=0.98), tmp_path)
     assert artifact.notes["calibration"] == "minmax" and probed == ["m.int8_static.onnx"]
+
+
+def test_auto_calibration_ranks_by_parity_when_neither_meets_the_target():
+    many_float = {"parity": 0.95, "float_layers": ["a", "b", "c"]}
+    none_float = {"parity": 0.6, "float_layers": []}
+    assert ptq._better(many_float, none_float, 0.98) and not ptq._better(none_float, many_float, 0.98)
+    meets = {"parity": 0.99, "float_layers": ["a"]}
+    assert ptq._better(meets, many_float, 0.98) and ptq._better({"parity": 0.98, "float_layers": []}, meets, 0.98)
