@@ -70,11 +70,10 @@ def write_digits(root: Path):
         Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(folder / f"{i:04d}.png")
 
 
-def recipe(name, data, *, checkpoint=None, epochs=0, stages=()):
+def recipe(name, data, *, checkpoint=None, epochs=0, stages=(), seed=0):
     model = {"builder": BUILDER, "kwargs": {"name": name}, **({"checkpoint": str(checkpoint)} if checkpoint else {})}
-    return Recipe.from_dict({"version": 1, "data": data, "model": model,
-                             "train": {"epochs": epochs, **(FINETUNE if checkpoint else TRAIN), "batch_size": 32},
-                             "stages": list(stages)})
+    train = {"epochs": epochs, **(FINETUNE if checkpoint else TRAIN), "batch_size": 32, "seed": seed}
+    return Recipe.from_dict({"version": 1, "data": data, "model": model, "train": train, "stages": list(stages)})
 
 
 def train_user_model(name, data, task, epochs, path: Path, reuse=False):
@@ -99,7 +98,7 @@ def automl_stages(finetune, allocation="uniform", target_parity=None):
                                               **({"target_parity": target_parity} if target_parity else {})}}]
 
 
-def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Path):
+def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Path, seed=0):
     """Torch-Pruning to ``target_macs`` + fine-tune + onnxruntime quantize_static, as a user writes it."""
     import torch_pruning as tp
     from onnxruntime.quantization import QuantFormat, quantize_static
@@ -127,16 +126,16 @@ def hand_pipeline(name, data, task, checkpoint, target_macs, finetune, work: Pat
         best = (mid, model, macs) if best is None or abs(macs - target_macs) < abs(best[2] - target_macs) else best
         lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
     ratio, model, macs = best
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=FINETUNE["lr"], momentum=FINETUNE["momentum"],
                                 weight_decay=FINETUNE["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(finetune, 1))
     for epoch in range(finetune):
-        task.train_epoch(model, optimizer, task.train_loader(batch_size=32, seed=epoch))
+        task.train_epoch(model, optimizer, task.train_loader(batch_size=32, seed=1000 * seed + epoch))
         scheduler.step()
     model.eval()
-    fp32 = export_onnx(model, example, work / "tp.onnx").path
-    pre, int8 = work / "tp.pre.onnx", work / "tp.int8.onnx"
+    fp32 = export_onnx(model, example, work / f"tp-s{seed}.onnx").path
+    pre, int8 = work / f"tp-s{seed}.pre.onnx", work / f"tp-s{seed}.int8.onnx"
     quant_pre_process(str(fp32), str(pre))
 
     class Reader:
@@ -203,6 +202,36 @@ def dense_training_s(run: Path, train_epochs: int, concurrency: int) -> float:
     return total / max(concurrency, 1)
 
 
+KEPT = ("accuracy", "test_accuracy", "params", "macs", "mac_reduction", "precision", "structured_groups_skipped")
+
+
+def compress(name, args, data, task, work: Path, baseline_macs, seed):
+    """Both pipelines from the checkpoint with fine-tune seed ``seed``: (rows, deployed files)."""
+    checkpoint = work / "weights.pt"
+    stages = automl_stages(args.finetune_epochs, args.allocation, args.target_parity)
+    ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs, stages=stages,
+                               seed=seed), work / f"automl-s{seed}", task=task)
+    rows = {"automl": {k: ours.metrics.get(k) for k in KEPT}}
+    paths = {"automl": ours.artifact.path}
+    try:
+        hand = hand_pipeline(name, data, task, checkpoint, ours.metrics["macs"], args.finetune_epochs, work, seed)
+        val, test = onnx_accuracy(hand["onnx"], task)
+        rows["torch_pruning"] = {**{k: v for k, v in hand.items() if k != "onnx"}, "accuracy": val,
+                                 "test_accuracy": test, "mac_reduction": baseline_macs / hand["macs"]}
+        paths["torch_pruning"] = hand["onnx"]
+    except Exception as exc:  # Torch-Pruning fails on some graphs: that is a result too
+        rows["torch_pruning"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return rows, paths
+
+
+def seed_mean(rows: list) -> dict:
+    """One pipeline's figures averaged over seeds (numbers), else the first seed's value."""
+    if any("error" in r for r in rows):
+        return next(r for r in rows if "error" in r)
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return {k: statistics.mean(r[k] for r in rows) if numeric(v) else v for k, v in rows[0].items()}
+
+
 def run_model(name, args, data, task, work: Path):
     work.mkdir(parents=True, exist_ok=True)
     row = {"model": name, "graph": MODELS[name][2]}
@@ -210,30 +239,23 @@ def run_model(name, args, data, task, work: Path):
     row["train"] = train_user_model(name, data, task, args.train_epochs, checkpoint, args.reuse_checkpoints)
     base = apply_recipe(recipe(name, data, checkpoint=checkpoint), work / "baseline", task=task)
     row["baseline"] = {k: base.metrics[k] for k in ("accuracy", "test_accuracy", "params", "macs")}
-    ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs,
-                               stages=automl_stages(args.finetune_epochs, args.allocation,
-                                                                     args.target_parity)), work / "automl", task=task)
-    row["automl"] = {k: ours.metrics.get(k) for k in ("accuracy", "test_accuracy", "params", "macs", "mac_reduction",
-                                                       "precision", "structured_groups_skipped")}
-    paths = {"baseline": base.artifact.path, "automl": ours.artifact.path}
-    try:
-        hand = hand_pipeline(name, data, task, checkpoint, ours.metrics["macs"], args.finetune_epochs, work)
-        val, test = onnx_accuracy(hand["onnx"], task)
-        row["torch_pruning"] = {**{k: v for k, v in hand.items() if k != "onnx"}, "accuracy": val,
-                                "test_accuracy": test, "mac_reduction": row["baseline"]["macs"] / hand["macs"]}
-        paths["torch_pruning"] = hand["onnx"]
-    except Exception as exc:  # Torch-Pruning fails on some graphs: that is a result too
-        row["torch_pruning"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    lat = latencies(paths, task, args.rounds)
-    for key in paths:
-        row.setdefault(key, {}).update(lat[key])
+    runs, paths = {}, {"baseline": base.artifact.path}
+    for seed in args.seeds:
+        runs[seed], files = compress(name, args, data, task, work, row["baseline"]["macs"], seed)
+        paths.update({(key, seed): path for key, path in files.items()})
+    lat = latencies(paths, task, args.rounds)  # every deployed file of every seed, rounds interleaved
+    row["baseline"].update(lat["baseline"])
+    for (key, seed), timing in ((k, v) for k, v in lat.items() if k != "baseline"):
+        runs[seed][key].update(timing, speedup_b1=lat["baseline"]["b1_ms"] / timing["b1_ms"],
+                               speedup_b32=lat["baseline"]["b32_ms"] / timing["b32_ms"],
+                               param_ratio=row["baseline"]["params"] / runs[seed][key]["params"])
+    for v in [row["baseline"], *(r for seed in runs.values() for r in seed.values() if "error" not in r)]:
         # val and test are the same size (20 % each) and neither pipeline selects on them: their mean
         # halves the noise of one 360-image split
-        row[key]["holdout_accuracy"] = (row[key]["accuracy"] + row[key]["test_accuracy"]) / 2
-        if key != "baseline":
-            row[key]["speedup_b1"] = lat["baseline"]["b1_ms"] / lat[key]["b1_ms"]
-            row[key]["speedup_b32"] = lat["baseline"]["b32_ms"] / lat[key]["b32_ms"]
-            row[key]["param_ratio"] = row["baseline"]["params"] / row[key]["params"]
+        v["holdout_accuracy"] = (v["accuracy"] + v["test_accuracy"]) / 2
+    row["seeds"] = [{"seed": seed, **runs[seed]} for seed in args.seeds]
+    for key in ("automl", "torch_pruning"):  # the mean over seeds; each seed's figures are in row["seeds"]
+        row[key] = seed_mean([runs[seed][key] for seed in args.seeds])
     if args.trials:
         row["search"] = search(name, checkpoint, data, args.trials, args.finetune_epochs, work / "search")
     if args.trials and name in args.scratch:  # the same trials, each training the dense model first
@@ -260,6 +282,11 @@ def table(rows):
             accuracies = " | ".join(f"{100 * v[k]:.1f}" for k in ("accuracy", "test_accuracy", "holdout_accuracy"))
             ratios = " | ".join(fmt(v.get(k, 1.0)) for k in ("param_ratio", "speedup_b1", "speedup_b32"))
             print(f"| {r['model']} | {r['graph']} | {key} | {accuracies} | {fmt(macs)} | {ratios} |")
+        if len(r.get("seeds", ())) > 1:
+            each = {k: "/".join(f"{100 * s[k]['holdout_accuracy']:.1f}" if "holdout_accuracy" in s[k] else "-"
+                                for s in r["seeds"]) for k in ("automl", "torch_pruning")}
+            print(f"| {r['model']} | {r['graph']} | val+test % by seed | automl {each['automl']} | "
+                  f"torch_pruning {each['torch_pruning']} | | | | | |")
         s = r.get("search", {}).get("fastest")
         if s:
             print(f"| {r['model']} | {r['graph']} | search (fastest within 1 point) | {100 * s['accuracy']:.1f} "
@@ -276,6 +303,8 @@ def main():
     parser.add_argument("--scratch", nargs="*", default=["resnet20"],
                         help="models whose search also runs from scratch (train + fine-tune epochs per trial)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="fine-tune seeds of both pipelines (shuffling, allocation sampling); means reported")
     parser.add_argument("--finetune-lr", type=float, default=TRAIN["lr"],
                         help="SGD lr of both pipelines' fine-tune (default: the training's, cosine again)")
     parser.add_argument("--reuse-checkpoints", action="store_true",
