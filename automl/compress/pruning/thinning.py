@@ -50,8 +50,10 @@ def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     was_training = model.training  # tracing puts the model in eval mode and leaves it there
     # A model with side outputs (early-exit heads) is traced through all of them, so the layers
     # that read a pruned feature map are cut with it.
+    # Always a forward_fn: without one Torch-Pruning first tries ``model(*example)``, which unpacks
+    # the batch and traces an MLP (or a conv net without BatchNorm) on one unbatched sample.
     all_outputs = getattr(model, "all_exits", None)
-    forward = (lambda m, x: all_outputs(x)) if all_outputs is not None else None
+    forward = (lambda m, x: all_outputs(x)) if all_outputs is not None else (lambda m, x: m(x))
     install_guards()
     dg = tp.DependencyGraph()
     dg.reshape_problems = {}

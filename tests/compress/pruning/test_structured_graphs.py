@@ -301,3 +301,32 @@ def test_thinned_models_export_to_onnx(task32, name, tmp_path):
     with torch.no_grad():
         ref = thinned.eval()(x).numpy()
     assert np.allclose(OrtModel(artifact.path)(x), ref, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """A task whose samples are feature vectors (N, 64), as an npz of a user's tabular data."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from automl.tasks.data import data_task, parse_data
+    from automl.validate import Where
+
+    digits = load_digits()
+    path = tmp_path_factory.mktemp("features") / "digits.npz"
+    np.savez(path, x=(digits.data / 16).astype(np.float32), y=digits.target)
+    return data_task(parse_data({"path": str(path)}, Where("test", "data")))
+
+
+def test_mlp_on_feature_vectors_is_thinned(features):
+    # traced on a batch (N, 64), not on one unbatched sample, so Linear outputs are channels
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.GELU(),
+                          nn.Linear(64, 10))
+    handler, masked, thinned = run(features, model, mac_reduction=1.6, round_to=16)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.allclose(masked.eval()(x), thinned.eval()(x), atol=1e-5)
+    assert handler.stats["structured_groups_skipped"] == 0
+    assert thinned[0].out_features < 128 and thinned[3].out_features < 64
+    assert handler.stats["mac_reduction"] >= 1.6 * 0.98
