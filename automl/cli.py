@@ -15,21 +15,23 @@ from automl.errors import AutoMLError, ConfigError, with_file
 
 
 def _override_budget(space, args):
+    """The space with --strategy / --trials / --concurrency written into its raw form and parsed
+    again: the space's checks see them, and so do the run's space.yaml (what `automl resume` reads)
+    and any later re-parse (fitting the space to a user's model)."""
     import dataclasses
 
-    if getattr(args, "strategy", None):  # parsed again: the space's checks see the new strategy
-        from automl.spaces import parse_space
+    from automl.spaces import parse_space
 
-        space = parse_space({**space.raw, "budget": {**(space.raw.get("budget") or {}), "strategy": args.strategy}},
-                            space.source)
-    changes = {k: getattr(args, k) for k in ("trials", "concurrency") if getattr(args, k, None) is not None}
-    bounds = {f.name: (f.metadata["low"], f.metadata["high"]) for f in dataclasses.fields(space.budget)}
-    for key, value in changes.items():
-        low, high = bounds[key]
-        if not low <= value <= high:
+    changes = {k: getattr(args, k) for k in ("strategy", "trials", "concurrency") if getattr(args, k, None) is not None}
+    bounds = {f.name: f.metadata for f in dataclasses.fields(space.budget)}
+    for key in ("trials", "concurrency"):
+        value, low, high = changes.get(key), bounds[key]["low"], bounds[key]["high"]
+        if value is not None and not low <= value <= high:
             raise ConfigError(f"must be between {low} and {high:,}", key=f"--{key}", value=value,
                               fix=f"give --{key} a value in {low}..{high}")
-    return dataclasses.replace(space, budget=dataclasses.replace(space.budget, **changes)) if changes else space
+    if not changes:
+        return space
+    return parse_space({**space.raw, "budget": {**(space.raw.get("budget") or {}), **changes}}, space.source)
 
 
 def cmd_search(args) -> int:

@@ -83,3 +83,23 @@ def test_strategy_override_is_checked_like_the_space(tmp_path):
     proc = _run("search", "--space", str(path), "--strategy", "sequential", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "budget.trials: sequential runs two phases" in proc.stderr
     assert "\n" not in proc.stderr.strip() and not (tmp_path / "r").exists()
+
+
+def test_budget_overrides_survive_a_reparse_of_the_space():
+    """--trials / --concurrency are written into the space's raw form: fitting the space to a model without
+    BatchNorm (a re-parse) and the run's space.yaml (what resume reads) keep them."""
+    import argparse
+
+    import torch.nn as nn
+
+    from automl.cli import _override_budget
+    from automl.spaces import parse_space
+    from automl.spaces.user import fit_to_model, user_space
+
+    space = user_space(builder="pkg.models:build", data={"path": "data.npz"})
+    args = argparse.Namespace(trials=3, concurrency=1, strategy=None)
+    space = _override_budget(space, args)
+    assert (space.budget.trials, space.budget.concurrency) == (3, 1)
+    assert parse_space(space.raw, space.source).budget.trials == 3
+    fitted = fit_to_model(space, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), log=lambda m: None)
+    assert (fitted.budget.trials, fitted.budget.concurrency) == (3, 1)
