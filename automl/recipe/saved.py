@@ -26,6 +26,7 @@ from automl.recipe.apply import ApplyResult, apply_recipe
 from automl.runtime import Artifact
 from automl.recipe.build import recipe_model, recipe_task
 from automl.recipe.schema import Recipe
+from automl.recipe.usermodel import check_user_model
 from automl.validate import Where
 
 RECIPE_FILE, METRICS_FILE, EXPORTED = "recipe.yaml", "metrics.json", "model.pt2"
@@ -99,6 +100,7 @@ def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, tas
     if model is not None:
         recipe = dataclasses.replace(recipe, model=recipe.model.with_object(model))
     task = task if task is not None else recipe_task(recipe)
+    check_user_model(recipe, task)  # a model that cannot take the data or export fails before any training
     # Everything is written to a staging directory beside --out and renamed into place at the end:
     # a bad recipe, a crash or Ctrl+C never costs the user the directory they had.
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -22,7 +22,8 @@ from automl.errors import AutoMLError, RunDirError
 from automl.hardware.shipped import auto_profile
 from automl.search.rundir import TUNE_DIR, check_run_dir, prepare_run_dir, recover_outputs, run_lock
 from automl.io import load_yaml, write_json, write_yaml
-from automl.search.baseline import check_user_model, measure_baseline
+from automl.recipe.usermodel import check_user_model
+from automl.search.baseline import measure_baseline
 from automl.supernet.inherit import check_space
 from automl.search.costing import Costing, load_costing, profile_report, restore_costing, save_costing
 from automl.search.interrupt import stop_on_signals

@@ -9,7 +9,7 @@ import torch
 import automl
 from automl.cli import main
 from automl.errors import ConfigError
-from automl.search.baseline import check_user_model
+from automl.recipe.usermodel import check_user_model
 from automl.spaces import parse_space
 from automl.spaces.user import user_space
 
@@ -178,3 +178,24 @@ def test_errors_about_flag_values_name_the_flag_and_keep_their_class():
     with pytest.raises(ConfigError) as info, flags_named(args):  # not given as a flag: as it was
         raise ConfigError("bad", file="s.yaml", key="model.checkpoint")
     assert info.value.key == "model.checkpoint" and info.value.file == "s.yaml"
+
+
+def test_apply_checks_the_model_before_training_or_writing(user_files, tmp_path, capsys, monkeypatch):
+    """`automl apply` on a recipe whose model returns a dict: one paragraph naming the recipe and the key,
+    exit 2, nothing trained, the output directory the user had kept."""
+    monkeypatch.syspath_prepend(str(user_files))
+    recipe = tmp_path / "dict.yaml"
+    recipe.write_text(textwrap.dedent(f'''
+        version: 1
+        task: digits
+        model: {{builder: "{user_files / 'models.py'}:build", kwargs: {{out: dict}}}}
+        train: {{epochs: 1}}
+        stages: []
+        '''))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's earlier model")
+    assert main(["apply", str(recipe), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}: model.builder: the model must return one logits tensor" in err and "it returned dict" in err
+    assert (out / "keep.txt").read_text() == "the user's earlier model"
