@@ -12,6 +12,7 @@ from typing import Dict, List
 
 import torch
 
+from automl.errors import ConfigError
 from automl.runtime.artifact import Artifact
 
 
@@ -27,11 +28,27 @@ def onnx_export(module: torch.nn.Module, example: torch.Tensor, path: Path, outp
     """torch.onnx.export (dynamo) with input ``input``, the named outputs and a dynamic batch."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    if example.shape[0] == 1:  # torch.export specialises a size-1 dim: a batch of 1 can export a fixed batch
+        example = torch.cat([example, example])
     with warnings.catch_warnings(), _shared_onnx_registry():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
-                          output_names=outputs, dynamic_shapes=({0: batch},), verbose=False,
-                          external_data=False)
+        program = torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
+                                    output_names=outputs, dynamic_shapes=({0: batch},), verbose=False,
+                                    external_data=False)
+    first = _batch_dim(program)
+    if isinstance(first, int):
+        raise ConfigError(f"the ONNX export fixed the batch size at {first}: the model's forward treats the batch "
+                          f"dimension as a constant", key="model", value=type(module).__name__,
+                          fix="keep the batch dimension free in forward (x.flatten(1) or x.reshape(x.shape[0], -1), "
+                              "not x.view(1, -1) or a batch-sized constant)")
+
+
+def _batch_dim(program):
+    """The exported graph's first input dimension: an int when the export fixed it, else symbolic."""
+    try:
+        return program.model.graph.inputs[0].shape[0]
+    except (AttributeError, IndexError, TypeError):  # another torch.onnx: nothing to check
+        return None
 
 
 _REGISTRIES: Dict[str, object] = {}

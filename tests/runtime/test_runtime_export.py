@@ -81,3 +81,44 @@ def test_apply_runs_with_the_recipe_threads_and_gives_the_callers_back(task, tmp
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class Tokens(nn.Module):
+    """A tiny vision transformer: patches, a position embedding of batch 1, attention."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch, self.pos = nn.Conv2d(3, d, 8, 8), nn.Parameter(torch.randn(1, 16, d))
+        self.attn, self.head = nn.MultiheadAttention(d, 2, batch_first=True), nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_a_batch_of_one_example_still_exports_a_free_batch(tmp_path):
+    """torch.export specialises size-1 dims: exported from one example, this model used to get a fixed
+    batch of 1 and fail in onnxruntime on any other batch."""
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    artifact = export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(OrtModel(artifact.path)(x.numpy()), model(x).numpy(), atol=1e-4)
+
+
+class BatchConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bias = nn.Linear(48, 10), nn.Parameter(torch.zeros(2, 10))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + self.bias  # only right for a batch of 2
+
+
+def test_a_model_whose_export_fixes_the_batch_is_refused_by_name(tmp_path):
+    from automl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model: the ONNX export fixed the batch size at 2.*BatchConstant.*"
+                                          r"keep the batch dimension free"):
+        export_onnx(BatchConstant(), torch.randn(1, 3, 4, 4), tmp_path / "m.onnx")
