@@ -247,6 +247,10 @@ def load_checkpoint(model: nn.Module, path, where: Where) -> nn.Module:
             load_structure(model, path / APPLY_STRUCTURE, state)
     else:
         state = read_state_dict(path, where)
+    # BatchNorm's batch counter (torch >= 0.4.1) is missing from older checkpoints, torchvision's
+    # published weights among them; it does nothing in eval, so the model's own value stands in
+    own = model.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
     check_state_fits(model, state, where, str(path))
     model.load_state_dict(state)
     return model

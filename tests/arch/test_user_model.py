@@ -49,6 +49,16 @@ def test_a_training_checkpoint_with_a_nested_state_dict_and_module_prefix_loads(
     assert task.evaluate(model, task.val_loader()) == pytest.approx(accuracy)
 
 
+def test_a_checkpoint_without_batchnorm_counters_loads(trained, tmp_path, task):
+    """Older checkpoints (torchvision's published weights among them) lack num_batches_tracked."""
+    path, accuracy = trained
+    state = {k: v for k, v in torch.load(path, weights_only=True).items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(torch.load(path, weights_only=True))  # the test model has BatchNorm
+    torch.save(state, tmp_path / "old.pt")
+    model = build_user_model(source(checkpoint=str(tmp_path / "old.pt")))
+    assert task.evaluate(model, task.val_loader()) == pytest.approx(accuracy)
+
+
 @pytest.mark.parametrize("data, words", [
     ({"builder": "no_such_module_xyz:build"}, "cannot import the builder's module"),
     ({"builder": "build"}, "package.module:function"),
