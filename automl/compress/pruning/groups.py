@@ -69,8 +69,17 @@ def _dims(value, rank: int) -> set:
     return {int(d) % rank for d in values} if rank else set()
 
 
-def _reshape_problem(grad_fn) -> str:
-    """'' for a view Torch-Pruning maps right: a flatten to (N, features) or one that keeps dim 1."""
+def _inside_linear(node) -> bool:
+    """A Linear on tokens (N, L, C) runs as view (N * L, C) -> addmm -> view back; Torch-Pruning records
+    the first two as ops of their own. Both keep feature i at feature i of the Linear's input."""
+    return bool(node.outputs) and all(isinstance(o.module, nn.Linear) or _op_name(o.grad_fn) in ("Addmm", "Mm")
+                                      and _inside_linear(o) for o in node.outputs)
+
+
+def _reshape_problem(node) -> str:
+    """'' for a view Torch-Pruning maps right: a flatten to (N, features), one that keeps dim 1, or the
+    token view a Linear makes of its input."""
+    grad_fn = node.grad_fn
     before, after = getattr(grad_fn, "_saved_self_sym_sizes", None), _out_shape(grad_fn)
     if before is None or after is None:
         return "a reshape of unknown shape"
@@ -78,6 +87,8 @@ def _reshape_problem(grad_fn) -> str:
     if len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]:
         return ""
     if len(after) == 2 and before[:1] == after[:1]:
+        return ""
+    if len(after) == 2 and before[-1] == after[-1] and _inside_linear(node):
         return ""
     return f"a reshape {list(before)} -> {list(after)} moves channels (e.g. a channel shuffle)"
 
@@ -134,6 +145,8 @@ def _op_problem(node) -> str:
     if name == "ConstantPadNd":
         pad = getattr(gf, "_saved_pad", ())
         return "" if len(pad) <= 2 * max(rank - 2, 0) else "a padding of the channel dimension"
+    if name in ("Addmm", "Mm") and _inside_linear(node):
+        return ""
     if name not in KEEPS_CHANNELS:
         return f"the op {name} (not known to keep channel i at channel i)"
     if rank >= 2:  # a broadcast over channels couples tensors of different widths
@@ -163,7 +176,7 @@ def install_guards():
     pieces it miscounts indexes past its offsets) is recorded there {node: why} and left unmapped.
     Torch-Pruning re-runs the mappings at every get_pruning_group, hence lasting wrappers; graphs
     without the attribute behave as before."""
-    for fn_name, check in (("update_reshape_index_mapping", lambda n: _reshape_problem(n.grad_fn)),
+    for fn_name, check in (("update_reshape_index_mapping", _reshape_problem),
                            ("update_split_index_mapping", _split_problem)):
         original = getattr(tp_index_mapping, fn_name)
         if getattr(original, "automl_guard", False):

@@ -330,3 +330,28 @@ def test_mlp_on_feature_vectors_is_thinned(features):
     assert handler.stats["structured_groups_skipped"] == 0
     assert thinned[0].out_features < 128 and thinned[3].out_features < 64
     assert handler.stats["mac_reduction"] >= 1.6 * 0.98
+
+
+class TokenMLP(nn.Module):
+    """A transformer block's MLP on tokens (N, L, C): each Linear runs as view -> addmm -> view."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.patch, self.norm = nn.Conv2d(3, d, 8, 8), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.mlp(self.norm(x))
+        return self.head(x.mean(1))
+
+
+def test_a_transformer_mlp_on_tokens_is_thinned(task32):
+    torch.manual_seed(0)
+    handler, masked, thinned = run(task32, TokenMLP(), ratio=0.5, round_to=16)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(masked.eval()(x), thinned.eval()(x), atol=1e-5)
+    assert thinned.mlp[0].out_features == thinned.mlp[2].in_features < 128
+    assert handler.stats["mac_reduction"] > 1.0
