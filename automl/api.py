@@ -36,16 +36,15 @@ def search_compression(model: nn.Module, train_loader, val_loader, test_loader=N
     budget against the uncompressed model; ``epochs``: fine-tune epochs per trial; ``trials`` /
     ``concurrency`` override the space's budget."""
     from automl.search import run_search
-    from automl.spaces.user import user_space
+    from automl.spaces.user import user_space, with_budget
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     task = LoaderTask(train_loader, val_loader, test_loader)
     found = user_space(space=space, object_class=class_name(model), task=LOADERS_TASK, max_drop=max_drop,
                        epochs=epochs)
-    budget = {k: v for k, v in (("trials", trials), ("concurrency", concurrency)) if v is not None}
-    found = dataclasses.replace(found, model=found.model.with_object(model),
-                                budget=dataclasses.replace(found.budget, **budget))
+    found = with_budget(found, trials=trials, concurrency=concurrency)
+    found = dataclasses.replace(found, model=found.model.with_object(model))
     return run_search(found, out, task=task, profile=profile, address=address, force=force)
 
 

@@ -15,12 +15,11 @@ from automl.errors import AutoMLError, ConfigError, with_file
 
 
 def _override_budget(space, args):
-    """The space with --strategy / --trials / --concurrency written into its raw form and parsed
-    again: the space's checks see them, and so do the run's space.yaml (what `automl resume` reads)
-    and any later re-parse (fitting the space to a user's model)."""
+    """The space with --strategy / --trials / --concurrency (spaces.user.with_budget), bounds checked
+    first so the message names the flag."""
     import dataclasses
 
-    from automl.spaces import parse_space
+    from automl.spaces.user import with_budget
 
     changes = {k: getattr(args, k) for k in ("strategy", "trials", "concurrency") if getattr(args, k, None) is not None}
     bounds = {f.name: f.metadata for f in dataclasses.fields(space.budget)}
@@ -29,9 +28,7 @@ def _override_budget(space, args):
         if value is not None and not low <= value <= high:
             raise ConfigError(f"must be between {low} and {high:,}", key=f"--{key}", value=value,
                               fix=f"give --{key} a value in {low}..{high}")
-    if not changes:
-        return space
-    return parse_space({**space.raw, "budget": {**(space.raw.get("budget") or {}), **changes}}, space.source)
+    return with_budget(space, **changes)
 
 
 def cmd_search(args) -> int:

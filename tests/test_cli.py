@@ -103,3 +103,22 @@ def test_budget_overrides_survive_a_reparse_of_the_space():
     assert parse_space(space.raw, space.source).budget.trials == 3
     fitted = fit_to_model(space, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), log=lambda m: None)
     assert (fitted.budget.trials, fitted.budget.concurrency) == (3, 1)
+
+
+def test_the_api_budget_and_model_object_survive_fitting_the_space():
+    """search_compression's path: a model object and trials given in Python, a model without BatchNorm
+    (fit_to_model re-parses the space): both are still there after."""
+    import dataclasses
+
+    import torch.nn as nn
+
+    from automl.arch.user import class_name
+    from automl.spaces.user import fit_to_model, user_space, with_budget
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    space = user_space(object_class=class_name(model), task="loaders")
+    space = with_budget(space, trials=3, concurrency=None)
+    space = dataclasses.replace(space, model=space.model.with_object(model))
+    fitted = fit_to_model(space, model, log=lambda m: None)
+    assert fitted.budget.trials == 3 and fitted.model.obj is model
+    assert with_budget(fitted, trials=5).model.obj is model

@@ -68,9 +68,15 @@ def _check_exportable(model, x, source, where: str, name: str) -> None:
             log.setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.export.export(model, (x,), strict=False)
+            batch = torch.export.Dim("batch", min=1, max=4096)  # as the ONNX export will: a free batch
+            torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if "batch" in reason and ("Constraints violated" in str(exc) or "specializ" in str(exc)):
+            raise ConfigError("the model's forward fixes the batch size (torch.export cannot keep the batch "
+                              "dimension free)", file=source, key=where, value=name,
+                              fix="keep the batch dimension free in forward (x.flatten(1) or "
+                                  "x.reshape(x.shape[0], -1), not x.view(1, -1) or a batch-sized constant)") from None
         raise ConfigError(f"torch.export cannot trace the model's forward ({type(exc).__name__}: {reason[:300]})",
                           file=source, key=where, value=name,
                           fix="make the forward traceable: no Python if/for on a tensor's values (use torch.where "

@@ -3,6 +3,7 @@ space) with the model, the data and the accuracy budget filled in from the comma
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -114,4 +115,21 @@ def fit_to_model(space: SearchSpace, model, log=print) -> SearchSpace:
         value["choice"] = usable
         log(f"automl search: the model has no BatchNorm layer; pruning criterion {', '.join(unusable)} is left out "
             f"of the search")
-    return parse_space(raw, space.source)
+    return _keep_object(parse_space(raw, space.source), space)
+
+
+def with_budget(space: SearchSpace, **changes) -> SearchSpace:
+    """``space`` with these budget settings (trials, concurrency, strategy ...; None = keep) written into
+    its raw form and parsed again: the space's checks see them, and so do the run's space.yaml (what
+    ``automl resume`` reads) and any later re-parse (``fit_to_model``)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return space
+    return _keep_object(parse_space({**space.raw, "budget": {**(space.raw.get("budget") or {}), **changes}},
+                                    space.source), space)
+
+
+def _keep_object(parsed: SearchSpace, space: SearchSpace) -> SearchSpace:
+    """A model object given to the Python API lives beside the raw form, not in it: carried over."""
+    obj = getattr(space.model, "obj", None)
+    return parsed if obj is None else dataclasses.replace(parsed, model=parsed.model.with_object(obj))

@@ -76,6 +76,22 @@ def _inside_linear(node) -> bool:
                                       and _inside_linear(o) for o in node.outputs)
 
 
+CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)  # features on the last dim
+
+
+def _real_module(node) -> bool:
+    return isinstance(node.module, nn.Module) and not type(node.module).__module__.startswith("torch_pruning")
+
+
+def _channels_last_input(node, depth: int = 8) -> bool:
+    """The nearest modules upstream of ``node`` (through ops) all keep their features on the last dim,
+    so a view that keeps the last dim keeps the features (not a conv's spatial width)."""
+    if depth == 0 or not node.inputs:
+        return False
+    return all(isinstance(i.module, CHANNELS_LAST) if _real_module(i) else _channels_last_input(i, depth - 1)
+               for i in node.inputs)
+
+
 def _reshape_problem(node) -> str:
     """'' for a view Torch-Pruning maps right: a flatten to (N, features), one that keeps dim 1, or the
     token view a Linear makes of its input."""
@@ -88,7 +104,7 @@ def _reshape_problem(node) -> str:
         return ""
     if len(after) == 2 and before[:1] == after[:1]:
         return ""
-    if len(after) == 2 and before[-1] == after[-1] and _inside_linear(node):
+    if len(after) == 2 and before[-1] == after[-1] and _inside_linear(node) and _channels_last_input(node):
         return ""
     return f"a reshape {list(before)} -> {list(after)} moves channels (e.g. a channel shuffle)"
 
@@ -201,9 +217,8 @@ def install_guards():
 def opaque_ops(dg, reshape_problems: Dict) -> Dict:
     """{node: why} for every op node whose channel mapping Torch-Pruning gets wrong."""
     found = dict(reshape_problems)
-    for module, node in dg.module2node.items():
-        if node in found or isinstance(module, nn.Module) and not type(module).__module__.startswith(
-                "torch_pruning"):
+    for node in dg.module2node.values():
+        if node in found or _real_module(node):
             continue
         why = _op_problem(node)
         if why:

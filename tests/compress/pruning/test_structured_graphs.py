@@ -321,8 +321,8 @@ def features(tmp_path_factory):
 def test_mlp_on_feature_vectors_is_thinned(features):
     # traced on a batch (N, 64), not on one unbatched sample, so Linear outputs are channels
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.GELU(),
-                          nn.Linear(64, 10))
+    model = nn.Sequential(nn.Linear(64, 128, bias=False), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64, bias=False),
+                          nn.GELU(), nn.Linear(64, 10))
     handler, masked, thinned = run(features, model, mac_reduction=1.6, round_to=16)
     x = torch.randn(8, 64)
     with torch.no_grad():
@@ -355,3 +355,22 @@ def test_a_transformer_mlp_on_tokens_is_thinned(task32):
         assert torch.allclose(masked.eval()(x), thinned.eval()(x), atol=1e-5)
     assert thinned.mlp[0].out_features == thinned.mlp[2].in_features < 128
     assert handler.stats["mac_reduction"] > 1.0
+
+
+class WidthLinear(nn.Module):
+    """A Linear over a conv's last spatial dim: its view keeps the last dim, which is not the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = cbr(3, 16, 3), cbr(16, 16, 3)
+        self.across, self.head = nn.Linear(32, 8), nn.Linear(16 * 32 * 8, 10)
+
+    def forward(self, x):
+        return self.head(self.across(self.c2(self.c1(x))).flatten(1))
+
+
+def test_a_linear_over_a_conv_width_leaves_the_conv_channels_whole(task32):
+    handler, masked, thinned = run(task32, WidthLinear(), ratio=0.5, round_to=1)
+    check(task32, handler, masked, thinned, handler.stats["mac_reduction"])
+    assert "moves channels" in handler.stats["structured_skipped"]
+    assert thinned.c2[0].out_channels == 16 and thinned.c1[0].out_channels < 16
