@@ -5,7 +5,8 @@ images (val 20 %, test 20 %):
 
 1. the user's side: train it (``--train-epochs``, SGD with momentum, cosine) and save a state_dict;
 2. baseline: the checkpoint exported as is (fp32 ONNX), measured;
-3. automl: ``structured`` 2x MACs (thinned, ``--allocation``, 16-channel grid, BatchNorm-scale criterion) +
+3. automl: ``structured`` 2x MACs (thinned, ``--allocation``, ``--round-to`` channel grid, BatchNorm-scale
+   criterion) +
    ``int8_ptq`` static (calibration auto), ``kd`` from the checkpoint, ``--finetune-epochs`` of fine-tuning
    (SGD at ``--finetune-lr``, default the training's lr: learning-rate rewinding), all through
    ``apply_recipe`` (what ``automl apply`` runs) with only the model builder and the data folder;
@@ -89,10 +90,10 @@ def train_user_model(name, data, task, epochs, path: Path, reuse=False):
     return row
 
 
-def automl_stages(finetune, allocation="uniform", target_parity=None):
+def automl_stages(finetune, allocation="uniform", target_parity=None, round_to=16):
     return [{"method": "kd", "start_epoch": 0, "config": {"temperature": 4.0, "alpha": 0.5}},
             {"method": "structured", "start_epoch": 0,
-             "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": allocation, "round_to": 16,
+             "config": {"mac_reduction": 2.0, "criterion": "bn_scale", "allocation": allocation, "round_to": round_to,
                         "finetune_epochs": finetune}},
             {"method": "int8_ptq", "config": {"mode": "static", "calibration_method": "auto",
                                               **({"target_parity": target_parity} if target_parity else {})}}]
@@ -208,7 +209,7 @@ KEPT = ("accuracy", "test_accuracy", "params", "macs", "mac_reduction", "precisi
 def compress(name, args, data, task, work: Path, baseline_macs, seed):
     """Both pipelines from the checkpoint with fine-tune seed ``seed``: (rows, deployed files)."""
     checkpoint = work / "weights.pt"
-    stages = automl_stages(args.finetune_epochs, args.allocation, args.target_parity)
+    stages = automl_stages(args.finetune_epochs, args.allocation, args.target_parity, args.round_to)
     ours = apply_recipe(recipe(name, data, checkpoint=checkpoint, epochs=args.finetune_epochs, stages=stages,
                                seed=seed), work / f"automl-s{seed}", task=task)
     rows = {"automl": {k: ours.metrics.get(k) for k in KEPT}}
@@ -311,6 +312,8 @@ def main():
                         help="keep a model's checkpoint from an earlier run in --work (same --train-epochs)")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sampled"),
                         help="how automl's structured stage shares the MAC target among groups")
+    parser.add_argument("--round-to", type=int, default=16,
+                        help="automl's channel grid: every thinned width a multiple of it (16: fast kernels)")
     parser.add_argument("--target-parity", type=float, default=None,
                         help="automl's int8_ptq keeps its most harmful layers float below this agreement")
     parser.add_argument("--work", default="/tmp/automl-byom-bench")
