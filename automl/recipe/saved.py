@@ -98,6 +98,10 @@ def apply_to_dir(recipe: Recipe, out, *, force: bool = False, on_epoch=None, tas
     model object a recipe from the Python API was searched on; ``task`` replaces the recipe's task."""
     out = check_output(Path(out), force)
     if model is not None:
+        if recipe.model is None:
+            raise ConfigError("this recipe builds a model of a built-in family; a model object is for recipes "
+                              "searched on one", key="model", value=type(model).__name__,
+                              fix="call apply without model=, or give the recipe of a search on your model")
         recipe = dataclasses.replace(recipe, model=recipe.model.with_object(model))
     task = task if task is not None else recipe_task(recipe)
     check_user_model(recipe, task)  # a model that cannot take the data or export fails before any training

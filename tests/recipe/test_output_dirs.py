@@ -41,6 +41,16 @@ def test_apply_force_replaces_the_directory_once_written(tmp_path, task):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_model_object_for_a_family_recipe_is_refused_by_key(tmp_path):
+    import torch.nn as nn
+
+    out = _old_dir(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"model: this recipe builds a model of a built-in family.*Fix: call apply "
+                                          r"without model="):
+        apply_to_dir(_recipe(), out, force=True, model=nn.Linear(64, 10))
+    assert (out / "keep.txt").is_file()
+
+
 def test_search_force_keeps_the_old_run_when_the_task_fails(tmp_path):
     import dataclasses
 
