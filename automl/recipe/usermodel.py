@@ -12,6 +12,7 @@ import torch
 
 from automl.arch.user import build_user_model
 from automl.errors import ConfigError
+from automl.runtime.export import FREE_BATCH_FIX, free_batch
 from automl.tasks.base import DatasetTask
 
 
@@ -68,15 +69,12 @@ def _check_exportable(model, x, source, where: str, name: str) -> None:
             log.setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1, max=4096)  # as the ONNX export will: a free batch
-            torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+            torch.export.export(model, (x,), dynamic_shapes=({0: free_batch()},), strict=False)  # as deployed
     except Exception as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if "batch" in reason and ("Constraints violated" in str(exc) or "specializ" in str(exc)):
             raise ConfigError("the model's forward fixes the batch size (torch.export cannot keep the batch "
-                              "dimension free)", file=source, key=where, value=name,
-                              fix="keep the batch dimension free in forward (x.flatten(1) or "
-                                  "x.reshape(x.shape[0], -1), not x.view(1, -1) or a batch-sized constant)") from None
+                              "dimension free)", file=source, key=where, value=name, fix=FREE_BATCH_FIX) from None
         raise ConfigError(f"torch.export cannot trace the model's forward ({type(exc).__name__}: {reason[:300]})",
                           file=source, key=where, value=name,
                           fix="make the forward traceable: no Python if/for on a tensor's values (use torch.where "

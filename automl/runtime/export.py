@@ -24,10 +24,19 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path) -> Artifact
     return Artifact(path=path)
 
 
+FREE_BATCH_FIX = ("keep the batch dimension free in forward (x.flatten(1) or x.reshape(x.shape[0], -1), not "
+                  "x.view(1, -1) or a batch-sized constant)")
+
+
+def free_batch():
+    """The dynamic batch dimension every export declares."""
+    return torch.export.Dim("batch", min=1, max=4096)
+
+
 def onnx_export(module: torch.nn.Module, example: torch.Tensor, path: Path, outputs: List[str]):
     """torch.onnx.export (dynamo) with input ``input``, the named outputs and a dynamic batch."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = free_batch()
     if example.shape[0] == 1:  # torch.export specialises a size-1 dim: a batch of 1 can export a fixed batch
         example = torch.cat([example, example])
     with warnings.catch_warnings(), _shared_onnx_registry():
@@ -38,9 +47,7 @@ def onnx_export(module: torch.nn.Module, example: torch.Tensor, path: Path, outp
     first = _batch_dim(program)
     if isinstance(first, int):
         raise ConfigError(f"the ONNX export fixed the batch size at {first}: the model's forward treats the batch "
-                          f"dimension as a constant", key="model", value=type(module).__name__,
-                          fix="keep the batch dimension free in forward (x.flatten(1) or x.reshape(x.shape[0], -1), "
-                              "not x.view(1, -1) or a batch-sized constant)")
+                          f"dimension as a constant", key="model", value=type(module).__name__, fix=FREE_BATCH_FIX)
 
 
 def _batch_dim(program):
